@@ -1,0 +1,54 @@
+"""The headless HDN engine: no Qt, no napari. Importable on any server."""
+
+from .config import LATENT_MODES, ModelConfig, TrainingConfig
+from .data import Normalisation, to_frames
+from .device import available_devices, resolve_device
+from .errors import (
+    DeviceError,
+    HDNError,
+    InputError,
+    ModelFileError,
+    TrainingDivergedError,
+    TrainingStopped,
+)
+from .events import ProgressEvent, StopFlag
+from .ladder import LadderVAE
+from .model import HDNModel, load_model
+from .noise import (
+    GaussianNoiseModel,
+    NoiseModel,
+    PoissonGaussianNoiseModel,
+    load_noise_model,
+)
+from .prediction import PosteriorSampler, Prediction, predict
+from .training import Trainer, train
+
+__all__ = [
+    "LATENT_MODES",
+    "DeviceError",
+    "GaussianNoiseModel",
+    "HDNError",
+    "HDNModel",
+    "InputError",
+    "LadderVAE",
+    "ModelConfig",
+    "ModelFileError",
+    "NoiseModel",
+    "Normalisation",
+    "PoissonGaussianNoiseModel",
+    "PosteriorSampler",
+    "Prediction",
+    "ProgressEvent",
+    "StopFlag",
+    "Trainer",
+    "TrainingConfig",
+    "TrainingDivergedError",
+    "TrainingStopped",
+    "available_devices",
+    "load_model",
+    "load_noise_model",
+    "predict",
+    "resolve_device",
+    "to_frames",
+    "train",
+]

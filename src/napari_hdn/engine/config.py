@@ -1,0 +1,122 @@
+"""Validated configurations of the model and of training.
+
+They are plain pydantic models: they validate on construction, serialise to JSON into model files
+and checkpoints, and can be built from a GUI's state or the command line's options.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LatentMode = Literal["posterior", "prior-mean", "zero"]
+LATENT_MODES: tuple[str, ...] = ("posterior", "prior-mean", "zero")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Architecture of the HDN ladder VAE (paper defaults).
+
+    Each component can be switched off to reproduce the paper's ablations (Table 2).
+    """
+
+    levels: int = Field(6, ge=1, le=10, description="Number of latent levels L (z_1 bottom, z_L top).")
+    z_dim: int = Field(32, ge=1, le=512, description="Latent channels per level.")
+    filters: int = Field(64, ge=4, le=1024, description="Feature channels F of every block.")
+    blocks: int = Field(5, ge=1, le=32, description="Residual blocks per level (B).")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    batchnorm: bool = True
+    gated: bool = True
+    generative_skip: bool = True
+    learned_top_prior: bool = True
+    free_bits: float = Field(1.0, ge=0.0, description="Free bits in nats per level and sample.")
+    deactivated_levels: list[int] = Field(
+        default_factory=list,
+        description="Levels (1..L) trained with z from the top-down side only (paper's HDN_3-6).",
+    )
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> ModelConfig:
+        bad = [lv for lv in self.deactivated_levels if not 1 <= lv <= self.levels]
+        if bad:
+            raise ValueError(f"deactivated_levels {bad} outside 1..{self.levels}")
+        if len(set(self.deactivated_levels)) == self.levels:
+            raise ValueError("at least one level must stay active during training")
+        return self
+
+    @property
+    def downscale(self) -> int:
+        """Factor by which the top level is smaller than the input (2**L)."""
+        return 2**self.levels
+
+
+class TrainingConfig(_Strict):
+    """Settings of one training run (optimiser, schedule, patches, stopping)."""
+
+    patch_size: int = Field(64, ge=8, le=1024)
+    batch_size: int = Field(64, ge=1, le=4096)
+    bn_chunk: int = Field(
+        8, ge=1, description="BatchNorm statistics are computed per chunk of this many patches."
+    )
+    max_steps: int = Field(20000, ge=1)
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Optimizer steps between validations (None: about one pass)."
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+    val_patches: int = Field(64, ge=1, le=100000, description="Most validation patches per check.")
+    lr: float = Field(3e-4, gt=0.0)
+    lr_patience: int = Field(10, ge=1, description="Epochs without improvement before lr halves.")
+    lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    early_stopping_patience: int | None = Field(30, ge=1)
+    grad_clip: float | None = Field(None, gt=0.0)
+    max_bad_batches: int = Field(
+        20, ge=1, description="Consecutive non-finite losses tolerated before training stops."
+    )
+    augment: bool = True
+    seed: int | None = 0
+    device: str = "auto"
+    channels_last: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        from .device import DEVICE_CHOICES
+
+        if v.split(":")[0].lower() not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, not {v!r}")
+        return v.lower()
+
+
+def validate_level_modes(levels: int, modes) -> list[str]:
+    """Normalise a per-level latent-mode specification to a list of ``levels`` mode strings.
+
+    ``modes`` may be None (all "posterior"), a list/tuple of L modes (index 0 = level 1), or a dict
+    ``{level: mode}`` with levels numbered 1..L as in the paper.
+    """
+    if modes is None:
+        return ["posterior"] * levels
+    if isinstance(modes, dict):
+        out = ["posterior"] * levels
+        for lv, mode in modes.items():
+            lv = int(lv)
+            if not 1 <= lv <= levels:
+                raise ValueError(f"latent level {lv} does not exist: this model has levels 1..{levels}")
+            out[lv - 1] = _check_mode(mode)
+        return out
+    modes = list(modes)
+    if len(modes) != levels:
+        raise ValueError(f"expected {levels} latent modes (one per level), got {len(modes)}")
+    return [_check_mode(m) for m in modes]
+
+
+def _check_mode(mode: str) -> str:
+    m = str(mode).lower().replace("_", "-")
+    if m == "prior":
+        m = "prior-mean"
+    if m not in LATENT_MODES:
+        raise ValueError(f"unknown latent mode {mode!r}: use one of {', '.join(LATENT_MODES)}")
+    return m

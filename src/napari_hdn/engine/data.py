@@ -1,0 +1,203 @@
+"""Images in, frames out: axes handling, validation, normalisation, patches and augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+FRAME_AXES = "STZ"  # leading axes treated as independent 2D frames (Z slice-wise)
+
+
+def default_axes(ndim: int) -> str:
+    """Axes assumed when none are given: YX, SYX for 3D, STYX... for more."""
+    if ndim < 2:
+        raise InputError(f"expected an image with at least 2 dimensions (YX), got {ndim}")
+    if ndim == 2:
+        return "YX"
+    if ndim == 3:
+        return "SYX"
+    if ndim == 4:
+        return "TZYX"
+    if ndim == 5:
+        return "STZYX"
+    raise InputError(f"images with {ndim} dimensions are not supported (at most 5: STZYX)")
+
+
+def check_axes(axes: str | None, shape: Sequence[int]) -> str:
+    """Validate an axes string such as "YX", "TYX", "ZYX", "STYX" against an array shape."""
+    ndim = len(shape)
+    if axes is None:
+        axes = default_axes(ndim)
+        if ndim == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
+            raise InputError(
+                f"array of shape {tuple(shape)} looks like an RGB(A) image; HDN works on one "
+                "channel: convert to grayscale or pass axes='SYX' if the last axis really is X."
+            )
+        return axes
+    ax = str(axes).upper().replace(" ", "")
+    if "C" in ax:
+        raise InputError(
+            f"axes {axes!r} contain a channel axis C; HDN restores one channel at a time: select "
+            "one channel first."
+        )
+    if len(ax) != ndim:
+        raise InputError(f"axes {axes!r} have {len(ax)} letters but the image has {ndim} dimensions")
+    if not ax.endswith("YX"):
+        raise InputError(f"axes {axes!r} must end with 'YX' (rows, columns)")
+    lead = ax[:-2]
+    if any(a not in FRAME_AXES for a in lead) or len(set(lead)) != len(lead):
+        raise InputError(
+            f"axes {axes!r}: leading axes must be distinct letters from 'S', 'T', 'Z' (e.g. 'TYX')"
+        )
+    return ax
+
+
+def as_float_array(image, name: str = "image") -> np.ndarray:
+    """Validate dtype and values; return float32."""
+    arr = np.asarray(image)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InputError(f"{name} has dtype {arr.dtype}; expected a numeric (integer or float) array")
+    if arr.size == 0:
+        raise InputError(f"{name} is empty (shape {arr.shape})")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        n = int((~np.isfinite(arr)).sum())
+        raise InputError(
+            f"{name} contains {n} NaN or infinite pixel(s); replace them (e.g. with the median) first"
+        )
+    return arr
+
+
+def to_frames(images, axes: str | None = None, name: str = "image") -> list[np.ndarray]:
+    """Turn an array (YX, SYX, TYX, ZYX, ...) or a list of 2D arrays into a list of 2D float frames."""
+    if isinstance(images, (list, tuple)):
+        frames = []
+        for k, im in enumerate(images):
+            frames += to_frames(im, axes, name=f"{name}[{k}]")
+        if not frames:
+            raise InputError(f"{name}: the list of images is empty")
+        return frames
+    arr = as_float_array(images, name)
+    ax = check_axes(axes, arr.shape)
+    return list(arr.reshape(-1, *arr.shape[-2:])) if len(ax) > 2 else [arr]
+
+
+@dataclass
+class Normalisation:
+    """Scalar mean/std of the training data; the model works on (x - mean) / std."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def from_frames(cls, frames: Sequence[np.ndarray]) -> Normalisation:
+        flat = np.concatenate([f.ravel() for f in frames]).astype(np.float64)
+        std = float(flat.std())
+        if not std > 0:
+            raise InputError(
+                "the training images are constant (zero variance): there is nothing to denoise"
+            )
+        return cls(float(flat.mean()), std)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+    def inverse(self, x):
+        return x * self.std + self.mean
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Apply one of the 8 rotations/flips (dihedral group) to each patch of a (B,1,P,P) batch."""
+    k = torch.randint(0, 8, (x.shape[0],), generator=gen)
+    out = torch.empty_like(x)
+    for code in range(8):
+        idx = (k == code).nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            continue
+        y = torch.rot90(x[idx], code % 4, dims=(2, 3))
+        if code >= 4:
+            y = torch.flip(y, dims=(3,))
+        out[idx] = y
+    return out
+
+
+class PatchSampler:
+    """Draws random square patches from a list of 2D frames (each at least one patch in size)."""
+
+    def __init__(self, frames: Sequence[np.ndarray], patch: int, gen: torch.Generator):
+        self.frames = [torch.from_numpy(np.ascontiguousarray(f)) for f in frames]
+        self.patch = patch
+        self.gen = gen
+        areas = np.array([(f.shape[0] - patch + 1) * (f.shape[1] - patch + 1) for f in frames], float)
+        if (areas <= 0).any():
+            raise InputError(f"every frame must be at least {patch}x{patch} pixels")
+        self.weights = torch.tensor(areas / areas.sum())
+
+    def sample(self, n: int) -> torch.Tensor:
+        p = self.patch
+        which = torch.multinomial(self.weights, n, replacement=True, generator=self.gen)
+        out = torch.empty(n, 1, p, p)
+        for j, fi in enumerate(which.tolist()):
+            f = self.frames[fi]
+            y = int(torch.randint(0, f.shape[0] - p + 1, (1,), generator=self.gen))
+            x = int(torch.randint(0, f.shape[1] - p + 1, (1,), generator=self.gen))
+            out[j, 0] = f[y : y + p, x : x + p]
+        return out
+
+
+def grid_patches(frames: Sequence[np.ndarray], patch: int, limit: int) -> torch.Tensor:
+    """Non-overlapping patches on a regular grid (deterministic validation set), at most ``limit``."""
+    out = []
+    for f in frames:
+        for y in range(0, f.shape[0] - patch + 1, patch):
+            for x in range(0, f.shape[1] - patch + 1, patch):
+                out.append(f[y : y + patch, x : x + patch])
+    if not out:
+        raise InputError(f"no {patch}x{patch} validation patch fits in the validation data")
+    if len(out) > limit:
+        keep = np.linspace(0, len(out) - 1, limit).round().astype(int)
+        out = [out[k] for k in keep]
+    return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
+
+
+def split_train_val(
+    frames: Sequence[np.ndarray], val_fraction: float, patch: int
+) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """Hold out data for validation without overlap between training and validation patches.
+
+    Whole frames are held out when there are enough of them; otherwise a band of rows at the bottom
+    of each frame (at least one patch tall). Returns (train, val, description).
+    """
+    small = [f.shape for f in frames if min(f.shape) < patch]
+    if small:
+        raise InputError(
+            f"image of shape {small[0]} is smaller than the patch size {patch}: choose a patch size "
+            f"of at most {min(min(s) for s in small)} (a multiple of 8 is best) or a larger image"
+        )
+    if val_fraction <= 0:
+        return list(frames), [], "no validation"
+    n_val = int(round(len(frames) * val_fraction))
+    if n_val >= 1 and len(frames) - n_val >= 1:
+        return list(frames[: len(frames) - n_val]), list(frames[len(frames) - n_val :]), (
+            f"{n_val} of {len(frames)} frames held out"
+        )
+    train, val = [], []
+    for f in frames:
+        band = max(patch, int(round(f.shape[0] * val_fraction)))
+        if f.shape[0] - band < patch:
+            raise InputError(
+                f"image of shape {f.shape} is too small to hold out a validation band of {band} rows "
+                f"and keep {patch}-pixel training patches: use a smaller patch size, more frames, "
+                "or val_fraction=0"
+            )
+        train.append(f[: f.shape[0] - band])
+        val.append(f[f.shape[0] - band :])
+    return train, val, f"bottom {val_fraction:.0%} of rows of each frame held out"

@@ -1,0 +1,228 @@
+"""HDNModel: the trained ladder VAE together with its noise model and normalisation.
+
+It is what training returns, what a model file holds and what prediction runs. One file (safetensors
++ JSON metadata) stores config, weights, noise-model parameters and normalisation; loading it never
+executes code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, validate_level_modes
+from .data import Normalisation
+from .errors import InputError, ModelFileError
+from .ladder import LadderVAE, free_bits_kl, pad_to_multiple
+from .noise.base import NoiseModel, noise_model_from_state
+from .safeio import read_file, write_file
+
+MODEL_FILE_FORMAT = "napari-hdn-model"
+MODEL_FILE_VERSION = 1
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("napari-hdn")
+    except Exception:
+        return "unknown"
+
+
+class HDNModel:
+    """A Hierarchical DivNoising model ready to train further or to predict.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Architecture.
+    noise_model : NoiseModel
+        Pixel noise model p(x | s) in raw intensity units.
+    normalisation : Normalisation
+        Mean/std of the training data.
+    ladder : LadderVAE, optional
+        Network with weights; a freshly initialised one when omitted.
+    info : dict, optional
+        JSON-able training record (steps, losses, versions, axes) stored in the file.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        noise_model: NoiseModel,
+        normalisation: Normalisation,
+        ladder: LadderVAE | None = None,
+        info: dict | None = None,
+    ):
+        if not isinstance(noise_model, NoiseModel):
+            raise InputError(
+                f"noise_model must be a napari_hdn NoiseModel (e.g. GaussianNoiseModel(sigma)), got "
+                f"{type(noise_model).__name__}"
+            )
+        self.config = config
+        self.noise_model = noise_model
+        self.normalisation = normalisation
+        self.ladder = ladder if ladder is not None else LadderVAE(config)
+        self.info = dict(info or {})
+
+    # -- basic properties ---------------------------------------------------------------------
+    @property
+    def levels(self) -> int:
+        return self.config.levels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.ladder.parameters()).device
+
+    def to(self, device) -> HDNModel:
+        self.ladder.to(device)
+        self.noise_model.to(device)
+        return self
+
+    def default_modes(self) -> list[str]:
+        """Per-level modes used when none are given: levels deactivated in training stay off."""
+        return [
+            "prior-mean" if (i + 1) in self.config.deactivated_levels else "posterior"
+            for i in range(self.levels)
+        ]
+
+    def resolve_modes(self, modes) -> list[str]:
+        """Validate per-level modes (list of L, or dict {level: mode}; None = default)."""
+        try:
+            out = self.default_modes() if modes is None else validate_level_modes(self.levels, modes)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        for lv in self.config.deactivated_levels:
+            if out[lv - 1] == "posterior":
+                raise InputError(
+                    f"level {lv} was deactivated during training, so its posterior was never "
+                    "trained: use 'prior-mean' or 'zero' for it"
+                )
+        return out
+
+    # -- objective -----------------------------------------------------------------------------
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Negative ELBO per pixel for a batch of normalised patches (B, 1, H, W).
+
+        Returns ``(loss, reconstruction, kl_per_level)`` where ``kl_per_level`` (L,) is the batch
+        mean of each level's KL in nats (before free bits). The KL term of the loss is
+        ``mean_b sum_l max(KL_lb, free_bits) / (H*W)`` over active levels.
+        """
+        cfg = self.config
+        modes = self.default_modes()
+        xp, (h, w) = pad_to_multiple(x, cfg.downscale)
+        s, kls = self.ladder.top_down(self.ladder.bottom_up(xp), modes, compute_kl=True)
+        s = s[..., :h, :w]
+        norm = self.normalisation
+        # the noise model lives in raw intensity space: de-normalise both sides
+        ll = self.noise_model.log_likelihood(norm.inverse(x), norm.inverse(s))
+        recon = -ll.mean()
+        active = [k for k in kls if k is not None]
+        kl_stack = torch.stack(active)  # (active levels, B)
+        kl_term = free_bits_kl(kl_stack, cfg.free_bits).mean() / (h * w)
+        kl_levels = torch.stack(
+            [k.detach().mean() if k is not None else torch.zeros((), device=x.device) for k in kls]
+        )
+        return recon + kl_term, recon.detach(), kl_levels
+
+    # -- prediction ----------------------------------------------------------------------------
+    def predict(self, image, n_samples: int = 100, **kwargs):
+        """Posterior samples, MMSE and variance of ``image``; see :func:`napari_hdn.predict`."""
+        from .prediction import predict
+
+        return predict(self, image, n_samples=n_samples, **kwargs)
+
+    def sampler(self, image, origin: tuple[int, int] = (0, 0), device=None):
+        """A :class:`PosteriorSampler` with the bottom-up pass of a 2D ``image`` cached."""
+        from .prediction import PosteriorSampler
+
+        return PosteriorSampler(self, image, origin=origin, device=device)
+
+    # -- files ---------------------------------------------------------------------------------
+    def file_contents(self) -> tuple[dict[str, torch.Tensor], dict]:
+        nm_params, nm_tensors = self.noise_model.get_state()
+        tensors = {f"ladder.{k}": v for k, v in self.ladder.state_dict().items()}
+        tensors.update({f"noise.{k}": v for k, v in nm_tensors.items()})
+        meta = {
+            "format": MODEL_FILE_FORMAT,
+            "format_version": MODEL_FILE_VERSION,
+            "napari_hdn_version": _package_version(),
+            "config": self.config.model_dump(),
+            "noise_model": {"kind": self.noise_model.kind, "params": nm_params},
+            "normalisation": self.normalisation.to_dict(),
+            "info": self.info,
+        }
+        return tensors, meta
+
+    def save(self, path: str | os.PathLike, extra_tensors=None, extra_meta=None) -> Path:
+        """Write the model to one file (atomically). Returns the path."""
+        tensors, meta = self.file_contents()
+        tensors.update(extra_tensors or {})
+        meta.update(extra_meta or {})
+        return write_file(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device=None) -> HDNModel:
+        """Load a model file; see :func:`load_model`."""
+        return load_model(path, device=device)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"HDNModel(levels={c.levels}, z_dim={c.z_dim}, filters={c.filters}, blocks={c.blocks}, "
+            f"noise_model={self.noise_model!r})"
+        )
+
+
+def read_model_file(path) -> tuple[HDNModel, dict, dict]:
+    """Load a model file; return ``(model, meta, tensors)`` (the extras serve checkpoints)."""
+    meta, tensors = read_file(path, MODEL_FILE_FORMAT, "napari-hdn model")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > MODEL_FILE_VERSION:
+        raise ModelFileError(
+            f"{path} has model format version {version}; this napari-hdn reads up to "
+            f"{MODEL_FILE_VERSION}. Update napari-hdn to load it."
+        )
+    try:
+        config = ModelConfig.model_validate(meta["config"])
+        nm = meta["noise_model"]
+        norm = Normalisation(**meta["normalisation"])
+    except Exception as exc:
+        raise ModelFileError(f"{path}: the model description is invalid ({exc}).") from None
+    noise = noise_model_from_state(
+        nm.get("kind", "?"),
+        nm.get("params", {}),
+        {k[6:]: v for k, v in tensors.items() if k.startswith("noise.")},
+    )
+    ladder = LadderVAE(config)
+    weights = {k[7:]: v for k, v in tensors.items() if k.startswith("ladder.")}
+    try:
+        ladder.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelFileError(
+            f"{path}: weights do not match the stored architecture ({first}); the file is damaged "
+            "or was edited."
+        ) from None
+    model = HDNModel(config, noise, norm, ladder, meta.get("info", {}))
+    model.ladder.eval()
+    return model, meta, tensors
+
+
+def load_model(path: str | os.PathLike, device=None) -> HDNModel:
+    """Load a napari-hdn model file.
+
+    Raises
+    ------
+    ModelFileError
+        If the file is missing, truncated, corrupt, not a napari-hdn model, or of a newer version.
+    """
+    model, _, _ = read_model_file(path)
+    if device is not None:
+        from .device import resolve_device
+
+        model.to(resolve_device(device))
+    return model

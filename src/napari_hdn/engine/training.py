@@ -1,0 +1,436 @@
+"""Training loop: Adamax, ReduceLROnPlateau, early stopping, NaN guard, events, stop, checkpoints.
+
+Checkpoints are ordinary model files (``best.hdn``, ``last.hdn``) with the optimiser, scheduler and
+RNG state added, so a checkpoint can be used for prediction as it is and training can resume from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, TrainingConfig
+from .data import (
+    Normalisation,
+    PatchSampler,
+    augment_batch,
+    grid_patches,
+    split_train_val,
+    to_frames,
+)
+from .device import resolve_device
+from .errors import InputError, ModelFileError, TrainingDivergedError
+from .events import Callback, Reporter, StopFlag
+from .model import HDNModel, read_model_file
+from .noise.base import NoiseModel
+
+OPTIM_PREFIX = "optim."
+
+
+def _split_overrides(overrides: dict) -> tuple[dict, dict]:
+    m_keys, t_keys = set(ModelConfig.model_fields), set(TrainingConfig.model_fields)
+    m, t = {}, {}
+    for k, v in overrides.items():
+        if k in m_keys:
+            m[k] = v
+        elif k in t_keys:
+            t[k] = v
+        else:
+            raise TypeError(
+                f"unknown training option {k!r}; model options: {sorted(m_keys)}; "
+                f"training options: {sorted(t_keys)}"
+            )
+    return m, t
+
+
+def _optimizer_state_to_file(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Flatten an optimiser state dict into tensors + JSON (safe to store, no pickle)."""
+    sd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for pid, st in sd["state"].items():
+        entry = {}
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{OPTIM_PREFIX}{pid}.{name}"] = val
+            else:
+                entry[name] = val
+        state_meta[str(pid)] = entry
+    return tensors, {"param_groups": sd["param_groups"], "scalars": state_meta}
+
+
+def _optimizer_state_from_file(meta: dict, tensors: dict) -> dict:
+    state: dict = {}
+    for key, val in tensors.items():
+        if not key.startswith(OPTIM_PREFIX):
+            continue
+        pid, name = key[len(OPTIM_PREFIX) :].split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    for pid, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class Trainer:
+    """Trains an HDN on noisy images; use :func:`train` for the one-call version.
+
+    Parameters
+    ----------
+    images : array or list of arrays
+        Noisy training data: YX, SYX/TYX (frames), ZYX (slice-wise) or a list of 2D images.
+    noise_model : NoiseModel
+        Pixel noise model in the units of ``images``. Ignored when resuming (the checkpoint's is
+        used).
+    axes : str, optional
+        Axes of ``images`` (e.g. ``"TYX"``); settles ambiguous 3D input.
+    model_config, training_config : configs (defaults: the paper's).
+    checkpoint_dir : path, optional
+        Where ``best.hdn`` and ``last.hdn`` are written (atomically) after each validation.
+    callbacks : callable or list, optional
+        Receive :class:`ProgressEvent` s: ``"step"`` every step, ``"epoch"`` after each validation.
+    resume : path, optional
+        A checkpoint (or model) file to continue from: weights, optimiser, schedule, step count.
+    stop_flag : StopFlag, optional
+        Set it from any thread to stop within one step; the best model so far is returned.
+    """
+
+    def __init__(
+        self,
+        images,
+        noise_model: NoiseModel | None,
+        *,
+        axes: str | None = None,
+        model_config: ModelConfig | None = None,
+        training_config: TrainingConfig | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        callbacks: Callback | list[Callback] | None = None,
+        resume: str | os.PathLike | None = None,
+        stop_flag: StopFlag | None = None,
+    ):
+        self.tcfg = training_config or TrainingConfig()
+        self.stop_flag = stop_flag or StopFlag()
+        self.report = Reporter("train", callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.device = resolve_device(self.tcfg.device)
+        frames = to_frames(images, axes, name="training images")
+        p = self.tcfg.patch_size
+        self.train_frames, self.val_frames, self.split_note = split_train_val(
+            frames, self.tcfg.val_fraction, p
+        )
+        self._resume_meta: dict = {}
+        self._resume_tensors: dict = {}
+        if self.tcfg.seed is not None:
+            torch.manual_seed(self.tcfg.seed)
+        if resume is not None:
+            model, meta, tensors = read_model_file(resume)
+            self._resume_meta, self._resume_tensors = meta.get("checkpoint", {}), tensors
+            if model_config is not None and model_config != model.config:
+                raise InputError(
+                    "the architecture options differ from the checkpoint being resumed; leave them "
+                    "out when resuming (the checkpoint's architecture is used)"
+                )
+            self.model = model
+        else:
+            if not isinstance(noise_model, NoiseModel):
+                raise InputError(
+                    "a noise model is required: pass e.g. GaussianNoiseModel(sigma) or a fitted "
+                    "noise model (napari_hdn.load_noise_model(path))"
+                )
+            mcfg = model_config or ModelConfig()
+            norm = Normalisation.from_frames(frames)
+            self.model = HDNModel(mcfg, noise_model, norm)
+        self.model.to(self.device)
+        self.model.ladder.set_bn_chunk(self.tcfg.bn_chunk)
+        if self.tcfg.channels_last:
+            self.model.ladder.to(memory_format=torch.channels_last)
+        self.gen = torch.Generator()
+        self.gen.manual_seed(self.tcfg.seed if self.tcfg.seed is not None else int(time.time_ns()))
+        norm = self.model.normalisation
+        self.sampler = PatchSampler([norm.forward(f) for f in self.train_frames], p, self.gen)
+        self.val_batch = (
+            grid_patches([norm.forward(f) for f in self.val_frames], p, self.tcfg.val_patches)
+            if self.val_frames
+            else None
+        )
+        n_pix = sum(f.size for f in self.train_frames)
+        self.steps_per_epoch = self.tcfg.steps_per_epoch or int(
+            np.clip(round(n_pix / (p * p * self.tcfg.batch_size)), 10, 500)
+        )
+        self.optimizer = torch.optim.Adamax(self.model.ladder.parameters(), lr=self.tcfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=self.tcfg.lr_factor, patience=self.tcfg.lr_patience
+        )
+        self.step = 0
+        self.epoch = 0
+        self.best_loss = math.inf
+        self.best_state: dict | None = None
+        self.epochs_since_best = 0
+        self.history: list[dict] = []
+        if resume is not None:
+            self._restore(resume)
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def _restore(self, path) -> None:
+        ck = self._resume_meta
+        if not ck:
+            return  # a plain model file: fine-tune with a fresh optimiser
+        try:
+            self.optimizer.load_state_dict(
+                _optimizer_state_from_file(ck["optimizer"], self._resume_tensors)
+            )
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.step, self.epoch = int(ck["step"]), int(ck["epoch"])
+            self.best_loss = float(ck["best_loss"])
+            self.epochs_since_best = int(ck["epochs_since_best"])
+            self.history = list(ck.get("history", []))
+            if "rng.patches" in self._resume_tensors:
+                self.gen.set_state(self._resume_tensors["rng.patches"])
+            if "rng.torch" in self._resume_tensors:
+                torch.set_rng_state(self._resume_tensors["rng.torch"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"{path}: the checkpoint's training state is unusable ({exc})") from None
+        best = {k[5:]: v for k, v in self._resume_tensors.items() if k.startswith("best.")}
+        self.best_state = best or None
+
+    def _save_checkpoint(self, name: str, state: dict | None = None) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        opt_tensors, opt_meta = _optimizer_state_to_file(self.optimizer)
+        extra = dict(opt_tensors)
+        extra["rng.patches"] = self.gen.get_state()
+        extra["rng.torch"] = torch.get_rng_state()
+        if self.best_state is not None and name == "last":
+            extra.update({f"best.{k}": v for k, v in self.best_state.items()})
+        ck = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_loss": self.best_loss if math.isfinite(self.best_loss) else 1e30,
+            "epochs_since_best": self.epochs_since_best,
+            "optimizer": opt_meta,
+            "scheduler": self.scheduler.state_dict(),
+            "training_config": self.tcfg.model_dump(),
+            "history": self.history[-1000:],
+        }
+        model = self.model
+        if state is not None:  # write the best weights without disturbing the live model
+            model = copy.copy(self.model)
+            model.ladder = copy.deepcopy(self.model.ladder)
+            model.ladder.load_state_dict(state)
+        self._update_info()
+        return model.save(self.checkpoint_dir / f"{name}.hdn", extra, {"checkpoint": ck})
+
+    def _update_info(self) -> None:
+        self.model.info.update(
+            {
+                "steps": self.step,
+                "epochs": self.epoch,
+                "best_val_loss": self.best_loss if math.isfinite(self.best_loss) else None,
+                "validation": self.split_note,
+                "training_config": self.tcfg.model_dump(),
+                "torch_version": torch.__version__,
+            }
+        )
+
+    # -- loop ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> tuple[float, list[float]]:
+        """Validation loss (fixed patches, fixed latent noise) in eval mode."""
+        batch = self.val_batch
+        ladder = self.model.ladder
+        was_training = ladder.training
+        ladder.eval()
+        g = torch.Generator(device=self.device)
+        g.manual_seed(12345)
+        fork_devices = [self.device] if self.device.type == "cuda" else []
+        total, kls, n = 0.0, None, 0
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(12345)
+            for i in range(0, batch.shape[0], self.tcfg.batch_size):
+                xb = batch[i : i + self.tcfg.batch_size].to(self.device)
+                loss, _, kl = self.model.loss(xb)
+                total += float(loss) * xb.shape[0]
+                kls = kl * xb.shape[0] if kls is None else kls + kl * xb.shape[0]
+                n += xb.shape[0]
+        ladder.train(was_training)
+        return total / n, (kls / n).tolist()
+
+    def _next_batch(self) -> torch.Tensor:
+        x = self.sampler.sample(self.tcfg.batch_size)
+        if self.tcfg.augment:
+            x = augment_batch(x, self.gen)
+        x = x.to(self.device, non_blocking=True)
+        if self.tcfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_step(self) -> tuple[float, float, list[float]] | None:
+        """One optimiser step; None when the batch was skipped for a non-finite loss."""
+        x = self._next_batch()
+        loss, recon, kl = self.model.loss(x)
+        if not torch.isfinite(loss):
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tcfg.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.ladder.parameters(), self.tcfg.grad_clip)
+            if not torch.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        self.optimizer.step()
+        return float(loss.detach()), float(recon), kl.tolist()
+
+    def run(self) -> HDNModel:
+        """Train until max_steps, early stopping or a stop request; return the best model."""
+        cfg = self.tcfg
+        ladder = self.model.ladder
+        ladder.train()
+        self.report("start", step=self.step, total=cfg.max_steps, epoch=self.epoch)
+        bad = 0
+        stopped = False
+        window: list[float] = []
+        while self.step < cfg.max_steps:
+            if self.stop_flag.is_set():
+                stopped = True
+                break
+            out = self.train_step()
+            if out is None:
+                bad += 1
+                if bad >= cfg.max_bad_batches:
+                    self._save_checkpoint("last")
+                    raise TrainingDivergedError(
+                        f"the loss was NaN/inf for {bad} batches in a row at step {self.step}; "
+                        "training stopped (last checkpoint kept). Try a lower learning rate, "
+                        "gradient clipping (grad_clip=1.0) or check the noise model and data."
+                    )
+                continue
+            bad = 0
+            self.step += 1
+            loss, recon, kl = out
+            window.append(loss)
+            self.report(
+                "step",
+                step=self.step,
+                total=cfg.max_steps,
+                epoch=self.epoch,
+                metrics={"train_loss": loss, "reconstruction": recon, "kl_per_level": kl},
+            )
+            if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps:
+                if self._end_epoch(float(np.mean(window))):
+                    break
+                window = []
+        if stopped and window:
+            self._end_epoch(float(np.mean(window)), validate=self.val_batch is not None)
+        self._finish(stopped)
+        return self.model
+
+    def _end_epoch(self, train_loss: float, validate: bool = True) -> bool:
+        """Validate, schedule, checkpoint. Returns True when early stopping triggers."""
+        self.epoch += 1
+        if self.val_batch is not None and validate:
+            val_loss, kl = self.validate()
+        else:
+            val_loss, kl = train_loss, []
+        self.scheduler.step(val_loss)
+        improved = val_loss < self.best_loss
+        if improved:
+            self.best_loss = val_loss
+            self.best_state = {k: v.detach().clone() for k, v in self.model.ladder.state_dict().items()}
+            self.epochs_since_best = 0
+        else:
+            self.epochs_since_best += 1
+        rec = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss if self.val_batch is not None else None,
+            "kl_per_level": kl,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        self.history.append(rec)
+        if improved:
+            self._save_checkpoint("best")
+        self._save_checkpoint("last")
+        self.report("epoch", step=self.step, total=self.tcfg.max_steps, epoch=self.epoch, metrics=rec)
+        pat = self.tcfg.early_stopping_patience
+        return pat is not None and self.epochs_since_best >= pat
+
+    def _finish(self, stopped: bool) -> None:
+        if self.best_state is not None:
+            self.model.ladder.load_state_dict(self.best_state)
+        self.model.ladder.eval()
+        self._update_info()
+        self.model.info["stopped_early"] = stopped
+        self.report(
+            "stopped" if stopped else "done",
+            step=self.step,
+            total=self.tcfg.max_steps,
+            epoch=self.epoch,
+            metrics={"best_loss": self.best_loss},
+        )
+
+
+def train(
+    images,
+    noise_model: NoiseModel | None = None,
+    *,
+    axes: str | None = None,
+    config: ModelConfig | None = None,
+    training: TrainingConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    callbacks: Callback | list[Callback] | None = None,
+    resume: str | os.PathLike | None = None,
+    stop_flag: StopFlag | None = None,
+    **options,
+) -> HDNModel:
+    """Train a Hierarchical DivNoising model on noisy images (no clean data needed).
+
+    Parameters
+    ----------
+    images : ndarray or list of ndarray
+        Noisy images: YX, a stack of frames (SYX/TYX) or a volume treated slice-wise (ZYX).
+    noise_model : NoiseModel
+        Pixel noise model in the units of ``images``, e.g. ``GaussianNoiseModel(sigma=25)``.
+    axes : str, optional
+        Axes of ``images`` when ambiguous (e.g. ``"TYX"``, ``"ZYX"``).
+    config, training : ModelConfig, TrainingConfig, optional
+        Full configurations; individual fields can also be given as keyword ``options``
+        (e.g. ``levels=3, max_steps=500, patch_size=64, device="cpu", seed=0``).
+    checkpoint_dir, callbacks, resume, stop_flag
+        See :class:`Trainer`.
+
+    Returns
+    -------
+    HDNModel
+        The model with the best validation loss, in eval mode.
+
+    Examples
+    --------
+    >>> model = napari_hdn.train(noisy, GaussianNoiseModel(25.0), levels=3, max_steps=200)
+    >>> result = model.predict(noisy, n_samples=100)
+    >>> result.mmse.shape == noisy.shape
+    True
+    """
+    m_over, t_over = _split_overrides(options)
+    if m_over:
+        config = (config or ModelConfig()).model_copy(update=m_over)
+        config = ModelConfig.model_validate(config.model_dump())
+    if t_over:
+        training = (training or TrainingConfig()).model_copy(update=t_over)
+        training = TrainingConfig.model_validate(training.model_dump())
+    trainer = Trainer(
+        images,
+        noise_model,
+        axes=axes,
+        model_config=config if (resume is None or m_over) else None,
+        training_config=training,
+        checkpoint_dir=checkpoint_dir,
+        callbacks=callbacks,
+        resume=resume,
+        stop_flag=stop_flag,
+    )
+    return trainer.run()
