@@ -95,6 +95,9 @@ class Trainer:
         Receive :class:`ProgressEvent` s: ``"step"`` every step, ``"epoch"`` after each validation.
     resume : path, optional
         A checkpoint (or model) file to continue from: weights, optimiser, schedule, step count.
+        Its training settings are reused unless ``training_config`` is given.
+    training_overrides : dict, optional
+        Individual :class:`TrainingConfig` fields applied on top (e.g. a larger ``max_steps``).
     stop_flag : StopFlag, optional
         Set it from any thread to stop within one step; the best model so far is returned.
     """
@@ -111,8 +114,17 @@ class Trainer:
         callbacks: Callback | list[Callback] | None = None,
         resume: str | os.PathLike | None = None,
         stop_flag: StopFlag | None = None,
+        training_overrides: dict | None = None,
     ):
-        self.tcfg = training_config or TrainingConfig()
+        resumed = read_model_file(resume) if resume is not None else None
+        base = training_config
+        if base is None and resumed is not None:
+            saved = resumed[1].get("checkpoint", {}).get("training_config")
+            base = TrainingConfig.model_validate(saved) if saved else None
+        base = base or TrainingConfig()
+        if training_overrides:
+            base = TrainingConfig.model_validate({**base.model_dump(), **training_overrides})
+        self.tcfg = base
         self.stop_flag = stop_flag or StopFlag()
         self.report = Reporter("train", callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -126,8 +138,8 @@ class Trainer:
         self._resume_tensors: dict = {}
         if self.tcfg.seed is not None:
             torch.manual_seed(self.tcfg.seed)
-        if resume is not None:
-            model, meta, tensors = read_model_file(resume)
+        if resumed is not None:
+            model, meta, tensors = resumed
             self._resume_meta, self._resume_tensors = meta.get("checkpoint", {}), tensors
             if model_config is not None and model_config != model.config:
                 raise InputError(
@@ -419,9 +431,6 @@ def train(
     if m_over:
         config = (config or ModelConfig()).model_copy(update=m_over)
         config = ModelConfig.model_validate(config.model_dump())
-    if t_over:
-        training = (training or TrainingConfig()).model_copy(update=t_over)
-        training = TrainingConfig.model_validate(training.model_dump())
     trainer = Trainer(
         images,
         noise_model,
@@ -432,5 +441,6 @@ def train(
         callbacks=callbacks,
         resume=resume,
         stop_flag=stop_flag,
+        training_overrides=t_over,
     )
     return trainer.run()

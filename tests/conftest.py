@@ -1,0 +1,22 @@
+import pytest
+import torch
+from _helpers import TINY
+
+from napari_hdn.engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    model = HDNModel(ModelConfig(**TINY), GaussianNoiseModel(10.0), Normalisation(50.0, 30.0))
+    # give BatchNorm non-trivial running statistics so eval mode is a real test
+    model.ladder.train()
+    with torch.no_grad():
+        model.ladder(torch.randn(8, 1, 32, 32))
+    model.ladder.eval()
+    return model

@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+from _helpers import smooth_image
+
+from napari_hdn.engine import InputError, LadderVAE, ModelConfig, Prediction
+from napari_hdn.engine.prediction import LatentNoise
+
+
+def _noisy(shape=(40, 52), seed=0):
+    rng = np.random.default_rng(seed)
+    return smooth_image(shape, seed) + rng.normal(0, 10, shape).astype(np.float32)
+
+
+def test_predict_shapes_and_types(tiny_model):
+    img = _noisy((37, 45))
+    res = tiny_model.predict(img, n_samples=5, return_samples=True)
+    assert isinstance(res, Prediction)
+    assert res.mmse.shape == res.variance.shape == (37, 45)
+    assert res.samples.shape == (5, 37, 45)
+    assert res.mmse.dtype == np.float32
+    np.testing.assert_allclose(res.mmse, res.samples.mean(0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(res.variance, res.samples.var(0), rtol=1e-3, atol=1e-3)
+    assert (res.variance > 0).all()
+
+
+def test_stack_keeps_input_axes(tiny_model):
+    stack = np.stack([_noisy(seed=k) for k in range(3)])
+    res = tiny_model.predict(stack, n_samples=3, axes="TYX", return_samples=True)
+    assert res.mmse.shape == (3, 40, 52)
+    assert res.samples.shape == (3, 3, 40, 52)
+    single = tiny_model.predict(stack[1], n_samples=3)
+    np.testing.assert_allclose(res.mmse[1], single.mmse, atol=1e-5)
+
+
+def test_same_seed_same_samples_and_batch_size_independent(tiny_model):
+    img = _noisy()
+    a = tiny_model.predict(img, n_samples=6, seed=3, return_samples=True, batch_size=6)
+    b = tiny_model.predict(img, n_samples=6, seed=3, return_samples=True, batch_size=4)
+    c = tiny_model.predict(img, n_samples=6, seed=4, return_samples=True)
+    np.testing.assert_allclose(a.samples, b.samples, atol=1e-5)
+    assert not np.allclose(a.samples, c.samples)
+    # samples differ from each other (diversity)
+    assert np.abs(a.samples[0] - a.samples[1]).mean() > 1e-3
+
+
+def test_tiled_equals_untiled(tiny_model):
+    img = _noisy((96, 88), seed=2)
+    full = tiny_model.predict(img, n_samples=4, seed=1)
+    tiled = tiny_model.predict(img, n_samples=4, seed=1, tile_size=48, tile_overlap=32)
+    assert tiled.info["tiles"] > 1
+    # the tiny model's receptive field is covered by the overlap: equal to float32 rounding
+    # (convolutions of different sizes sum in different orders)
+    np.testing.assert_allclose(tiled.mmse, full.mmse, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(tiled.variance, full.variance, rtol=1e-3, atol=1e-3)
+    # a too-small overlap is visibly different: the test can fail
+    rough = tiny_model.predict(img, n_samples=4, seed=1, tile_size=48, tile_overlap=4)
+    assert np.abs(rough.mmse - full.mmse).max() > 1e-2
+
+
+def test_latent_noise_is_keyed_by_position():
+    noise = LatentNoise(seed=5, block=8)
+    whole = noise.region(1, 0, (2, 3, 20, 24), (0, 0))
+    part = noise.region(1, 1, (1, 3, 9, 10), (7, 11))
+    assert torch.equal(part[0], whole[1, :, 7:16, 11:21])
+    assert not torch.equal(noise.region(2, 0, (1, 3, 4, 4), (0, 0)), whole[:1, :, :4, :4])
+
+
+def test_level_modes(tiny_model):
+    img = _noisy()
+    default = tiny_model.predict(img, n_samples=4, seed=0)
+    explicit = tiny_model.predict(img, n_samples=4, seed=0, levels=["posterior", "posterior"])
+    np.testing.assert_array_equal(default.mmse, explicit.mmse)
+    off1 = tiny_model.predict(img, n_samples=4, seed=0, levels={1: "prior-mean"})
+    assert off1.levels == ["prior-mean", "posterior"]
+    assert np.abs(off1.mmse - default.mmse).mean() > 1e-4
+    zero1 = tiny_model.predict(img, n_samples=4, seed=0, levels={1: "zero"})
+    assert np.abs(zero1.mmse - off1.mmse).mean() > 1e-4
+    # every level off: the input no longer reaches the decoder, and nothing is random
+    other = _noisy(seed=9)
+    a = tiny_model.predict(img, n_samples=2, levels=["prior-mean"] * 2)
+    b = tiny_model.predict(other, n_samples=2, levels=["prior-mean"] * 2)
+    np.testing.assert_allclose(a.mmse, b.mmse, atol=1e-5)
+    assert a.variance.max() < 1e-6
+
+
+def test_level_mode_acts_only_on_its_level():
+    """Switching off level 1 leaves everything above level 1 untouched."""
+    torch.manual_seed(0)
+    net = LadderVAE(ModelConfig(levels=3, z_dim=2, filters=8, blocks=1, dropout=0.0)).eval()
+    x = torch.randn(1, 1, 32, 32)
+    seen = {}
+
+    def hook(name):
+        def f(module, inp, out):
+            seen.setdefault(name, []).append(out[0].detach().clone())
+
+        return f
+
+    for i, level in enumerate(net.levels):
+        level.register_forward_hook(hook(i + 1))
+    g = torch.Generator().manual_seed(0)
+    eps = {}
+
+    def noise(level, shape):
+        if level not in eps:
+            eps[level] = torch.randn(shape, generator=g)
+        return eps[level]
+
+    with torch.no_grad():
+        bu = net.bottom_up(x)
+        net.top_down(bu, ["posterior"] * 3, noise, compute_kl=False)
+        net.top_down(bu, ["zero", "posterior", "posterior"], noise, compute_kl=False)
+    assert torch.equal(seen[3][0], seen[3][1]) and torch.equal(seen[2][0], seen[2][1])
+    assert not torch.equal(seen[1][0], seen[1][1])
+
+
+def test_bad_modes_and_inputs(tiny_model):
+    img = _noisy()
+    with pytest.raises(InputError, match="levels 1..2"):
+        tiny_model.predict(img, n_samples=1, levels={3: "zero"})
+    with pytest.raises(InputError, match="unknown latent mode"):
+        tiny_model.predict(img, n_samples=1, levels={1: "off"})
+    bad = img.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        tiny_model.predict(bad, n_samples=1)
+    with pytest.raises(InputError, match="n_samples"):
+        tiny_model.predict(img, n_samples=0)
+    with pytest.raises(InputError, match="overlap"):
+        tiny_model.predict(img, n_samples=1, tile_size=16, tile_overlap=16)

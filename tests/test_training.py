@@ -1,0 +1,170 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+from _helpers import TINY, smooth_image
+
+import napari_hdn
+from napari_hdn.engine import (
+    DeviceError,
+    GaussianNoiseModel,
+    InputError,
+    NoiseModel,
+    StopFlag,
+    TrainingDivergedError,
+    load_model,
+    resolve_device,
+)
+
+FAST = dict(TINY, patch_size=32, batch_size=8, bn_chunk=4, device="cpu", lr=3e-3)
+
+
+def _data(n=2, shape=(64, 64), sigma=20.0, seed=0):
+    rng = np.random.default_rng(seed)
+    clean = np.stack([smooth_image(shape, seed + k) for k in range(n)])
+    return clean, (clean + rng.normal(0, sigma, clean.shape)).astype(np.float32)
+
+
+def _psnr(x, gt):
+    return 10 * np.log10((gt.max() - gt.min()) ** 2 / np.mean((x - gt) ** 2))
+
+
+def test_short_training_lowers_loss_and_denoises():
+    clean, noisy = _data(n=4, shape=(64, 64), sigma=20.0)
+    events = []
+    model = napari_hdn.train(
+        noisy, GaussianNoiseModel(20.0), axes="SYX", **{**FAST, "filters": 16, "z_dim": 4},
+        max_steps=150, steps_per_epoch=25, val_fraction=0.25, callbacks=events.append,
+    )
+    steps = [e for e in events if e.kind == "step"]
+    epochs = [e for e in events if e.kind == "epoch"]
+    assert len(steps) == 150 and len(epochs) == 6 and events[-1].kind == "done"
+    first = np.mean([e.metrics["train_loss"] for e in steps[:10]])
+    last = np.mean([e.metrics["train_loss"] for e in steps[-10:]])
+    assert last < first - 0.1
+    assert len(epochs[0].metrics["kl_per_level"]) == 2
+    res = model.predict(noisy[0], n_samples=20)
+    gain = _psnr(res.mmse, clean[0]) - _psnr(noisy[0], clean[0])
+    assert gain > 3.0, gain  # a clear margin over the noisy input
+
+
+def test_seed_makes_cpu_run_reproducible():
+    _, noisy = _data()
+    a = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=4, seed=7)
+    b = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=4, seed=7)
+    c = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=4, seed=8)
+    sa, sb, sc = (m.ladder.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_stop_within_one_step_keeps_a_usable_model(tmp_path):
+    _, noisy = _data()
+    stop = StopFlag()
+    seen = []
+
+    def cb(ev):
+        if ev.kind == "step":
+            seen.append(ev.step)
+            if ev.step == 3:
+                stop.set()
+
+    model = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=1000,
+                             steps_per_epoch=2, stop_flag=stop, callbacks=cb,
+                             checkpoint_dir=tmp_path)
+    assert max(seen) == 3  # no step after the request
+    assert model.info["stopped_early"] and model.info["steps"] == 3
+    assert (tmp_path / "last.hdn").exists() and (tmp_path / "best.hdn").exists()
+    assert model.predict(noisy[0], n_samples=2).mmse.shape == (64, 64)
+
+
+def test_stop_from_another_thread(tmp_path):
+    _, noisy = _data()
+    stop = StopFlag()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("m", napari_hdn.train(
+        noisy, GaussianNoiseModel(20.0), **FAST, max_steps=100000, stop_flag=stop)))
+    t.start()
+    stop.set()
+    t.join(timeout=60)
+    assert not t.is_alive() and out["m"].info["steps"] < 100000
+
+
+def test_checkpoint_and_resume(tmp_path):
+    _, noisy = _data()
+    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=6, steps_per_epoch=3,
+                     checkpoint_dir=tmp_path / "a")
+    ck = tmp_path / "a" / "last.hdn"
+    assert load_model(ck).info["steps"] == 6  # a checkpoint is a usable model file
+    events = []
+    resumed = napari_hdn.train(noisy, None, **FAST, max_steps=9, steps_per_epoch=3,
+                               resume=ck, callbacks=events.append, checkpoint_dir=tmp_path / "b")
+    steps = [e.step for e in events if e.kind == "step"]
+    assert steps == [7, 8, 9]
+    assert resumed.info["steps"] == 9 and resumed.info["epochs"] == 3
+    # resuming continues exactly like an uninterrupted run
+    full = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=9,
+                            steps_per_epoch=3, checkpoint_dir=tmp_path / "c")
+    last_b = load_model(tmp_path / "b" / "last.hdn").ladder.state_dict()
+    last_c = load_model(tmp_path / "c" / "last.hdn").ladder.state_dict()
+    assert all(torch.allclose(last_b[k], last_c[k], atol=1e-6) for k in last_b)
+    del full
+
+
+class _NaNNoise(NoiseModel):
+    kind = "nan-test"
+
+    def log_likelihood(self, x, s):
+        return s * float("nan")
+
+    def sample(self, s, generator=None):
+        return s
+
+    def moments(self, s):
+        return s, s
+
+    def get_state(self):
+        return {}, {}
+
+    @classmethod
+    def from_state(cls, params, tensors):
+        return cls()
+
+
+def test_nan_guard_stops_with_clear_error(tmp_path):
+    _, noisy = _data()
+    with pytest.raises(TrainingDivergedError, match="NaN/inf for 5 batches"):
+        napari_hdn.train(noisy, _NaNNoise(), **FAST, max_steps=50, max_bad_batches=5,
+                         checkpoint_dir=tmp_path)
+
+
+def test_bad_training_input():
+    _, noisy = _data()
+    with pytest.raises(InputError, match="noise model is required"):
+        napari_hdn.train(noisy, None, **FAST)
+    with pytest.raises(InputError, match="smaller than the patch size"):
+        napari_hdn.train(noisy[0][:20, :20], GaussianNoiseModel(1.0), **FAST)
+    with pytest.raises(InputError, match="constant"):
+        napari_hdn.train(np.ones((64, 64)), GaussianNoiseModel(1.0), **FAST, val_fraction=0)
+    with pytest.raises(TypeError, match="unknown training option"):
+        napari_hdn.train(noisy, GaussianNoiseModel(1.0), levles=3)
+
+
+def test_device_choice():
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="not available"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="Unknown device"):
+        resolve_device("tpu")
+
+
+def test_training_time_deactivated_levels():
+    _, noisy = _data()
+    model = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=2,
+                             deactivated_levels=[1])
+    assert model.default_modes() == ["prior-mean", "posterior"]
+    with pytest.raises(InputError, match="deactivated during training"):
+        model.predict(noisy[0], n_samples=1, levels=["posterior", "posterior"])
