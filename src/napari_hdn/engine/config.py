@@ -62,6 +62,13 @@ class TrainingConfig(_Strict):
     bn_chunk: int = Field(
         8, ge=1, description="BatchNorm statistics are computed per chunk of this many patches."
     )
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Patches per forward/backward pass; gradients are accumulated over the batch. "
+        "None: one BatchNorm chunk on CPU (cache-friendly, measured 1.8x faster), the whole batch "
+        "on GPUs.",
+    )
     max_steps: int = Field(20000, ge=1)
     steps_per_epoch: int | None = Field(
         None, ge=1, description="Optimizer steps between validations (None: about one pass)."

@@ -280,21 +280,40 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _micro_batch(self) -> int:
+        mb = self.tcfg.micro_batch
+        if mb is None:  # CPU: cache-friendly passes of one BN chunk; GPU: one wide pass
+            mb = self.tcfg.bn_chunk if self.device.type == "cpu" else self.tcfg.batch_size
+        return max(1, min(mb, self.tcfg.batch_size))
+
     def train_step(self) -> tuple[float, float, list[float]] | None:
-        """One optimiser step; None when the batch was skipped for a non-finite loss."""
+        """One optimiser step; None when the batch was skipped for a non-finite loss.
+
+        The batch is processed in micro-batches whose gradients are accumulated (same gradient as
+        one pass: BatchNorm statistics are per chunk either way).
+        """
         x = self._next_batch()
-        loss, recon, kl = self.model.loss(x)
-        if not torch.isfinite(loss):
-            return None
+        n = x.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum, recon_sum, kl_sum = 0.0, 0.0, None
+        for xb in x.split(self._micro_batch()):
+            loss, recon, kl = self.model.loss(xb)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            w = xb.shape[0] / n
+            (loss * w).backward()
+            loss_sum += float(loss.detach()) * w
+            recon_sum += float(recon) * w
+            kl_sum = kl * w if kl_sum is None else kl_sum + kl * w
+        loss, recon, kl = loss_sum, recon_sum, kl_sum
         if self.tcfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.ladder.parameters(), self.tcfg.grad_clip)
             if not torch.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
         self.optimizer.step()
-        return float(loss.detach()), float(recon), kl.tolist()
+        return loss, recon, kl.tolist()
 
     def run(self) -> HDNModel:
         """Train until max_steps, early stopping or a stop request; return the best model."""
