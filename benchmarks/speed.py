@@ -1,6 +1,8 @@
 """Engine speed/memory benchmark: ``python benchmarks/speed.py [--quick] [--json FILE]``.
 
-Same as ``napari-hdn bench``; see ``napari_hdn.bench`` for what is measured and how.
+Same as ``napari-hdn bench``; see ``napari_hdn.bench`` for what is measured and how. The full
+benchmark suite (``python -m benchmarks``) adds tiled prediction memory, preview latency and the
+noise-model fit time.
 """
 
 import argparse

@@ -231,3 +231,48 @@ def run_speed_benchmark(quick: bool = False, device: str = "auto", json_out: str
         with open(json_out, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def task_tiled_memory(device_name: str, arch: dict, size: int, tile: int, n_samples: int) -> dict:
+    """Peak memory and time of tiled prediction of a ``size`` x ``size`` image."""
+    import numpy as np
+    import torch
+
+    from .engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation, resolve_device
+
+    dev = resolve_device(device_name)
+    torch.manual_seed(0)
+    model = HDNModel(ModelConfig(**arch), GaussianNoiseModel(0.5), Normalisation(0.0, 1.0)).to(dev)
+    img = np.random.default_rng(0).normal(size=(size, size)).astype(np.float32)
+    base = _peak_memory_mb(dev)
+    t = time.perf_counter()
+    res = model.predict(img, n_samples=n_samples, tile_size=tile)
+    _sync(dev)
+    return {"seconds": time.perf_counter() - t, "peak_memory_mb": _peak_memory_mb(dev),
+            "memory_before_mb": base, "image_mb": img.nbytes / 2**20, "tiles": res.info["tiles"]}
+
+
+def task_toggle_latency(device_name: str, arch: dict, crop: int, n_samples: int, repeats: int) -> dict:
+    """Time to redraw a preview after one latent-level toggle (bottom-up pass cached)."""
+    import numpy as np
+    import torch
+
+    from .engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation, resolve_device
+
+    dev = resolve_device(device_name)
+    torch.manual_seed(0)
+    model = HDNModel(ModelConfig(**arch), GaussianNoiseModel(0.5), Normalisation(0.0, 1.0)).to(dev)
+    img = np.random.default_rng(0).normal(size=(crop, crop)).astype(np.float32)
+    t = time.perf_counter()
+    sampler = model.sampler(img)
+    cache_s = time.perf_counter() - t
+    L = arch["levels"]
+    modes = [["posterior"] * L, ["prior-mean"] + ["posterior"] * (L - 1)]
+    sampler.sample(n_samples, modes[0])
+    times = []
+    for k in range(repeats):
+        t = time.perf_counter()
+        sampler.sample(n_samples, modes[(k + 1) % 2])
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return {"median_seconds": statistics.median(times), "bottom_up_cache_seconds": cache_s}
