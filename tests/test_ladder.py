@@ -89,3 +89,21 @@ def test_ablations_build_and_run():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     net = LadderVAE(ModelConfig(**{**TINY, "learned_top_prior": False}))
     assert "levels.1.top_prior" not in dict(net.named_parameters())
+
+
+def test_fast_dropout_keeps_the_right_fraction_and_scale():
+    from napari_hdn.engine.blocks import Dropout
+
+    torch.manual_seed(0)
+    d = Dropout(0.2)
+    y = d(torch.ones(200_000))
+    assert float((y > 0).float().mean()) == pytest.approx(0.8, abs=0.005)
+    assert float(y.mean()) == pytest.approx(1.0, abs=0.01)
+    assert set(torch.unique(y).tolist()) == {0.0, 1.25}
+    d.eval()
+    x = torch.randn(10)
+    assert torch.equal(d(x), x)
+    x = torch.randn(4, 4, requires_grad=True)
+    d.train()
+    d(x).sum().backward()
+    assert set(torch.unique(x.grad).tolist()) <= {0.0, 1.25}

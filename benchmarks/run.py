@@ -1,0 +1,217 @@
+"""The benchmark run: quality on every dataset, then speed and memory, then the report.
+
+Each learned method gets the same wall-clock training budget on the same noisy images (the paper's
+setting: train on the noisy data to be restored; ground truth only scores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import baselines, metrics
+from .datasets import Dataset, make_datasets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The HDN configuration trained on the CPU here (the paper's L=6, F=64, B=5 does not fit a budget of
+# minutes on 2 cores; its speed is measured in the speed section).
+HDN_ARCH = dict(levels=4, z_dim=16, filters=32, blocks=2, dropout=0.1)
+HDN_TRAIN = dict(patch_size=64, batch_size=16, lr=1e-3, val_fraction=0.0, steps_per_epoch=25,
+                 early_stopping_patience=None, max_steps=10**7)
+
+PROFILES = {
+    # size, images per dataset, training budget per learned model (s), HDN samples
+    "smoke": dict(size=64, n_images=1, budget_s=4.0, n_samples=4, speed=False),
+    "quick": dict(size=96, n_images=2, budget_s=25.0, n_samples=20, speed=True),
+    "full": dict(size=256, n_images=3, budget_s=200.0, n_samples=100, speed=True),
+}
+
+
+def _timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def train_hdn(images, noise_model, budget_s: float, seed: int, patch: int):
+    """Train HDN on ``images`` for ``budget_s`` seconds of wall clock."""
+    from napari_hdn.engine import ModelConfig, StopFlag, Trainer, TrainingConfig
+
+    stop = StopFlag()
+    deadline = time.perf_counter() + budget_s
+
+    def tick(ev):
+        if time.perf_counter() > deadline:
+            stop.set()
+
+    tcfg = TrainingConfig(**{**HDN_TRAIN, "patch_size": patch}, seed=seed, device="cpu")
+    tr = Trainer(list(images), noise_model, model_config=ModelConfig(**HDN_ARCH),
+                 training_config=tcfg, callbacks=tick, stop_flag=stop)
+    model = tr.run()
+    return model, tr.step
+
+
+def score(pred: np.ndarray, gt: np.ndarray) -> dict:
+    return {"psnr": metrics.psnr(pred, gt), "ssim": metrics.ssim(pred, gt)}
+
+
+def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
+    from . import learned
+
+    out: dict = {"description": ds.description, "noise": ds.noise, "n_images": len(ds.noisy),
+                 "size": prof["size"], "methods": {}, "timing_s": {}}
+    methods = out["methods"]
+    crops: dict[str, np.ndarray] = {}
+
+    def add(name, preds, seconds, extra=None):
+        per = [score(p, g) for p, g in zip(preds, ds.clean)]
+        methods[name] = {
+            "psnr": [r["psnr"] for r in per], "ssim": [r["ssim"] for r in per],
+            "psnr_mean": float(np.mean([r["psnr"] for r in per])),
+            "ssim_mean": float(np.mean([r["ssim"] for r in per])),
+            **(extra or {}),
+        }
+        out["timing_s"][name] = seconds
+        crops[name] = preds[0]
+        log(f"  {ds.name:9s} {name:28s} PSNR {methods[name]['psnr_mean']:6.2f}  "
+            f"SSIM {methods[name]['ssim_mean']:.3f}  ({seconds:.0f} s)")
+
+    add("noisy input", ds.noisy, 0.0)
+    for name, fn in [("NL-means", baselines.nl_means), ("TV", baselines.total_variation)]:
+        preds, t = _timed(lambda f=fn: [f(x, ds.noise) for x in ds.noisy])
+        add(name, preds, t)
+    if baselines.bm3d_available():
+        preds, t = _timed(lambda: [baselines.bm3d(x, ds.noise) for x in ds.noisy])
+        add("BM3D", preds, t)
+
+    patch = min(64, prof["size"])
+    budget = prof["budget_s"]
+    (n2v, n2v_steps), t_n2v = _timed(learned.train_n2v, ds.noisy, budget, seed, patch)
+    pseudo, t_pred = _timed(lambda: [learned.predict_n2v(n2v, x) for x in ds.noisy])
+    add("Noise2Void (built-in)", pseudo, t_n2v + t_pred, {"train_steps": n2v_steps})
+
+    nm_cal, t_cal = _timed(learned.calibration_noise_model, ds.calibration, seed)
+    nm_boot, t_boot = _timed(learned.bootstrap_noise_model, ds.noisy, pseudo, seed)
+    out["noise_models"] = {"calibration": learned.describe(nm_cal), "bootstrap": learned.describe(nm_boot),
+                           "fit_seconds": {"calibration": t_cal, "bootstrap": t_boot}}
+
+    n = prof["n_samples"]
+    variants = [("HDN MMSE, calibration noise model", nm_cal),
+                ("HDN MMSE, bootstrapped noise model", nm_boot)]
+    if ds.name == "stripes":
+        variants = variants[:1]
+    for label, nm in variants:
+        (model, steps), t_train = _timed(train_hdn, ds.noisy, nm, budget, seed, patch)
+        level_sets = [("", None)]
+        if ds.name == "stripes":
+            level_sets += [
+                (", level 1 prior-mean", {1: "prior-mean"}),
+                (", levels 1-2 prior-mean", {1: "prior-mean", 2: "prior-mean"}),
+                (", level 1 zero", {1: "zero"}),
+                (", levels 1-2 zero", {1: "zero", 2: "zero"}),
+            ]
+        for suffix, levels in level_sets:
+            t = time.perf_counter()
+            res = [model.predict(x, n_samples=n, seed=seed, levels=levels, return_samples=True)
+                   for x in ds.noisy]
+            t_pred = time.perf_counter() - t
+            cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, ds.clean)]
+            extra = {"train_steps": steps, "train_seconds": t_train, "predict_seconds": t_pred,
+                     "n_samples": n, "levels": res[0].levels,
+                     "std_error_corr": float(np.mean([c["std_error_corr"] for c in cal])),
+                     "coverage95": float(np.mean([c["coverage95"] for c in cal]))}
+            add(label + suffix, [r.mmse for r in res], t_train + t_pred, extra)
+            if not suffix and label.startswith("HDN MMSE, calibration"):
+                crops["HDN variance"] = res[0].variance
+    out["_crops"] = crops
+    out["_truth"] = ds.clean[0]
+    return out
+
+
+def speed_section(quick: bool, log) -> dict:
+    from napari_hdn import bench
+
+    from . import learned
+
+    dev = "cpu"
+    out: dict = {}
+    conv = bench._run(bench.task_conv, dev, 3 if quick else 5)
+    out["conv2d_gflops"] = conv["conv2d_gflops"]
+    log(f"  conv2d 3x3 64ch fwd+bwd: {conv['conv2d_gflops']:.1f} GFLOP/s")
+    cfgs = [("small", bench.SMALL)] + ([] if quick else [("paper", bench.PAPER)])
+    out["training"] = {}
+    for name, arch in cfgs:
+        for mode in ("sequential", "ghost"):
+            r = bench._run(bench.task_train, dev, arch, 64, 64, mode, 2 if name == "paper" else 3)
+            r["fraction_of_conv2d"] = r["train_gflops"] / conv["conv2d_gflops"]
+            out["training"][f"{name}/{mode}"] = r
+            log(f"  train {name}/{mode}: {r['steps_per_s']:.3f} steps/s, "
+                f"{100 * r['fraction_of_conv2d']:.0f}% of conv2d, peak {r['peak_memory_mb']:.0f} MB")
+    size = 128 if quick else 512
+    n = 20 if quick else 100
+    reuse = bench._run(bench.task_predict, dev, bench.SMALL, size, n, True)
+    recompute = bench._run(bench.task_predict, dev, bench.SMALL, size, n, False)
+    out["prediction"] = {"size": size, "n_samples": n, "config": "small", "reuse_s": reuse["seconds"],
+                         "recompute_s": recompute["seconds"],
+                         "speedup": recompute["seconds"] / reuse["seconds"],
+                         "peak_memory_mb": reuse["peak_memory_mb"]}
+    log(f"  predict {n} samples {size}x{size}: {reuse['seconds']:.1f} s vs {recompute['seconds']:.1f} s "
+        f"recomputed ({out['prediction']['speedup']:.2f}x)")
+    big = 1024 if quick else 4096
+    tm = bench._run(bench.task_tiled_memory, dev, bench.SMALL, big, 512, 1)
+    out["tiled"] = {"size": big, "tile": 512, "n_samples": 1, **tm}
+    log(f"  tiled {big}x{big}, 1 sample: peak {tm['peak_memory_mb']:.0f} MB, {tm['seconds']:.0f} s")
+    lat = bench._run(bench.task_toggle_latency, dev, bench.SMALL, 256, 4, 5)
+    out["toggle_preview"] = {"crop": 256, "n_samples": 4, "config": "small", **lat}
+    log(f"  toggle preview 256x256, 4 samples: {lat['median_seconds']:.2f} s")
+    fit = learned.gmm_fit_speed(10_000_000 if not quick else 1_000_000)
+    out["gmm_fit"] = fit
+    log(f"  GMM fit on {fit['pairs']:,} pairs: {fit['seconds']:.1f} s")
+    return out
+
+
+def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None, docs: bool = True,
+        log=print) -> dict:
+    import torch
+
+    prof = PROFILES[profile]
+    t0 = time.perf_counter()
+    results: dict = {
+        "profile": profile, "settings": {**prof, "seed": seed, "hdn_arch": HDN_ARCH,
+                                         "hdn_training": HDN_TRAIN},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "numpy": np.__version__, "threads": torch.get_num_threads()},
+        "datasets": {},
+    }
+    try:
+        import skimage
+
+        results["machine"]["scikit-image"] = skimage.__version__
+    except ImportError:
+        pass
+    crops = {}
+    for ds in make_datasets(prof["size"], prof["n_images"], seed):
+        log(f"dataset {ds.name}: {ds.description}")
+        r = evaluate_dataset(ds, prof, seed, log)
+        crops[ds.name] = (r.pop("_crops"), r.pop("_truth"))
+        results["datasets"][ds.name] = r
+    if prof["speed"]:
+        log("speed and memory")
+        results["speed"] = speed_section(profile != "full", log)
+    results["duration_s"] = time.perf_counter() - t0
+    out_dir = Path(out_dir) if out_dir else ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{profile}.json").write_text(json.dumps(results, indent=2))
+    if docs:
+        from .report import write_report
+
+        write_report(results, crops, ROOT / "docs")
+    log(f"done in {results['duration_s'] / 60:.1f} min")
+    return results
