@@ -250,7 +250,7 @@ def predict(
         spatially correlated (structured) noise.
     tile_size, tile_overlap : int, optional
         Tile large images (multiples of 2**L are used). Default: untiled up to 1024x1024 pixels,
-        else tiles of 512 with an overlap of 64 (or 2**L if larger).
+        else tiles of 512; the overlap defaults to a quarter of the tile, at most 64 (at least 2**L).
     batch_size : int, optional
         Samples drawn in one pass (default: chosen from the image size).
     seed : int
@@ -275,7 +275,7 @@ def predict(
     tile, ov = None, 0
     if tile_size is not None:
         tile = max(m, -(-int(tile_size) // m) * m)
-        ov = tile_overlap if tile_overlap is not None else max(64, m)
+        ov = tile_overlap if tile_overlap is not None else max(m, min(64, tile // 4))
         ov = -(-int(ov) // m) * m
         if ov >= tile:
             raise InputError(
