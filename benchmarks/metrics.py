@@ -28,7 +28,8 @@ def calibration(samples: np.ndarray, mmse: np.ndarray, gt: np.ndarray) -> dict:
     """
     std = samples.std(0)
     err = np.abs(mmse - gt)
-    corr = float(np.corrcoef(std.ravel(), err.ravel())[0, 1])
+    # undefined (None) when the samples do not vary, e.g. with every latent level switched off
+    corr = float(np.corrcoef(std.ravel(), err.ravel())[0, 1]) if std.std() > 0 else None
     lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
     cover = float(np.mean((gt >= lo) & (gt <= hi)))
     return {"std_error_corr": corr, "coverage95": cover}

@@ -52,7 +52,7 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
             if "train_steps" in r:
                 notes.append(f"{r['train_steps']} steps")
             if "coverage95" in r:
-                notes.append(f"std-error corr {r['std_error_corr']:.2f}, 95% coverage "
+                notes.append(f"std-error corr {_fmt(r['std_error_corr'])}, 95% coverage "
                              f"{100 * r['coverage95']:.0f}%")
             per = ", ".join(f"{v:.2f}" for v in r["psnr"])
             lines.append(f"| {meth} | {r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} | {per} | "

@@ -27,7 +27,9 @@ HDN_TRAIN = dict(patch_size=64, batch_size=16, lr=1e-3, val_fraction=0.0, steps_
 
 PROFILES = {
     # size, images per dataset, training budget per learned model (s), HDN samples
-    "smoke": dict(size=64, n_images=1, budget_s=4.0, n_samples=4, speed=False),
+    # smoke: exercises every code path in seconds (tiny networks); its numbers mean nothing
+    "smoke": dict(size=64, n_images=1, budget_s=0.5, n_samples=3, speed=False,
+                  hdn_arch=dict(levels=2, z_dim=2, filters=8, blocks=1, dropout=0.0), patch=32),
     "quick": dict(size=96, n_images=2, budget_s=25.0, n_samples=20, speed=True),
     "full": dict(size=256, n_images=3, budget_s=200.0, n_samples=100, speed=True),
 }
@@ -39,7 +41,7 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
-def train_hdn(images, noise_model, budget_s: float, seed: int, patch: int):
+def train_hdn(images, noise_model, budget_s: float, seed: int, patch: int, arch: dict | None = None):
     """Train HDN on ``images`` for ``budget_s`` seconds of wall clock."""
     from napari_hdn.engine import ModelConfig, StopFlag, Trainer, TrainingConfig
 
@@ -51,10 +53,15 @@ def train_hdn(images, noise_model, budget_s: float, seed: int, patch: int):
             stop.set()
 
     tcfg = TrainingConfig(**{**HDN_TRAIN, "patch_size": patch}, seed=seed, device="cpu")
-    tr = Trainer(list(images), noise_model, model_config=ModelConfig(**HDN_ARCH),
+    tr = Trainer(list(images), noise_model, model_config=ModelConfig(**(arch or HDN_ARCH)),
                  training_config=tcfg, callbacks=tick, stop_flag=stop)
     model = tr.run()
     return model, tr.step
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def score(pred: np.ndarray, gt: np.ndarray) -> dict:
@@ -90,7 +97,7 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
         preds, t = _timed(lambda: [baselines.bm3d(x, ds.noise) for x in ds.noisy])
         add("BM3D", preds, t)
 
-    patch = min(64, prof["size"])
+    patch = prof.get("patch", min(64, prof["size"]))
     budget = prof["budget_s"]
     (n2v, n2v_steps), t_n2v = _timed(learned.train_n2v, ds.noisy, budget, seed, patch)
     pseudo, t_pred = _timed(lambda: [learned.predict_n2v(n2v, x) for x in ds.noisy])
@@ -107,7 +114,8 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
     if ds.name == "stripes":
         variants = variants[:1]
     for label, nm in variants:
-        (model, steps), t_train = _timed(train_hdn, ds.noisy, nm, budget, seed, patch)
+        (model, steps), t_train = _timed(train_hdn, ds.noisy, nm, budget, seed, patch,
+                                         prof.get("hdn_arch"))
         level_sets = [("", None)]
         if ds.name == "stripes":
             level_sets += [
@@ -124,7 +132,7 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
             cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, ds.clean)]
             extra = {"train_steps": steps, "train_seconds": t_train, "predict_seconds": t_pred,
                      "n_samples": n, "levels": res[0].levels,
-                     "std_error_corr": float(np.mean([c["std_error_corr"] for c in cal])),
+                     "std_error_corr": _mean_or_none([c["std_error_corr"] for c in cal]),
                      "coverage95": float(np.mean([c["coverage95"] for c in cal]))}
             add(label + suffix, [r.mmse for r in res], t_train + t_pred, extra)
             if not suffix and label.startswith("HDN MMSE, calibration"):
@@ -176,14 +184,15 @@ def speed_section(quick: bool, log) -> dict:
     return out
 
 
-def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None, docs: bool = True,
-        log=print) -> dict:
+def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
+        docs_dir: Path | None = None, docs: bool = True, log=print) -> dict:
+    """Run one profile ("smoke", "quick" or "full"); write JSON results and the report."""
     import torch
 
     prof = PROFILES[profile]
     t0 = time.perf_counter()
     results: dict = {
-        "profile": profile, "settings": {**prof, "seed": seed, "hdn_arch": HDN_ARCH,
+        "profile": profile, "settings": {"hdn_arch": HDN_ARCH, **prof, "seed": seed,
                                          "hdn_training": HDN_TRAIN},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
@@ -212,6 +221,6 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None, docs
     if docs:
         from .report import write_report
 
-        write_report(results, crops, ROOT / "docs")
+        write_report(results, crops, Path(docs_dir) if docs_dir else ROOT / "docs")
     log(f"done in {results['duration_s'] / 60:.1f} min")
     return results
