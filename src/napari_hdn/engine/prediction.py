@@ -161,7 +161,8 @@ class PosteriorSampler:
         h, w = self.shape
         bs = batch_size or _auto_sample_batch(model.config.filters, *self.x.shape[-2:], self.device)
         noise = LatentNoise(seed)
-        mean = torch.zeros(h, w, dtype=torch.float64, device=self.device)
+        acc = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        mean = torch.zeros(h, w, dtype=acc, device=self.device)
         m2 = torch.zeros_like(mean)
         count = 0
         kept = np.empty((n_samples, h, w), np.float32) if keep_samples else None
@@ -179,7 +180,7 @@ class PosteriorSampler:
                     return noise.region(level, _first, shape, o).to(self.device)
 
                 s, _ = ladder.top_down(bu_k, modes, eps, compute_kl=False)
-                s = norm.inverse(s[:, 0, :h, :w]).double()
+                s = norm.inverse(s[:, 0, :h, :w]).to(acc)
                 # Chan et al. parallel update of mean and sum of squared deviations
                 bmean = s.mean(0)
                 bm2 = ((s - bmean) ** 2).sum(0)
