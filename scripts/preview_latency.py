@@ -1,0 +1,98 @@
+"""Measure the artefact-removal preview latency in napari: time from a level toggle to the updated
+preview layer, through the real widget (worker thread, cached bottom-up pass, layer update).
+
+Run headless with a virtual display::
+
+    xvfb-run -a python scripts/preview_latency.py --preset "fast CPU" --preset paper
+
+Models get the architecture of the Training widget's presets (weights untrained: the cost of a
+pass does not depend on the weights). Prints one line per preset and crop: the median latency over
+``--repeats`` toggles, the top-down time alone, and the one-off bottom-up time of the crop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", action="append", help="Training widget preset(s) to time")
+    ap.add_argument("--side", type=int, action="append",
+                    help="preview crop side(s); default: the widget's automatic choice")
+    ap.add_argument("--samples", type=int, default=1, help="preview samples (widget default 1)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the widget jobs (default: the widgets' auto choice)")
+    args = ap.parse_args(argv)
+
+    import napari
+    import torch
+    from qtpy.QtWidgets import QApplication
+
+    from napari_hdn.engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation
+    from napari_hdn.widgets import get_session
+    from napari_hdn.widgets._workers import job_threads
+    from napari_hdn.widgets.artefact_widget import auto_preview_side
+    from napari_hdn.widgets.train_widget import PRESETS
+
+    get_session().cpu_threads = args.threads
+    presets = args.preset or ["fast CPU", "paper"]
+    viewer = napari.Viewer(show=True)
+    viewer.open_sample("napari-hdn", "striped-fluorescence")
+    _, aw = viewer.window.add_plugin_dock_widget("napari-hdn", "Artefact removal")
+    app = QApplication.instance()
+
+    def wait_for(pred, timeout=120.0):
+        t_end = time.perf_counter() + timeout
+        while not pred():
+            app.processEvents()
+            time.sleep(0.002)
+            if time.perf_counter() > t_end:
+                raise TimeoutError
+
+    print(f"torch {torch.__version__}, {job_threads()} threads in widget jobs, "
+          f"{args.samples} preview sample(s)")
+    for name in presets:
+        torch.manual_seed(0)
+        cfg = ModelConfig(**PRESETS[name]["model"])
+        model = HDNModel(cfg, GaussianNoiseModel(3.0), Normalisation(130.0, 20.0)).to("cpu")
+        model.ladder.eval()
+        get_session().add_model(model, name)
+        aw.layer_combo.set_layer("striped fluorescence")
+        aw.region.setCurrentText("crop")
+        aw.preview_samples.setValue(args.samples)
+        for side in args.side or [auto_preview_side(model)]:
+            aw.live.setChecked(False)  # no previews while the crop is being set up
+            aw.crop_size.setValue(side)
+            aw.crop_y.setValue(0)
+            aw.crop_x.setValue(0)
+            n0 = aw.previews_done
+            aw.request_preview()
+            wait_for(lambda n0=n0: aw.previews_done > n0 and not aw.preview_task.running)
+            first = aw.last_preview
+            aw.live.setChecked(True)
+            times, td = [], []
+            for k in range(args.repeats):
+                n0 = aw.previews_done
+                aw.mode_boxes[1].setCurrentText("prior-mean" if k % 2 == 0 else "posterior")
+                wait_for(lambda n0=n0: aw.previews_done > n0)
+                assert aw.last_preview["cached"]
+                times.append(aw.last_preview_seconds)
+                td.append(aw.last_preview["top_down_s"])
+            print(f"{name:>9} ({cfg.levels} levels, F={cfg.filters}, B={cfg.blocks}) crop {side}x{side}: "
+                  f"toggle -> preview {statistics.median(times):.2f} s median "
+                  f"(min {min(times):.2f}, max {max(times):.2f}); top-down {statistics.median(td):.2f} s; "
+                  f"bottom-up once {first['bottom_up_s']:.2f} s", flush=True)
+    wait_for(lambda: not aw.preview_task.running)
+    t_end = time.perf_counter() + 0.3  # let the worker thread emit 'finished' before closing
+    while time.perf_counter() < t_end:
+        app.processEvents()
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,320 @@
+"""Is this noise model any good? Held-out likelihood, per-signal-bin statistics, a verdict, a figure.
+
+Users of similar tools report that there is no reliable way to tell whether a noise model is good.
+Everything here answers that from data the model was not fitted on where possible:
+
+- :func:`heldout_nll`: mean negative log-likelihood (nats per pixel) on held-out pairs. Compare it
+  with the histogram model's on the same pairs (lower is better; only differences matter, and only
+  between models evaluated on the same pairs).
+- :func:`binned_statistics`: per signal bin, the empirical mean and std of ``x`` next to the model's.
+- :func:`fit_verdict`: ``"good"`` or ``"suspicious"`` with plain reasons.
+- :func:`diagnostics_figure`: p(x | s) over the empirical histogram at a few signal levels, and the
+  std-vs-signal curve, as a matplotlib ``Figure`` (embeddable in Qt; ``save_figure`` writes a PNG).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .base import NoiseModel
+
+#: below this many pairs the verdict calls the fit unreliable
+FEW_PAIRS = 50_000
+#: a signal bin needs this many pairs to count as covered
+MIN_BIN_COUNT = 50
+#: |model std / empirical std - 1| above this in a covered bin is suspicious
+STD_TOLERANCE = 0.10
+#: GMM held-out NLL this much above the histogram's (nats/pixel) is suspicious
+NLL_TOLERANCE = 0.05
+#: the variance floor is "dominating" where it is more than this fraction of the model variance
+FLOOR_FRACTION = 0.5
+
+
+@contextmanager
+def cpu_threads(n: int, device: torch.device | str = "cpu"):
+    """Limit torch's CPU threads for a block (restored after).
+
+    Noise-model fitting and diagnostics evaluate small tensors (a few ten thousand elements): one
+    thread is about as fast as several there, and it avoids the large slowdowns of spinning
+    OpenMP threads when other processes keep the cores busy.
+    """
+    old = torch.get_num_threads()
+    limit = torch.device(device).type == "cpu" and old > n
+    if limit:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if limit:
+            torch.set_num_threads(old)
+
+
+def _t(a, device=None) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+
+
+@torch.no_grad()
+def heldout_nll(model: NoiseModel, signal, observation, batch_size: int = 1 << 20,
+                device=None) -> float:
+    """Mean negative log-likelihood (nats per pixel) of ``observation`` given ``signal``.
+
+    Evaluated in chunks of ``batch_size`` pairs on ``device`` (default: where the model is).
+    """
+    s = np.asarray(signal, dtype=np.float32).ravel()
+    x = np.asarray(observation, dtype=np.float32).ravel()
+    if device is None:
+        bufs = list(model.buffers())
+        device = bufs[0].device if bufs else torch.device("cpu")
+    total = 0.0
+    for k in range(0, s.size, batch_size):
+        ll = model.log_likelihood(_t(x[k : k + batch_size], device), _t(s[k : k + batch_size], device))
+        total += float(ll.double().sum())
+    return -total / max(s.size, 1)
+
+
+@torch.no_grad()
+def model_moments(model: NoiseModel, signal) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of p(x | s) at the given signal levels, as numpy float64 arrays."""
+    bufs = list(model.buffers())
+    device = bufs[0].device if bufs else torch.device("cpu")
+    m, sd = model.moments(_t(np.atleast_1d(signal), device))
+    return m.double().cpu().numpy(), sd.double().cpu().numpy()
+
+
+def binned_statistics(model: NoiseModel | None, signal, observation, n_bins: int = 20,
+                      signal_range: tuple[float, float] | None = None) -> dict:
+    """Per signal bin: pair count, mean signal, empirical mean/std of x, and the model's.
+
+    The empirical std is that of ``x - s`` within the bin, i.e. the spread of ``x`` at a given
+    signal, without the spread of the signal inside the bin. Bins are of equal width over
+    ``signal_range`` (default: the model's fitted range, else the data's). Returns lists (JSON-able);
+    bins with fewer than 2 pairs have ``None`` statistics.
+    """
+    s = np.asarray(signal, dtype=np.float32).ravel()
+    x = np.asarray(observation, dtype=np.float32).ravel()
+    if signal_range is None:
+        signal_range = getattr(model, "signal_range", None) or (float(s.min()), float(s.max()))
+    lo, hi = (float(v) for v in signal_range)
+    if not hi > lo:
+        hi = lo + 1.0
+    idx = np.clip(((s - lo) / (hi - lo) * n_bins).astype(np.int64), 0, n_bins - 1)
+    cnt = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    r = (x - s).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s_mean = np.bincount(idx, weights=s.astype(np.float64), minlength=n_bins) / cnt
+        x_mean = np.bincount(idx, weights=x.astype(np.float64), minlength=n_bins) / cnt
+        r_mean = np.bincount(idx, weights=r, minlength=n_bins) / cnt
+        r_var = np.bincount(idx, weights=r * r, minlength=n_bins) / cnt - r_mean**2
+        r_var *= cnt / np.maximum(cnt - 1, 1)
+    ok = cnt >= 2
+    centres = lo + (np.arange(n_bins) + 0.5) * (hi - lo) / n_bins
+    s_eval = np.where(ok, s_mean, centres)
+    out = {
+        "edges": [lo + k * (hi - lo) / n_bins for k in range(n_bins + 1)],
+        "count": [int(c) for c in cnt],
+        "signal": [float(v) for v in s_eval],
+        "empirical_mean": [float(v) if o else None for v, o in zip(x_mean, ok)],
+        "empirical_std": [float(math.sqrt(max(v, 0.0))) if o else None for v, o in zip(r_var, ok)],
+    }
+    if model is not None:
+        mm, ms = model_moments(model, s_eval)
+        # the model's mean of x over the bin's pairs: mean offset at the bin's mean signal
+        out["model_mean"] = [float(v) for v in mm]
+        out["model_std"] = [float(v) for v in ms]
+    return out
+
+
+def fit_verdict(model: NoiseModel, binned: dict, n_pairs: int, heldout: float | None = None,
+                heldout_histogram: float | None = None, notes=(), stopped: bool = False) -> dict:
+    """Plain verdict on a fitted noise model: ``{"verdict": "good"|"suspicious", "reasons": [...]}``."""
+    reasons: list[str] = []
+    finite = all(torch.isfinite(t).all() for t in model.buffers())
+    std = np.array([np.nan if v is None else v for v in binned.get("model_std", [])], float)
+    if not finite or (heldout is not None and not math.isfinite(heldout)):
+        reasons.append("the fit produced NaN or infinite values: check the data for outliers or "
+                       "saturated pixels and fit again")
+    if n_pairs < FEW_PAIRS:
+        reasons.append(f"few pairs ({n_pairs:,}): the fit may be noisy; use at least {FEW_PAIRS:,} "
+                       "(more frames or larger images)")
+    cnt = np.asarray(binned["count"])
+    covered = cnt >= MIN_BIN_COUNT
+    n_bins = cnt.size
+    if covered.sum() < 0.5 * n_bins:
+        lo, hi = binned["edges"][0], binned["edges"][-1]
+        reasons.append(
+            f"the signal range is barely covered: only {int(covered.sum())} of {n_bins} signal bins "
+            f"between {lo:.4g} and {hi:.4g} have {MIN_BIN_COUNT} pairs or more, so the model is "
+            "mostly interpolated there; use data with intensities spread over the whole range (if "
+            "a few outlier pixels, e.g. hot or saturated ones, stretch the range, crop them out)"
+        )
+    emp = np.array([np.nan if v is None else v for v in binned["empirical_std"]], float)
+    sig = np.asarray(binned["signal"], float)
+    good = covered & np.isfinite(emp)
+    if good.any():
+        spread = float(sig[good].max() - sig[good].min())
+        typical = float(np.median(emp[good]))
+        if spread < 2.0 * typical:
+            reasons.append(
+                f"the signals span only {spread:.3g}, less than twice the noise std ({typical:.3g}): "
+                "the dependence of the noise on the signal cannot be measured from these data"
+            )
+    if std.size and good.any():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = std / emp - 1.0
+        rel = np.where(good, rel, 0.0)
+        k = int(np.nanargmax(np.abs(rel)))
+        if abs(rel[k]) > STD_TOLERANCE:
+            reasons.append(
+                f"the model's noise std differs from the data's by {rel[k]:+.0%} at signal {sig[k]:.4g} "
+                f"(model {std[k]:.3g}, data {emp[k]:.3g}); try more Gaussians or a higher degree, or "
+                "the histogram model"
+            )
+    floor = getattr(model, "min_variance", None)
+    if floor is not None and std.size and np.isfinite(std).any():
+        frac = floor / np.maximum(std**2, 1e-30)
+        frac = np.where(covered & np.isfinite(frac), frac, 0.0)
+        if frac.max() > FLOOR_FRACTION:
+            k = int(np.argmax(frac))
+            reasons.append(
+                f"the variance floor ({floor:.3g}) makes up {frac[k]:.0%} of the model's variance at "
+                f"signal {sig[k]:.4g}: the noise there is at the floor, not measured; give a smaller "
+                "min_variance"
+            )
+    if (heldout is not None and heldout_histogram is not None and model.kind != "histogram"
+            and heldout - heldout_histogram > NLL_TOLERANCE):
+        reasons.append(
+            f"the histogram model explains held-out pairs better ({heldout_histogram:.4f} vs "
+            f"{heldout:.4f} nats/pixel): the mixture is too simple for this noise; try more Gaussians "
+            "or a higher degree"
+        )
+    if stopped:
+        reasons.append("fitting was stopped before it finished: the model may not have converged")
+    reasons.extend(notes)
+    return {"verdict": "suspicious" if reasons else "good", "reasons": reasons}
+
+
+# -- figure ------------------------------------------------------------------------------------
+def _levels(model, s: np.ndarray | None, levels):
+    if levels is not None:
+        return [float(v) for v in levels]
+    if s is not None:
+        return [float(v) for v in np.quantile(s, [0.05, 0.35, 0.65, 0.95])]
+    lo, hi = model.signal_range
+    return [lo + f * (hi - lo) for f in (0.05, 0.35, 0.65, 0.95)]
+
+
+@torch.no_grad()
+def _mixture_density(model, s_values: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Mean over s_values of p(x | s) on the grid xs (what a histogram of those pairs estimates)."""
+    sv = _t(s_values)[:, None]
+    xv = _t(xs)[None, :]
+    dev = next(iter(model.buffers())).device if list(model.buffers()) else torch.device("cpu")
+    ll = model.log_likelihood(xv.to(dev), sv.to(dev))
+    return ll.double().exp().mean(0).cpu().numpy()
+
+
+def diagnostics_figure(model: NoiseModel, signal=None, observation=None,
+                       histogram: NoiseModel | None = None, levels=None, figsize=(11, 7)):
+    """Figure with the fitted p(x | s) over the empirical histogram and the std-vs-signal curve.
+
+    Parameters
+    ----------
+    model : NoiseModel
+        The fitted model (any kind with a ``signal_range`` or with stored binned statistics).
+    signal, observation : array-like, optional
+        Pairs to compare with (ideally held-out ones). Without them only the model's curves and
+        the statistics stored at fitting time are drawn.
+    histogram : NoiseModel, optional
+        An empirical model to draw next to ``model`` (dashed).
+    levels : list of float, optional
+        Signal levels of the top panels (default: the 5, 35, 65 and 95 % quantiles of the signal).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Not attached to pyplot: embed it in a Qt canvas or save it with :func:`save_figure`.
+    """
+    with cpu_threads(1):
+        return _figure(model, signal, observation, histogram, levels, figsize)
+
+
+def _figure(model, signal, observation, histogram, levels, figsize):
+    from matplotlib.figure import Figure
+
+    s = x = None
+    if signal is not None and observation is not None:
+        s = np.asarray(signal, dtype=np.float32).ravel()
+        x = np.asarray(observation, dtype=np.float32).ravel()
+    lv = _levels(model, s, levels)
+    fig = Figure(figsize=figsize, layout="constrained")
+    gs = fig.add_gridspec(2, len(lv))
+    rng = np.random.default_rng(0)
+    for k, level in enumerate(lv):
+        ax = fig.add_subplot(gs[0, k])
+        _, sd = model_moments(model, [level])
+        sd = float(sd[0]) if np.isfinite(sd[0]) and sd[0] > 0 else 1.0
+        s_win = np.array([level])
+        if s is not None:
+            # pairs whose signal is within a quarter noise std of the level (at most 50k of them)
+            sel = np.flatnonzero(np.abs(s - level) <= 0.25 * sd)
+            if sel.size > 50_000:
+                sel = rng.choice(sel, 50_000, replace=False)
+            if sel.size >= 20:
+                xs_emp = x[sel]
+                ax.hist(xs_emp, bins=min(80, max(10, sel.size // 50)), density=True, color="0.75",
+                        label=f"data ({sel.size:,} px)")
+                s_win = s[sel[:200]]
+        grid = np.linspace(level - 5 * sd, level + 5 * sd, 400)
+        ax.plot(grid, _mixture_density(model, s_win, grid), "C0", label=model.kind)
+        if histogram is not None:
+            ax.plot(grid, _mixture_density(histogram, s_win, grid), "C1--", label="histogram")
+        ax.set_title(f"p(x | s = {level:.4g})", fontsize=9)
+        ax.set_xlabel("observation x")
+        ax.tick_params(labelsize=7)
+        if k == 0:
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7)
+    ax = fig.add_subplot(gs[1, :])
+    binned = None
+    if s is not None:
+        binned = binned_statistics(None, s, x, signal_range=getattr(model, "signal_range", None))
+    elif isinstance(getattr(model, "info", {}).get("binned"), dict):
+        binned = model.info["binned"]
+    lo, hi = getattr(model, "signal_range", (min(lv), max(lv)))
+    grid = np.linspace(lo, hi, 200)
+    if binned is not None:
+        bs = np.asarray(binned["signal"], float)
+        be = np.array([np.nan if v is None else v for v in binned["empirical_std"]], float)
+        ok = np.asarray(binned["count"]) >= MIN_BIN_COUNT
+        ax.plot(bs[ok], be[ok], "ko", ms=4, label="data (per signal bin)")
+    ax.plot(grid, model_moments(model, grid)[1], "C0", label=f"{model.kind} model")
+    if histogram is not None:
+        ax.plot(grid, model_moments(histogram, grid)[1], "C1--", label="histogram model")
+    floor = getattr(model, "min_variance", None)
+    if floor is not None:
+        ax.axhline(math.sqrt(floor), color="C3", ls=":", lw=1, label="variance floor (as std)")
+    ax.set_xlabel("signal s")
+    ax.set_ylabel("noise std of x given s")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    info = getattr(model, "info", {}) or {}
+    title = "noise model fit"
+    if "verdict" in info:
+        title += f": {info['verdict']}"
+    if info.get("heldout_nll") is not None:
+        title += f" (held-out NLL {info['heldout_nll']:.4f}"
+        if info.get("heldout_nll_histogram") is not None:
+            title += f", histogram {info['heldout_nll_histogram']:.4f}"
+        title += " nats/px)"
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Write a figure from :func:`diagnostics_figure` as PNG (no pyplot, no display needed)."""
+    fig.savefig(os.fspath(path), dpi=dpi)

@@ -1,0 +1,25 @@
+"""The napari widgets of napari-hdn (Qt; the engine they drive stays Qt-free).
+
+- :class:`NoiseModelWidget`: fit or set the pixel noise model.
+- :class:`TrainingWidget`: train an HDN in the background (live curves, Stop, Resume, Save).
+- :class:`PredictWidget`: posterior samples, MMSE and variance layers.
+- :class:`ArtefactWidget`: per-level latent control with a live preview, and Apply.
+
+They share one :class:`~napari_hdn.widgets._session.HDNSession` (see :func:`get_session`), so the
+output of one widget is the input of the next without file dialogs.
+"""
+
+from ._session import HDNSession, get_session
+from .artefact_widget import ArtefactWidget
+from .noise_widget import NoiseModelWidget
+from .predict_widget import PredictWidget
+from .train_widget import TrainingWidget
+
+__all__ = [
+    "ArtefactWidget",
+    "HDNSession",
+    "NoiseModelWidget",
+    "PredictWidget",
+    "TrainingWidget",
+    "get_session",
+]
