@@ -2,11 +2,11 @@
 
 The headless API (no Qt needed)::
 
-    import napari_hdn
-    nm = napari_hdn.GaussianNoiseModel(sigma=25.0)
-    model = napari_hdn.train(noisy, nm, levels=3, max_steps=2000)
-    result = model.predict(noisy, n_samples=100)   # result.mmse, result.variance, result.samples
-    model.save("model.hdn"); model = napari_hdn.load("model.hdn")
+    >>> import napari_hdn
+    >>> nm = napari_hdn.GaussianNoiseModel(sigma=25.0)
+    >>> model = napari_hdn.train(noisy, nm, levels=3, max_steps=2000)
+    >>> result = model.predict(noisy, n_samples=100)   # result.mmse, result.variance, result.samples
+    >>> model.save("model.hdn"); model = napari_hdn.load("model.hdn")
 """
 
 from .engine import *  # noqa: F403
