@@ -11,19 +11,41 @@ def _fmt(v, nd=2):
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
-def _best_baseline(methods: dict) -> tuple[str, float]:
-    base = {k: v["psnr_mean"] for k, v in methods.items()
-            if not k.startswith("HDN") and k != "noisy input"}
-    name = max(base, key=base.get)
-    return name, base[name]
+CLASSICAL = ("NL-means", "TV", "BM3D")
+
+
+def _curve(methods: dict, method: str) -> list[tuple[float, float]]:
+    pts = [(r["budget_min"], r["psnr_mean"]) for r in methods.values()
+           if r.get("method") == method and r.get("levels", [None])[0] in (None, "posterior")]
+    return sorted(pts)
+
+
+def _verdicts(d: dict) -> list[str]:
+    """The issue's targets, read off this dataset: HDN against each baseline at each budget."""
+    m = d["methods"]
+    hdn = dict(_curve(m, "HDN MMSE, calibration noise model"))
+    n2v = dict(_curve(m, "Noise2Void (built-in)"))
+    out = []
+    for b in sorted(hdn):
+        parts = []
+        for name in CLASSICAL:
+            if name in m:
+                parts.append(f"{name} {hdn[b] - m[name]['psnr_mean']:+.2f}")
+        if b in n2v:
+            parts.append(f"Noise2Void at {b:g} min {hdn[b] - n2v[b]:+.2f}")
+        out.append(f"- {b:g} min: HDN {hdn[b]:.2f} dB; HDN minus " + ", ".join(parts) + " dB")
+    return out
 
 
 def write_report(results: dict, crops: dict, docs: Path) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     fig_name = f"benchmarks-crops-{results['profile']}.png"
-    _figure(crops, docs / fig_name)
+    curve_name = f"benchmarks-curves-{results['profile']}.png"
+    _figure(crops, docs / fig_name, max(results["settings"]["budgets_min"]))
+    _curves_figure(results, docs / curve_name)
     s = results["settings"]
     m = results["machine"]
+    budgets = ", ".join(f"{b:g}" for b in s["budgets_min"])
     lines = [
         "# Benchmarks",
         "",
@@ -35,12 +57,19 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         f"- Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['threads']} "
         f"threads), numpy {m['numpy']}, scikit-image {m.get('scikit-image', '?')}, Python {m['python']}",
         f"- Images: {s['n_images']} per dataset, {s['size']}x{s['size']} pixels; seed {s['seed']}",
-        f"- Training budget: {s['budget_s']:.0f} s of wall clock per learned model (Noise2Void and "
-        f"each HDN alike), CPU",
-        f"- HDN: {s['hdn_arch']} (a small CPU configuration, not the paper's L=6, F=64, B=5), "
-        f"MMSE of {s['n_samples']} samples",
+        f"- Training budgets: {budgets} minutes of CPU training per learned model, each run alone "
+        "on the machine. Noise2Void trains once per budget (its learning rate follows a cosine over "
+        "the budget); HDN trains once to the largest budget and its model is taken at each budget "
+        "(the weights training returns if stopped then), so its curve is what a user who presses Stop "
+        "at that minute gets.",
+        f"- HDN: the \"{s.get('hdn_preset', 'fast CPU')}\" preset, {s['hdn_arch']}, training "
+        f"{ {k: v for k, v in s['hdn_training'].items() if k != 'max_steps'} }; MMSE of "
+        f"{s['n_samples']} samples. The bootstrapped-noise-model variant trains for "
+        f"{s['bootstrap_min']:g} min on a GMM fitted to Noise2Void's prediction.",
         "- PSNR uses data range = max - min of the ground truth (the paper's convention); SSIM the "
         "same range.",
+        "",
+        f"![PSNR against training minutes]({curve_name})",
         "",
     ]
     for name, d in results["datasets"].items():
@@ -51,20 +80,17 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
             notes = []
             if "train_steps" in r:
                 notes.append(f"{r['train_steps']} steps")
-            if "coverage95" in r:
-                notes.append(f"std-error corr {_fmt(r['std_error_corr'])}, 95% coverage "
+            if "seconds_per_step" in r:
+                notes.append(f"{r['seconds_per_step']:.2f} s/step")
+            if r.get("coverage95") is not None:
+                notes.append(f"std-error corr {_fmt(r.get('std_error_corr'))}, 95% coverage "
                              f"{100 * r['coverage95']:.0f}%")
             per = ", ".join(f"{v:.2f}" for v in r["psnr"])
             lines.append(f"| {meth} | {r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} | {per} | "
                          f"{d['timing_s'][meth]:.0f} | {'; '.join(notes)} |")
-        hdn = {k: v["psnr_mean"] for k, v in d["methods"].items() if k.startswith("HDN")}
-        if hdn:
-            bname, bpsnr = _best_baseline(d["methods"])
-            hname = max(hdn, key=hdn.get)
-            diff = hdn[hname] - bpsnr
-            verdict = "beats" if diff > 0 else "does **not** beat"
-            lines += ["", f"Best HDN ({hname}, {hdn[hname]:.2f} dB) {verdict} the best other method "
-                      f"({bname}, {bpsnr:.2f} dB) by {diff:+.2f} dB."]
+        v = _verdicts(d)
+        if v:
+            lines += ["", "HDN (calibration noise model) against the others, PSNR difference:", "", *v]
         nms = d.get("noise_models")
         if nms:
             lines += ["", "Noise models: calibration-fitted "
@@ -95,13 +121,46 @@ def _why(results: dict) -> list[str]:
         "## Reading these numbers",
         "",
         "HDN's paper results come from the L=6, F=64, B=5 network trained for 12-24 hours on a GPU. "
-        "Here every learned model gets minutes on two CPU cores and a much smaller network, so HDN is "
-        "far from converged; where it does not beat a classical baseline the page says so above, and "
-        "this budget is the main reason. The figures show what a user of this machine gets in the same "
-        "time, not the method's ceiling. Rerun with a larger budget (`PROFILES` in "
-        "`benchmarks/run.py`) or on a GPU for converged numbers.",
+        "Here every learned model gets minutes on two CPU cores and a much smaller network: the "
+        "curves show what a user of this machine gets in that time, not the method's ceiling. "
+        "Machines of the same kind differ up to 1.6x in speed, so compare steps and the ratios within "
+        "one run rather than minutes across runs.",
         "",
     ]
+
+
+def _curves_figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(results["datasets"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        m = results["datasets"][name]["methods"]
+        for meth, style in (("HDN MMSE, calibration noise model", "o-"),
+                            ("Noise2Void (built-in)", "s--")):
+            pts = _curve(m, meth)
+            if pts:
+                ax.plot(*zip(*pts), style, label=meth.replace(", calibration noise model", ""))
+        boot = _curve(m, "HDN MMSE, bootstrapped noise model")
+        if boot:
+            ax.plot(*zip(*boot), "^", label="HDN, bootstrapped NM")
+        for base, color in zip(CLASSICAL, ("tab:gray", "tab:olive", "tab:red")):
+            if base in m:
+                ax.axhline(m[base]["psnr_mean"], color=color, lw=1, ls=":", label=base)
+        ax.set_xscale("log")
+        budgets = results["settings"]["budgets_min"]
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([f"{b:g}" for b in budgets])
+        ax.set_xlabel("training minutes (CPU)")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(name, fontsize=10)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _speed_lines(sp: dict) -> list[str]:
@@ -134,16 +193,16 @@ def _speed_lines(sp: dict) -> list[str]:
     return out
 
 
-def _figure(crops: dict, path: Path) -> None:
+def _figure(crops: dict, path: Path, budget: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     rows = list(crops)
-    cols = ["noisy input", "NL-means", "TV", "BM3D", "Noise2Void (built-in)",
-            "HDN MMSE, calibration noise model", "HDN variance"]
-    extra_stripes = ["HDN MMSE, calibration noise model, levels 1-2 prior-mean"]
+    cols = ["noisy input", "NL-means", "TV", "BM3D", f"Noise2Void (built-in), {budget:g} min",
+            f"HDN MMSE, calibration noise model, {budget:g} min", "HDN variance"]
+    extra_stripes = [f"HDN MMSE, calibration noise model, {budget:g} min, level 1 prior-mean"]
     ncol = len(cols) + 2
     fig, axes = plt.subplots(len(rows), ncol, figsize=(2.0 * ncol, 2.1 * len(rows)), squeeze=False)
     for i, ds in enumerate(rows):
@@ -166,7 +225,8 @@ def _figure(crops: dict, path: Path) -> None:
             else:
                 ax.imshow(img[sl], cmap="gray", vmin=lo, vmax=hi)
             title = nm.replace("HDN MMSE, calibration noise model", "HDN MMSE")
-            title = title.replace(", levels 1-2 prior-mean", "\nlevels 1-2 off")
+            title = title.replace(" (built-in)", "").replace(f", {budget:g} min", "")
+            title = title.replace(", level 1 prior-mean", "\nlevel 1 off")
             ax.set_title(title if i == 0 or "off" in title else "", fontsize=7)
         axes[i, 0].set_ylabel(ds)
         axes[i, 0].text(-0.1, 0.5, ds, transform=axes[i, 0].transAxes, rotation=90,

@@ -19,19 +19,20 @@ from .datasets import Dataset, make_datasets
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The HDN configuration trained on the CPU here (the paper's L=6, F=64, B=5 does not fit a budget of
-# minutes on 2 cores; its speed is measured in the speed section).
-HDN_ARCH = dict(levels=4, z_dim=16, filters=32, blocks=2, dropout=0.1)
-HDN_TRAIN = dict(patch_size=64, batch_size=16, lr=1e-3, val_fraction=0.0, steps_per_epoch=25,
-                 early_stopping_patience=None, max_steps=10**7)
+# HDN trains with the product's default preset (the GUI's "fast CPU", the CLI's and the demo's
+# default): the paper's L=6, F=64, B=5 does not fit budgets of minutes on 2 cores.
+HDN_PRESET = "fast CPU"
 
 PROFILES = {
-    # size, images per dataset, training budget per learned model (s), HDN samples
+    # size, images per dataset, training budgets (minutes) of each learned model, HDN samples
     # smoke: exercises every code path in seconds (tiny networks); its numbers mean nothing
-    "smoke": dict(size=64, n_images=1, budget_s=0.5, n_samples=3, speed=False,
-                  hdn_arch=dict(levels=2, z_dim=2, filters=8, blocks=1, dropout=0.0), patch=32),
-    "quick": dict(size=96, n_images=2, budget_s=25.0, n_samples=20, speed=True),
-    "full": dict(size=256, n_images=3, budget_s=200.0, n_samples=100, speed=True),
+    "smoke": dict(size=64, n_images=1, budgets_min=[0.005, 0.01], n_samples=3, speed=False,
+                  hdn_arch=dict(levels=2, z_dim=2, filters=8, blocks=1, dropout=0.0), patch=32,
+                  bootstrap_min=0.01),
+    "quick": dict(size=96, n_images=2, budgets_min=[0.5, 1.0], n_samples=20, speed=True,
+                  bootstrap_min=0.5),
+    "full": dict(size=256, n_images=3, budgets_min=[2.0, 5.0, 10.0, 20.0], n_samples=100,
+                 speed=True, bootstrap_min=5.0),
 }
 
 
@@ -41,22 +42,24 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
-def train_hdn(images, noise_model, budget_s: float, seed: int, patch: int, arch: dict | None = None):
-    """Train HDN on ``images`` for ``budget_s`` seconds of wall clock."""
-    from napari_hdn.engine import ModelConfig, StopFlag, Trainer, TrainingConfig
+def hdn_settings(prof: dict) -> tuple[dict, dict]:
+    """Architecture and training settings of the benchmark's HDN (the default preset)."""
+    from napari_hdn.engine.presets import get_preset
 
-    stop = StopFlag()
-    deadline = time.perf_counter() + budget_s
+    preset = get_preset(HDN_PRESET)
+    arch = prof.get("hdn_arch") or dict(preset.model)
+    training = {**preset.training, "patch_size": prof.get("patch", preset.training.get("patch_size", 64)),
+                # the paper's setting: train on the images to restore, all of them
+                "val_fraction": 0.0}
+    return arch, training
 
-    def tick(ev):
-        if time.perf_counter() > deadline:
-            stop.set()
 
-    tcfg = TrainingConfig(**{**HDN_TRAIN, "patch_size": patch}, seed=seed, device="cpu")
-    tr = Trainer(list(images), noise_model, model_config=ModelConfig(**(arch or HDN_ARCH)),
-                 training_config=tcfg, callbacks=tick, stop_flag=stop)
-    model = tr.run()
-    return model, tr.step
+def train_hdn(images, noise_model, budgets_min, seed: int, prof: dict, log=lambda *a: None):
+    """Train HDN once up to the largest budget; the model at each budget (list of snapshots)."""
+    from .time_to_quality import train_with_snapshots
+
+    arch, training = hdn_settings(prof)
+    return train_with_snapshots(images, noise_model, arch, training, budgets_min, seed=seed, log=log)
 
 
 def _mean_or_none(values):
@@ -98,10 +101,18 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
         add("BM3D", preds, t)
 
     patch = prof.get("patch", min(64, prof["size"]))
-    budget = prof["budget_s"]
-    (n2v, n2v_steps), t_n2v = _timed(learned.train_n2v, ds.noisy, budget, seed, patch)
-    pseudo, t_pred = _timed(lambda: [learned.predict_n2v(n2v, x) for x in ds.noisy])
-    add("Noise2Void (built-in)", pseudo, t_n2v + t_pred, {"train_steps": n2v_steps})
+    budgets = prof["budgets_min"]
+    out["budgets_min"] = budgets
+    # Noise2Void: one run per budget (its learning rate follows a cosine over the budget)
+    pseudo = None
+    for b in budgets:
+        (n2v, n2v_steps), t_n2v = _timed(learned.train_n2v, ds.noisy, 60.0 * b, seed, patch)
+        preds, t_pred = _timed(lambda n=n2v: [learned.predict_n2v(n, x) for x in ds.noisy])
+        add(f"Noise2Void (built-in), {b:g} min", preds, t_n2v + t_pred,
+            {"train_steps": n2v_steps, "budget_min": b, "method": "Noise2Void (built-in)",
+             "seconds_per_step": t_n2v / max(n2v_steps, 1)})
+        if pseudo is None or b <= prof["bootstrap_min"]:
+            pseudo = preds
 
     nm_cal, t_cal = _timed(learned.calibration_noise_model, ds.calibration, seed)
     nm_boot, t_boot = _timed(learned.bootstrap_noise_model, ds.noisy, pseudo, seed)
@@ -109,34 +120,37 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
                            "fit_seconds": {"calibration": t_cal, "bootstrap": t_boot}}
 
     n = prof["n_samples"]
-    variants = [("HDN MMSE, calibration noise model", nm_cal),
-                ("HDN MMSE, bootstrapped noise model", nm_boot)]
-    if ds.name == "stripes":
-        variants = variants[:1]
-    for label, nm in variants:
-        (model, steps), t_train = _timed(train_hdn, ds.noisy, nm, budget, seed, patch,
-                                         prof.get("hdn_arch"))
-        level_sets = [("", None)]
-        if ds.name == "stripes":
-            level_sets += [
-                (", level 1 prior-mean", {1: "prior-mean"}),
-                (", levels 1-2 prior-mean", {1: "prior-mean", 2: "prior-mean"}),
-                (", level 1 zero", {1: "zero"}),
-                (", levels 1-2 zero", {1: "zero", 2: "zero"}),
-            ]
+
+    def score_hdn(label, snap, t_train, level_sets=(("", None),), uncertainty=False):
         for suffix, levels in level_sets:
             t = time.perf_counter()
-            res = [model.predict(x, n_samples=n, seed=seed, levels=levels, return_samples=True)
-                   for x in ds.noisy]
+            res = [snap["model"].predict(x, n_samples=n, seed=seed, levels=levels,
+                                         return_samples=uncertainty) for x in ds.noisy]
             t_pred = time.perf_counter() - t
-            cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, ds.clean)]
-            extra = {"train_steps": steps, "train_seconds": t_train, "predict_seconds": t_pred,
-                     "n_samples": n, "levels": res[0].levels,
-                     "std_error_corr": _mean_or_none([c["std_error_corr"] for c in cal]),
-                     "coverage95": float(np.mean([c["coverage95"] for c in cal]))}
-            add(label + suffix, [r.mmse for r in res], t_train + t_pred, extra)
-            if not suffix and label.startswith("HDN MMSE, calibration"):
-                crops["HDN variance"] = res[0].variance
+            extra = {"train_steps": snap["steps"], "train_seconds": t_train, "predict_seconds": t_pred,
+                     "n_samples": n, "levels": res[0].levels, "budget_min": snap["minutes"],
+                     "seconds_per_step": snap["seconds_per_step"], "method": label}
+            if uncertainty:
+                cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, ds.clean)]
+                extra.update(std_error_corr=_mean_or_none([c["std_error_corr"] for c in cal]),
+                             coverage95=float(np.mean([c["coverage95"] for c in cal])))
+                if levels is None:
+                    crops["HDN variance"] = res[0].variance
+            add(f"{label}, {snap['minutes']:g} min{suffix}", [r.mmse for r in res],
+                t_train + t_pred, extra)
+
+    label = "HDN MMSE, calibration noise model"
+    snaps, t_train = _timed(train_hdn, ds.noisy, nm_cal, budgets, seed, prof)
+    stripe_levels = (("", None), (", level 1 prior-mean", {1: "prior-mean"}),
+                     (", levels 1-2 prior-mean", {1: "prior-mean", 2: "prior-mean"}),
+                     (", level 1 zero", {1: "zero"}), (", levels 1-2 zero", {1: "zero", 2: "zero"}))
+    for k, snap in enumerate(snaps):
+        last = k == len(snaps) - 1
+        levels = stripe_levels if (last and ds.name == "stripes") else (("", None),)
+        score_hdn(label, snap, snap["minutes"] * 60, levels, uncertainty=last)
+    if ds.name != "stripes":
+        boot, _ = _timed(train_hdn, ds.noisy, nm_boot, [prof["bootstrap_min"]], seed, prof)
+        score_hdn("HDN MMSE, bootstrapped noise model", boot[-1], boot[-1]["minutes"] * 60)
     out["_crops"] = crops
     out["_truth"] = ds.clean[0]
     return out
@@ -191,9 +205,10 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
 
     prof = PROFILES[profile]
     t0 = time.perf_counter()
+    arch, training = hdn_settings(prof)
     results: dict = {
-        "profile": profile, "settings": {"hdn_arch": HDN_ARCH, **prof, "seed": seed,
-                                         "hdn_training": HDN_TRAIN},
+        "profile": profile, "settings": {"hdn_arch": arch, **prof, "seed": seed,
+                                         "hdn_training": training, "hdn_preset": HDN_PRESET},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "numpy": np.__version__, "threads": torch.get_num_threads()},

@@ -32,23 +32,26 @@ def test_smoke_profile_writes_results_and_report(tmp_path):
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert set(saved["datasets"]) == {"fluo20", "fluo100", "natural25", "stripes"}
     fluo = saved["datasets"]["fluo20"]["methods"]
-    for m in ("noisy input", "NL-means", "TV", "Noise2Void (built-in)",
-              "HDN MMSE, calibration noise model", "HDN MMSE, bootstrapped noise model"):
-        assert np.isfinite(fluo[m]["psnr_mean"]) and 0 < fluo[m]["ssim_mean"] <= 1
-    hdn = fluo["HDN MMSE, calibration noise model"]
-    assert -1 <= hdn["std_error_corr"] <= 1 and 0 <= hdn["coverage95"] <= 1
-    assert stripes_off_corr_is_undefined(saved)
+    budgets = saved["settings"]["budgets_min"]
+    names = ["noisy input", "NL-means", "TV"]
+    for b in budgets:  # a point of each learned method's curve at every budget
+        names += [f"Noise2Void (built-in), {b:g} min", f"HDN MMSE, calibration noise model, {b:g} min"]
+    names.append(f"HDN MMSE, bootstrapped noise model, {saved['settings']['bootstrap_min']:g} min")
+    for m in names:
+        assert np.isfinite(fluo[m]["psnr_mean"]) and 0 < fluo[m]["ssim_mean"] <= 1, m
+    hdn = [fluo[f"HDN MMSE, calibration noise model, {b:g} min"] for b in budgets]
+    assert [h["budget_min"] for h in hdn] == budgets
+    assert hdn[0]["train_steps"] <= hdn[-1]["train_steps"] and hdn[-1]["seconds_per_step"] > 0
+    last = hdn[-1]
+    assert -1 <= last["std_error_corr"] <= 1 and 0 <= last["coverage95"] <= 1
     stripes = saved["datasets"]["stripes"]["methods"]
-    assert stripes["HDN MMSE, calibration noise model, levels 1-2 zero"]["levels"][:2] == ["zero", "zero"]
+    off = stripes[f"HDN MMSE, calibration noise model, {budgets[-1]:g} min, levels 1-2 zero"]
+    assert off["levels"][:2] == ["zero", "zero"]
+    assert off["std_error_corr"] is None  # every level of the 2-level model off: samples do not vary
     # classical baselines beat the noisy input even here
     assert fluo["NL-means"]["psnr_mean"] > fluo["noisy input"]["psnr_mean"] + 3
     report = (tmp_path / "docs" / "benchmarks-smoke.md").read_text()
-    assert "## stripes" in report and "PSNR" in report
+    assert "## stripes" in report and "PSNR" in report and "HDN minus" in report
     assert (tmp_path / "docs" / "benchmarks-crops-smoke.png").stat().st_size > 10_000
+    assert (tmp_path / "docs" / "benchmarks-curves-smoke.png").stat().st_size > 10_000
     assert res["duration_s"] > 0
-
-
-def stripes_off_corr_is_undefined(saved):
-    """With every level of the 2-level smoke model off, samples do not vary: no correlation."""
-    m = saved["datasets"]["stripes"]["methods"]["HDN MMSE, calibration noise model, levels 1-2 zero"]
-    return m["std_error_corr"] is None

@@ -84,6 +84,56 @@ def test_gmm_std_within_5_percent_of_truth(fitted):
     assert abs(model_std(model, [OFFSET + 1.0])[0] / true_std(OFFSET + 1.0) - 1) < 0.05
 
 
+@pytest.fixture(scope="module")
+def narrow_calibration():
+    """A calibration scene spanning only 136..227 ADU (the sample to restore reaches 104..264)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:96, 0:96]
+    scene = 136 + 91 * (0.5 + 0.5 * np.sin(xx / 9.0) * np.cos(yy / 13.0))
+    return camera(scene, rng, frames=60)
+
+
+@pytest.mark.parametrize("kind", ["gmm", "histogram"])
+def test_noise_outside_the_calibrated_range_follows_the_fitted_law(narrow_calibration, kind):
+    model = fit_from_calibration(narrow_calibration, kind=kind, seed=0)
+    lo, hi = model.fitted_signal_range
+    assert 130 < lo < 145 and 218 < hi < 232
+    outside = np.array([104.0, 120.0, 264.0, 400.0])
+    err = model_std(model, outside) / true_std(outside) - 1
+    assert np.abs(err[[0, 2]]).max() < 0.05, err  # the issue's two probes: dim background, spot
+    assert np.abs(err).max() < 0.08, err
+    inside = np.array([150.0, 180.0, 210.0])
+    assert np.abs(model_std(model, inside) / true_std(inside) - 1).max() < 0.03
+    # likelihood and its gradient outside the range are finite; samples have the model's spread
+    s = torch.tensor([104.0, 264.0], requires_grad=True)
+    ll = model.log_likelihood(torch.tensor([110.0, 250.0]), s)
+    (g,) = torch.autograd.grad(ll.sum(), s)
+    assert torch.isfinite(ll).all() and torch.isfinite(g).all()
+    draws = model.sample(torch.full((200_000,), 104.0), generator=torch.Generator().manual_seed(0))
+    assert abs(float(draws.std()) / true_std(104.0) - 1) < 0.05
+    # the old behaviour stays available and is what the issue measured (+73% at 104 ADU)
+    model.extrapolation = "clamp"
+    assert model_std(model, [104.0])[0] / true_std(104.0) > 1.5
+
+
+def test_range_report_grades_how_far_the_data_leave_the_fit(narrow_calibration):
+    model = fit_from_calibration(narrow_calibration, seed=0)
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:128, 0:128]
+
+    def sample(lo, hi):
+        return camera(lo + (hi - lo) * (xx / 127.0) * np.ones_like(yy), rng)
+
+    assert model.range_report(sample(150, 210))["level"] == "ok"
+    near = model.range_report(sample(110, 260))
+    assert near["level"] == "note" and 0 < near["below"] < 1 and 0 < near["above"] < 1
+    assert "extrapolated" in near["message"]
+    far = model.range_report(sample(140, 600))
+    assert far["level"] == "warning" and far["above"] > 1
+    assert "calibration data that covers" in far["message"]
+    assert PoissonGaussianNoiseModel(GAIN, READ, OFFSET).range_report(sample(100, 5000))["level"] == "ok"
+
+
 def test_histogram_model_agrees(calibration, fitted):
     gmm, _ = fitted
     hist = fit_from_calibration(calibration, kind="histogram")

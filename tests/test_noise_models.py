@@ -49,13 +49,20 @@ def test_fitted_kinds_are_registered():
 def test_gmm_single_component_is_the_gaussian_of_its_variance():
     theta = torch.zeros(3, 1, 2)
     theta[2, 0] = torch.tensor([math.log(0.25), math.log(4.0)])  # var = 1 + 100*(0.25 (1-u) + 4 u)
-    m = GMMNoiseModel((0.0, 10.0), 1, 1, min_variance=1.0, scale=10.0, theta=theta)
+    m = GMMNoiseModel((0.0, 10.0), 1, 1, min_variance=1.0, scale=10.0, theta=theta,
+                      extrapolation="clamp")
     s = torch.tensor([0.0, 5.0, 10.0, 20.0, -3.0])
     x = s + torch.tensor([1.0, -7.0, 30.0, 2.0, 0.5])
     u = (s / 10).clamp(0, 1)
     var = 1 + 100 * (0.25 * (1 - u) + 4 * u)
     torch.testing.assert_close(m.log_likelihood(x, s), gaussian_log_pdf(x, s, var))
     torch.testing.assert_close(m.moments(s)[1], var.sqrt())
+    # the default continues the variance along its (here exact) line 26 + 37.5 s, floored at
+    # max(1% of the smallest variance inside, min_variance) = 1
+    lin = GMMNoiseModel((0.0, 10.0), 1, 1, min_variance=1.0, scale=10.0, theta=theta)
+    var_lin = torch.tensor([26.0, 213.5, 401.0, 776.0, 1.0])
+    torch.testing.assert_close(lin.log_likelihood(x, s), gaussian_log_pdf(x, s, var_lin))
+    torch.testing.assert_close(lin.moments(s)[1], var_lin.sqrt())
 
 
 def test_gmm_mixture_mean_is_the_signal_and_samples_match_moments():

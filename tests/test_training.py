@@ -168,3 +168,65 @@ def test_training_time_deactivated_levels():
     assert model.default_modes() == ["prior-mean", "posterior"]
     with pytest.raises(InputError, match="deactivated during training"):
         model.predict(noisy[0], n_samples=1, levels=["posterior", "posterior"])
+
+
+def test_warmup_raises_the_rate_linearly_then_hands_over():
+    _, noisy = _data()
+    lrs = []
+    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=6, warmup_steps=3,
+                     callbacks=lambda e: e.kind == "step" and lrs.append(e.metrics["lr"]))
+    peak = FAST["lr"]
+    assert lrs == pytest.approx([peak * 0.25, peak * 0.5, peak * 0.75, peak, peak, peak])
+
+
+def test_ema_weights_are_validated_returned_and_resumed_exactly(tmp_path):
+    _, noisy = _data()
+    opts = dict(FAST, ema_decay=0.9, steps_per_epoch=3)
+    model = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **opts, max_steps=6,
+                             checkpoint_dir=tmp_path / "a")
+    ck = tmp_path / "a" / "last.hdn"
+    # the returned weights are the average, not the raw weights of the last step
+    from napari_hdn.engine.safeio import read_file
+
+    _, tensors = read_file(ck, "napari-hdn-model", "model")
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    raw = {k[7:]: v for k, v in tensors.items() if k.startswith("ladder.")}
+    assert ema and set(ema) == set(raw)
+    assert not all(torch.equal(ema[k], raw[k]) for k in raw)
+    best = model.ladder.state_dict()
+    assert any(torch.equal(best[k], ema[k]) for k in best if best[k].is_floating_point())
+    # resuming restores the average: same result as an uninterrupted run
+    napari_hdn.train(noisy, None, **opts, max_steps=9, resume=ck, checkpoint_dir=tmp_path / "b")
+    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **opts, max_steps=9, checkpoint_dir=tmp_path / "c")
+    _, tb = read_file(tmp_path / "b" / "last.hdn", "napari-hdn-model", "model")
+    _, tc = read_file(tmp_path / "c" / "last.hdn", "napari-hdn-model", "model")
+    for k in tb:
+        if k.startswith(("ema.", "ladder.")):
+            assert torch.allclose(tb[k].float(), tc[k].float(), atol=1e-6), k
+
+
+def test_time_budget_stops_training_and_is_reported():
+    _, noisy = _data()
+    events = []
+    model = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=10**6,
+                             time_budget_s=0.5, steps_per_epoch=1000, callbacks=events.append)
+    steps = [e for e in events if e.kind == "step"]
+    assert 1 <= len(steps) < 10**6 and events[-1].kind == "done"
+    assert steps[-1].metrics["time_budget_s"] == 0.5
+    assert 0.5 <= steps[-1].metrics["train_seconds"] < 5
+    assert not model.info["stopped_early"]
+    assert model.info["training_seconds"] == pytest.approx(steps[-1].metrics["train_seconds"])
+
+
+def test_snapshot_returns_the_weights_training_would_return():
+    _, noisy = _data()
+    tr = napari_hdn.Trainer(noisy, GaussianNoiseModel(20.0), training_overrides=dict(
+        patch_size=32, batch_size=8, bn_chunk=4, device="cpu", ema_decay=0.5, steps_per_epoch=2,
+        max_steps=4), model_config=napari_hdn.ModelConfig(**TINY))
+    snaps = []
+    tr.report.callbacks.append(lambda e: e.kind == "epoch" and snaps.append(tr.snapshot()))
+    final = tr.run()
+    assert len(snaps) == 2
+    a, b = snaps[-1].ladder.state_dict(), final.ladder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert snaps[-1].ladder is not tr.model.ladder and not snaps[-1].ladder.training

@@ -17,6 +17,7 @@ from .model import HDNModel, load_model
 from .noise import (
     GaussianNoiseModel,
     NoiseModel,
+    NoiseModelRangeWarning,
     PoissonGaussianNoiseModel,
     load_noise_model,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "ModelFileError",
     "NoiseModel",
+    "NoiseModelRangeWarning",
     "Normalisation",
     "PoissonGaussianNoiseModel",
     "PosteriorSampler",

@@ -70,12 +70,25 @@ class TrainingConfig(_Strict):
         "on GPUs.",
     )
     max_steps: int = Field(20000, ge=1)
+    time_budget_s: float | None = Field(
+        None, gt=0.0, description="Stop after this many seconds of training (None: no time limit)."
+    )
     steps_per_epoch: int | None = Field(
-        None, ge=1, description="Optimizer steps between validations (None: about one pass)."
+        100, ge=1, description="Optimizer steps between validations (and checkpoints). A fixed "
+        "count, not a pass over the data: on small data a pass is a few steps, which made the "
+        "plateau and early-stopping patience fire after a few hundred steps. None: 100."
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
     val_patches: int = Field(64, ge=1, le=100000, description="Most validation patches per check.")
-    lr: float = Field(3e-4, gt=0.0)
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (Adamax).")
+    warmup_steps: int = Field(
+        0, ge=0, description="Steps over which the learning rate rises linearly to ``lr``."
+    )
+    ema_decay: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Exponential moving average of the weights (and BatchNorm "
+        "statistics) with this decay, used for validation, checkpoints and the returned model; None "
+        "uses the raw weights."
+    )
     lr_patience: int = Field(10, ge=1, description="Epochs without improvement before lr halves.")
     lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
     early_stopping_patience: int | None = Field(30, ge=1)

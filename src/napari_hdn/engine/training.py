@@ -10,6 +10,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from .device import resolve_device
 from .errors import InputError, ModelFileError, TrainingDivergedError
 from .events import Callback, Reporter, StopFlag
 from .model import HDNModel, read_model_file
-from .noise.base import NoiseModel
+from .noise.base import NoiseModel, NoiseModelRangeWarning
 
 OPTIM_PREFIX = "optim."
 
@@ -156,6 +157,11 @@ class Trainer:
             mcfg = model_config or ModelConfig()
             norm = Normalisation.from_frames(frames)
             self.model = HDNModel(mcfg, noise_model, norm)
+        self.noise_range = self.model.noise_model.range_report(frames)
+        if self.noise_range["level"] != "ok":
+            self.model.info["noise_range"] = self.noise_range
+        if self.noise_range["level"] == "warning":
+            warnings.warn(self.noise_range["message"], NoiseModelRangeWarning, stacklevel=3)
         self.model.to(self.device)
         self.model.ladder.set_bn_chunk(self.tcfg.bn_chunk)
         if self.tcfg.channels_last:
@@ -169,10 +175,7 @@ class Trainer:
             if self.val_frames
             else None
         )
-        n_pix = sum(f.size for f in self.train_frames)
-        self.steps_per_epoch = self.tcfg.steps_per_epoch or int(
-            np.clip(round(n_pix / (p * p * self.tcfg.batch_size)), 10, 500)
-        )
+        self.steps_per_epoch = self.tcfg.steps_per_epoch or 100
         self.optimizer = torch.optim.Adamax(self.model.ladder.parameters(), lr=self.tcfg.lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=self.tcfg.lr_factor, patience=self.tcfg.lr_patience
@@ -183,6 +186,11 @@ class Trainer:
         self.best_state: dict | None = None
         self.epochs_since_best = 0
         self.history: list[dict] = []
+        # weight average (parameters and BatchNorm statistics), see TrainingConfig.ema_decay
+        self.ema: dict[str, torch.Tensor] | None = (
+            self._live_state() if self.tcfg.ema_decay is not None else None
+        )
+        self.train_seconds = 0.0  # training time so far (resumed runs continue the count)
         if resume is not None:
             self._restore(resume)
 
@@ -204,6 +212,11 @@ class Trainer:
                 self.gen.set_state(self._resume_tensors["rng.patches"])
             if "rng.torch" in self._resume_tensors:
                 torch.set_rng_state(self._resume_tensors["rng.torch"])
+            self.train_seconds = float(ck.get("train_seconds", 0.0))
+            if self.ema is not None:
+                saved = {k[4:]: v for k, v in self._resume_tensors.items() if k.startswith("ema.")}
+                if set(saved) == set(self.ema):
+                    self.ema = {k: v.to(self.device).clone() for k, v in saved.items()}
         except (KeyError, ValueError, RuntimeError) as exc:
             raise ModelFileError(f"{path}: the checkpoint's training state is unusable ({exc})") from None
         best = {k[5:]: v for k, v in self._resume_tensors.items() if k.startswith("best.")}
@@ -218,6 +231,8 @@ class Trainer:
         extra["rng.torch"] = torch.get_rng_state()
         if self.best_state is not None and name == "last":
             extra.update({f"best.{k}": v for k, v in self.best_state.items()})
+        if self.ema is not None and name == "last":
+            extra.update({f"ema.{k}": v for k, v in self.ema.items()})
         ck = {
             "step": self.step,
             "epoch": self.epoch,
@@ -227,6 +242,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "training_config": self.tcfg.model_dump(),
             "history": self.history[-1000:],
+            "train_seconds": self.train_seconds,
         }
         model = self.model
         if state is not None:  # write the best weights without disturbing the live model
@@ -243,18 +259,53 @@ class Trainer:
                 "epochs": self.epoch,
                 "best_val_loss": self.best_loss if math.isfinite(self.best_loss) else None,
                 "validation": self.split_note,
+                "training_seconds": self.train_seconds,
                 "training_config": self.tcfg.model_dump(),
                 "torch_version": torch.__version__,
             }
         )
 
     # -- loop ----------------------------------------------------------------------------------
+    # -- weights -------------------------------------------------------------------------------
+    def _live_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.ladder.state_dict().items()}
+
+    def _update_ema(self) -> None:
+        """ema <- d * ema + (1 - d) * live, with a smaller d early on (the average would otherwise
+        carry the random initialisation for ~1 / (1 - d) steps)."""
+        d = min(self.tcfg.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+        live = self.model.ladder.state_dict()
+        floats = [k for k, v in self.ema.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.ema[k] for k in floats], [live[k].detach() for k in floats], 1.0 - d)
+        for k, v in self.ema.items():
+            if not v.is_floating_point():
+                v.copy_(live[k])
+
+    def current_state(self) -> dict[str, torch.Tensor]:
+        """The weights the model is evaluated with: the average when ``ema_decay`` is set."""
+        return {k: v.clone() for k, v in self.ema.items()} if self.ema is not None else self._live_state()
+
+    def snapshot(self) -> HDNModel:
+        """A copy of the model with the weights the trainer would return if stopped now
+        (see :meth:`run`): the best so far, or the current ones before any validation."""
+        model = copy.copy(self.model)
+        model.info = dict(self.model.info)
+        model.ladder = copy.deepcopy(self.model.ladder)
+        model.ladder.load_state_dict(self.best_state if self.best_state is not None else self.current_state())
+        model.ladder.eval()
+        return model
+
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
-        """Validation loss (fixed patches, fixed latent noise) in eval mode."""
+        """Validation loss (fixed patches, fixed latent noise) in eval mode, with the weights the
+        trainer returns (the average when ``ema_decay`` is set)."""
         batch = self.val_batch
         ladder = self.model.ladder
         was_training = ladder.training
+        live = None
+        if self.ema is not None:
+            live = self._live_state()
+            ladder.load_state_dict(self.ema)
         ladder.eval()
         g = torch.Generator(device=self.device)
         g.manual_seed(12345)
@@ -268,6 +319,8 @@ class Trainer:
                 total += float(loss) * xb.shape[0]
                 kls = kl * xb.shape[0] if kls is None else kls + kl * xb.shape[0]
                 n += xb.shape[0]
+        if live is not None:
+            ladder.load_state_dict(live)
         ladder.train(was_training)
         return total / n, (kls / n).tolist()
 
@@ -294,6 +347,7 @@ class Trainer:
         """
         x = self._next_batch()
         n = x.shape[0]
+        self._warmup_lr()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, recon_sum, kl_sum = 0.0, 0.0, None
         for xb in x.split(self._micro_batch()):
@@ -313,22 +367,40 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
         self.optimizer.step()
+        if self.ema is not None:
+            self._update_ema()
         return loss, recon, kl.tolist()
+
+    def _warmup_lr(self) -> None:
+        """Linear warm-up to the peak rate over ``warmup_steps``; afterwards the plateau schedule
+        owns the rate."""
+        w = self.tcfg.warmup_steps
+        if self.step <= w and w > 0:
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.tcfg.lr * min(1.0, (self.step + 1) / (w + 1))
 
     def run(self) -> HDNModel:
         """Train until max_steps, early stopping or a stop request; return the best model."""
         cfg = self.tcfg
         ladder = self.model.ladder
         ladder.train()
-        self.report("start", step=self.step, total=cfg.max_steps, epoch=self.epoch)
+        self.report("start", step=self.step, total=cfg.max_steps, epoch=self.epoch,
+                    metrics={"noise_range": self.noise_range, "time_budget_s": cfg.time_budget_s})
         bad = 0
         stopped = False
         window: list[float] = []
+        budget = cfg.time_budget_s
+        t_last = time.perf_counter()
         while self.step < cfg.max_steps:
             if self.stop_flag.is_set():
                 stopped = True
                 break
+            if budget is not None and self.train_seconds >= budget:
+                break
             out = self.train_step()
+            now = time.perf_counter()
+            self.train_seconds += now - t_last
+            t_last = now
             if out is None:
                 bad += 1
                 if bad >= cfg.max_bad_batches:
@@ -348,12 +420,16 @@ class Trainer:
                 step=self.step,
                 total=cfg.max_steps,
                 epoch=self.epoch,
-                metrics={"train_loss": loss, "reconstruction": recon, "kl_per_level": kl},
+                metrics={"train_loss": loss, "reconstruction": recon, "kl_per_level": kl,
+                         "train_seconds": self.train_seconds, "time_budget_s": budget,
+                         "lr": self.optimizer.param_groups[0]["lr"]},
             )
-            if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps:
+            out_of_time = budget is not None and self.train_seconds >= budget
+            if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps or out_of_time:
                 if self._end_epoch(float(np.mean(window))):
                     break
                 window = []
+                t_last = time.perf_counter()  # validation and checkpoints are not training time
         if stopped and window:
             self._end_epoch(float(np.mean(window)), validate=self.val_batch is not None)
         self._finish(stopped)
@@ -366,11 +442,12 @@ class Trainer:
             val_loss, kl = self.validate()
         else:
             val_loss, kl = train_loss, []
-        self.scheduler.step(val_loss)
+        if self.step > self.tcfg.warmup_steps:
+            self.scheduler.step(val_loss)
         improved = val_loss < self.best_loss
         if improved:
             self.best_loss = val_loss
-            self.best_state = {k: v.detach().clone() for k, v in self.model.ladder.state_dict().items()}
+            self.best_state = self.current_state()
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
@@ -381,6 +458,7 @@ class Trainer:
             "val_loss": val_loss if self.val_batch is not None else None,
             "kl_per_level": kl,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": self.train_seconds,
         }
         self.history.append(rec)
         if improved:
@@ -391,8 +469,9 @@ class Trainer:
         return pat is not None and self.epochs_since_best >= pat
 
     def _finish(self, stopped: bool) -> None:
-        if self.best_state is not None:
-            self.model.ladder.load_state_dict(self.best_state)
+        final = self.best_state if self.best_state is not None else self.ema
+        if final is not None:
+            self.model.ladder.load_state_dict(final)
         self.model.ladder.eval()
         self._update_info()
         self.model.info["stopped_early"] = stopped

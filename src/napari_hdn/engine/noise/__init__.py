@@ -4,6 +4,7 @@ histogram), with fitting, diagnostics and the Noise2Void bootstrap."""
 from .analytic import GaussianNoiseModel, PoissonGaussianNoiseModel
 from .base import (
     NoiseModel,
+    NoiseModelRangeWarning,
     load_noise_model,
     noise_model_from_state,
     noise_model_kinds,
@@ -42,6 +43,7 @@ __all__ = [
     "HistogramNoiseModel",
     "NoiseFitWarning",
     "NoiseModel",
+    "NoiseModelRangeWarning",
     "NoisePairs",
     "PoissonGaussianNoiseModel",
     "binned_statistics",

@@ -2,7 +2,7 @@
 
 For a clean signal ``s`` the observation ``x`` follows a mixture of ``K`` Gaussians whose weights,
 means and variances are smooth functions of the normalised signal ``u = (s - lo) / (hi - lo)``
-(``[lo, hi]`` is the signal range the model was fitted on; ``u`` is clamped to ``[0, 1]``):
+(``[lo, hi]`` is the signal range the model was fitted on):
 
 - weights: softmax over ``K`` logits, each a polynomial of degree ``D`` in ``t = 2u - 1``;
 - means: ``s + delta_k(u) - sum_j w_j delta_j(u)``, ``delta_k`` a polynomial in ``t`` (times a data
@@ -16,6 +16,14 @@ means and variances are smooth functions of the normalised signal ``u = (s - lo)
 smallest variance seen in any signal bin), not a fixed constant: a floor above the camera's read
 noise biases the background noise upwards.
 
+Outside ``[lo, hi]`` the mixture keeps the shape it has at the nearest edge (weights, and offsets
+and variances relative to the total variance), and its total variance continues along the
+least-squares line through the model's variance inside the range (``extrapolation="linear"``, the
+default): shot plus read noise has a variance linear in the signal, and calibration scenes rarely
+span the sample's dim background and bright spots. The polynomials themselves are not
+extrapolated (a degree-3 polynomial far out is arbitrary). ``extrapolation="clamp"`` holds the
+edge values instead.
+
 The parameters are buffers, not ``nn.Parameter`` s, so that an optimiser over an HDN's parameters
 never changes a fitted noise model; fitting (``fitting.py``) optimises a separate copy.
 """
@@ -26,7 +34,13 @@ import math
 
 import torch
 
-from .base import LOG_2PI, NoiseModel, register_noise_model
+from .base import (
+    EXTRAPOLATION_MODES,
+    LOG_2PI,
+    NoiseModel,
+    VarianceLaw,
+    register_noise_model,
+)
 
 
 def _poly(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -59,8 +73,7 @@ class GMMNoiseModel(NoiseModel):
     Parameters
     ----------
     signal_range : (float, float)
-        Signals ``lo < hi`` the model was fitted on; outside it the parameters are held constant
-        (the mixture mean still follows ``s``).
+        Signals ``lo < hi`` the model was fitted on; see ``extrapolation`` for outside it.
     n_gaussians : int
         Number of mixture components ``K`` (default 3).
     degree : int
@@ -75,6 +88,9 @@ class GMMNoiseModel(NoiseModel):
         the variance. Default: equal weights, no offsets, variance ``scale**2``.
     info : dict, optional
         JSON-able fit information and diagnostics (saved with the model; see ``describe``).
+    extrapolation : {"linear", "clamp"}
+        Outside ``signal_range``: continue the variance along the fitted linear law (default) or
+        hold the edge values.
     """
 
     kind = "gmm"
@@ -88,8 +104,13 @@ class GMMNoiseModel(NoiseModel):
         scale: float = 1.0,
         theta: torch.Tensor | None = None,
         info: dict | None = None,
+        extrapolation: str = "linear",
     ):
         super().__init__()
+        if extrapolation not in EXTRAPOLATION_MODES:
+            raise ValueError(f"extrapolation must be one of {EXTRAPOLATION_MODES}, got {extrapolation!r}")
+        self.extrapolation = extrapolation
+        self._law_cache: tuple | None = None
         lo, hi = (float(v) for v in signal_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise ValueError(f"signal_range must be two finite numbers lo < hi, got {signal_range}")
@@ -117,14 +138,13 @@ class GMMNoiseModel(NoiseModel):
         self.register_buffer("theta", theta)
         self.info = dict(info or {})
 
-    # -- the mixture ---------------------------------------------------------------------------
-    def components(self, s: torch.Tensor, theta: torch.Tensor | None = None):
-        """Per-component ``(log_weight, mean_offset, variance)``, each of shape ``(*s.shape, K)``.
+    @property
+    def fitted_signal_range(self) -> tuple[float, float]:
+        return self.signal_range
 
-        ``mean_offset`` is ``mean_k - s`` (already re-centred: weighted sum zero). ``theta`` lets the
-        fitting code evaluate trial parameters without touching the buffer.
-        """
-        theta = self.theta if theta is None else theta
+    # -- the mixture ---------------------------------------------------------------------------
+    def _inside(self, s: torch.Tensor, theta: torch.Tensor):
+        """Components at ``s`` clamped to the fitted range."""
         theta = theta.to(device=s.device, dtype=s.dtype if s.is_floating_point() else torch.float32)
         lo, hi = self.signal_range
         u = ((s - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -134,6 +154,33 @@ class GMMNoiseModel(NoiseModel):
         delta = delta - (log_w.exp() * delta).sum(-1, keepdim=True)
         var = self.min_variance + _bernstein_poly(u, theta[2].exp() * self.scale**2)
         return log_w, delta, var
+
+    def variance_law(self) -> VarianceLaw:
+        """The line through the mixture's total variance inside the fitted range (floor: 1% of the
+        smallest variance there, at least ``min_variance``)."""
+        key = (self.theta._version, self.theta.data_ptr())
+        if self._law_cache is None or self._law_cache[0] != key:
+            lo, hi = self.signal_range
+            grid = torch.linspace(lo, hi, 65, dtype=torch.float64)
+            with torch.no_grad():
+                log_w, delta, var = self._inside(grid, self.theta.cpu())
+                v = (log_w.exp() * (var + delta * delta)).sum(-1)
+            self._law_cache = (key, VarianceLaw.fit(grid, v, min_floor=self.min_variance))
+        return self._law_cache[1]
+
+    def components(self, s: torch.Tensor, theta: torch.Tensor | None = None):
+        """Per-component ``(log_weight, mean_offset, variance)``, each of shape ``(*s.shape, K)``.
+
+        ``mean_offset`` is ``mean_k - s`` (already re-centred: weighted sum zero). ``theta`` lets the
+        fitting code evaluate trial parameters without touching the buffer; fitting only asks
+        inside the fitted range, so trial parameters are not extrapolated.
+        """
+        if theta is not None or self.extrapolation == "clamp":
+            return self._inside(s, self.theta if theta is None else theta)
+        log_w, delta, var = self._inside(s, self.theta)
+        v_edge = (log_w.exp() * (var + delta * delta)).sum(-1)
+        k2 = self.variance_law().factor(s, v_edge).unsqueeze(-1)
+        return log_w, delta * k2.sqrt(), var * k2
 
     def log_likelihood(self, x, s, theta: torch.Tensor | None = None):
         x, s = torch.broadcast_tensors(x, s)
@@ -166,6 +213,7 @@ class GMMNoiseModel(NoiseModel):
             "min_variance": self.min_variance,
             "scale": self.scale,
             "info": self.info,
+            "extrapolation": self.extrapolation,
         }
         return params, {"theta": self.theta}
 
@@ -179,6 +227,9 @@ class GMMNoiseModel(NoiseModel):
             params["scale"],
             theta=tensors["theta"],
             info=params.get("info", {}),
+            # files written before extrapolation existed held the edge values; they get the
+            # linear law too (the physics), which is what their users needed
+            extrapolation=params.get("extrapolation", "linear"),
         )
 
     def describe(self) -> dict:
@@ -188,6 +239,7 @@ class GMMNoiseModel(NoiseModel):
             "degree": self.degree,
             "signal_range": list(self.signal_range),
             "min_variance": self.min_variance,
+            "extrapolation": self.extrapolation,
             **self.info,
         }
 

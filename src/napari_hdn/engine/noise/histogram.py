@@ -12,7 +12,10 @@ noise. The density is interpolated linearly between bin centres along both axes,
   between the nearest well-populated rows (constant beyond the outermost ones).
 - Offsets beyond the histogram's range get the row's floor density times a Gaussian tail
   ``exp(-d^2 / (2 std_row^2))``, ``d`` the distance to the range.
-- Signals outside the fitted range use the first or last row (the mean still follows ``s``).
+- Signals beyond the first or last row centre use that row's distribution, scaled so that its
+  variance follows the least-squares line through the rows' variances (``extrapolation="linear"``,
+  the default: shot plus read noise has a variance linear in the signal); ``"clamp"`` uses the
+  edge row unscaled.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .base import NoiseModel, register_noise_model
+from .base import (
+    EXTRAPOLATION_MODES,
+    NoiseModel,
+    VarianceLaw,
+    register_noise_model,
+)
 
 
 @register_noise_model
@@ -45,12 +53,23 @@ class HistogramNoiseModel(NoiseModel):
         ``(n_signal_bins,)`` std of the offset in each row, used for the tails beyond the range.
     info : dict, optional
         JSON-able fit information and diagnostics.
+    extrapolation : {"linear", "clamp"}
+        Beyond the outer well-populated rows: scale the edge row so that the variance follows the
+        fitted linear law (default), or use the edge row as it is.
+    row_count : torch.Tensor, optional
+        ``(n_signal_bins,)`` pairs behind each row (0 for rows filled from their neighbours). The
+        variance law is fitted on the rows weighted by it, and extrapolation starts at the outermost
+        rows with data. Without it every row counts alike.
     """
 
     kind = "histogram"
 
-    def __init__(self, signal_range, offset_range, density, row_std, info: dict | None = None):
+    def __init__(self, signal_range, offset_range, density, row_std, info: dict | None = None,
+                 extrapolation: str = "linear", row_count=None):
         super().__init__()
+        if extrapolation not in EXTRAPOLATION_MODES:
+            raise ValueError(f"extrapolation must be one of {EXTRAPOLATION_MODES}, got {extrapolation!r}")
+        self.extrapolation = extrapolation
         lo, hi = (float(v) for v in signal_range)
         rlo, rhi = (float(v) for v in offset_range)
         for a, b, what in ((lo, hi, "signal_range"), (rlo, rhi, "offset_range")):
@@ -69,6 +88,14 @@ class HistogramNoiseModel(NoiseModel):
         self.signal_range, self.offset_range = (lo, hi), (rlo, rhi)
         self.register_buffer("density", density)
         self.register_buffer("row_std", row_std)
+        if row_count is None:
+            row_count = torch.ones(density.shape[0])
+        row_count = torch.as_tensor(row_count, dtype=torch.float32).detach().clone()
+        if tuple(row_count.shape) != (density.shape[0],) or not (row_count >= 0).all():
+            raise ValueError("row_count must hold one non-negative count per signal bin")
+        if not (row_count > 0).any():
+            raise ValueError("row_count must be positive for at least one signal bin")
+        self.register_buffer("row_count", row_count)
         self.info = dict(info or {})
         self._row_moments()
 
@@ -98,6 +125,33 @@ class HistogramNoiseModel(NoiseModel):
         var = (p * (c - mean[:, None]) ** 2).sum(1) + self.offset_bin_width**2 / 6.0
         self.register_buffer("row_mean", mean.float(), persistent=False)
         self.register_buffer("row_var", var.float(), persistent=False)
+        # the total variance of each row (offset mean included), for the linear extrapolation
+        # the variance law: weighted least squares over the rows with data; extrapolation starts at
+        # the outermost of them (rows beyond are copies of their neighbour)
+        have = self.row_count > 0
+        self._law = VarianceLaw.fit(self._row_centres()[have], var[have], self.row_count[have])
+
+    def _row_centres(self) -> torch.Tensor:
+        lo, hi = self.signal_range
+        w = (hi - lo) / self.n_signal_bins
+        return lo + w * (torch.arange(self.n_signal_bins, dtype=torch.float64) + 0.5)
+
+    @property
+    def fitted_signal_range(self) -> tuple[float, float]:
+        return self.signal_range
+
+    def variance_law(self) -> VarianceLaw:
+        """The line through the rows' offset variance (rows with data, weighted by their pairs)."""
+        return self._law
+
+    def _scale(self, s: torch.Tensor) -> torch.Tensor:
+        """Factor ``k`` (1 between the outer row centres) by which offsets are stretched."""
+        if self.extrapolation == "clamp":
+            return torch.ones_like(s)
+        i0, a = self._rows(s)
+        v = self.row_var.to(s.device, s.dtype if s.is_floating_point() else torch.float32)
+        v_edge = ((1 - a) * v[i0] + a * v[(i0 + 1).clamp(max=self.n_signal_bins - 1)]).detach()
+        return self._law.factor(s, v_edge).sqrt()
 
     # -- evaluation ----------------------------------------------------------------------------
     def _rows(self, s: torch.Tensor):
@@ -119,7 +173,8 @@ class HistogramNoiseModel(NoiseModel):
         dr = self.offset_bin_width
         i0, a = self._rows(s)
         i1 = (i0 + 1).clamp(max=ns - 1)
-        r = x - s
+        k = self._scale(s)
+        r = (x - s) / k
         g = ((r - rlo) / dr - 0.5).clamp(0.0, nr - 1.0)
         j0 = g.detach().floor().clamp(max=nr - 2)
         b = g - j0
@@ -136,7 +191,7 @@ class HistogramNoiseModel(NoiseModel):
         # beyond the offset range: Gaussian tail with the row's std, starting at the edge value
         d = torch.relu(rlo - r) + torch.relu(r - rhi)
         sd = (1 - a) * std[i0] + a * std[i1]
-        return out - 0.5 * (d / sd) ** 2
+        return out - 0.5 * (d / sd) ** 2 - torch.log(k)
 
     def moments(self, s):
         i0, a = self._rows(s)
@@ -145,7 +200,8 @@ class HistogramNoiseModel(NoiseModel):
         v = self.row_var.to(s.device)
         mean = (1 - a) * m[i0] + a * m[i1]
         second = (1 - a) * (v[i0] + m[i0] ** 2) + a * (v[i1] + m[i1] ** 2)
-        return s + mean, (second - mean**2).clamp(min=0).sqrt()
+        k = self._scale(s)
+        return s + k * mean, k * (second - mean**2).clamp(min=0).sqrt()
 
     def sample(self, s, generator=None):
         i0, a = self._rows(s)
@@ -166,7 +222,7 @@ class HistogramNoiseModel(NoiseModel):
         tri = torch.rand(s.shape, generator=generator, device=dev) + torch.rand(
             s.shape, generator=generator, device=dev
         ) - 1.0
-        return s + c + tri.to(s.dtype) * self.offset_bin_width
+        return s + self._scale(s) * (c + tri.to(s.dtype) * self.offset_bin_width)
 
     # -- building from data --------------------------------------------------------------------
     @classmethod
@@ -268,7 +324,7 @@ class HistogramNoiseModel(NoiseModel):
         row_std = np.maximum(row_std, 0.5 * dr)
         info = {"filled_rows": int((~good).sum())}
         return cls((lo, hi), (rlo, rhi), torch.from_numpy(dens), torch.from_numpy(row_std),
-                   info={"histogram": info})
+                   info={"histogram": info}, row_count=torch.from_numpy(np.where(good, cnt, 0.0)))
 
     # -- state ---------------------------------------------------------------------------------
     def get_state(self):
@@ -276,13 +332,16 @@ class HistogramNoiseModel(NoiseModel):
             "signal_range": list(self.signal_range),
             "offset_range": list(self.offset_range),
             "info": self.info,
+            "extrapolation": self.extrapolation,
         }
-        return params, {"density": self.density, "row_std": self.row_std}
+        return params, {"density": self.density, "row_std": self.row_std, "row_count": self.row_count}
 
     @classmethod
     def from_state(cls, params, tensors):
         return cls(params["signal_range"], params["offset_range"], tensors["density"],
-                   tensors["row_std"], info=params.get("info", {}))
+                   tensors["row_std"], info=params.get("info", {}),
+                   extrapolation=params.get("extrapolation", "linear"),
+                   row_count=tensors.get("row_count"))
 
     def describe(self) -> dict:
         return {
@@ -291,6 +350,7 @@ class HistogramNoiseModel(NoiseModel):
             "offset_bins": self.n_offset_bins,
             "signal_range": list(self.signal_range),
             "offset_range": list(self.offset_range),
+            "extrapolation": self.extrapolation,
             **self.info,
         }
 

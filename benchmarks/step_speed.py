@@ -1,0 +1,80 @@
+"""Training-step time of two source trees side by side (e.g. a `git worktree` of an old commit).
+
+    python -m benchmarks.step_speed --old /work/wt-base --new . --rounds 3
+
+Each measurement runs in a fresh subprocess whose PYTHONPATH points at one tree's ``src``; the
+trees alternate (old, new, old, new, ...) so that drifts of the machine hit both alike. A step is
+``Trainer.train_step()`` (patch sampling, augmentation, forward, backward, optimiser) with each
+tree's own defaults for everything not given below. Prints medians and the new/old ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGS = {
+    # the issue's two comparison configurations
+    "small": (dict(levels=4, z_dim=32, filters=32, blocks=3), 16),
+    "paper": (dict(levels=6, z_dim=32, filters=64, blocks=5), 64),
+}
+
+_CHILD = r"""
+import json, sys, time, statistics
+import numpy as np, torch
+from napari_hdn.engine import Trainer, TrainingConfig, ModelConfig, PoissonGaussianNoiseModel
+arch, batch, steps, threads, extra = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+rng = np.random.default_rng(0)
+img = (100 + rng.poisson(50 + 40 * rng.random((4, 256, 256))) * 2.0).astype(np.float32)
+tc = dict(patch_size=64, batch_size=batch, val_fraction=0.0, seed=0, device="cpu", max_steps=10**6)
+tc.update(extra)
+tr = Trainer(img, PoissonGaussianNoiseModel(2.0, 5.0, 100.0), axes="SYX",
+             model_config=ModelConfig(**arch), training_config=TrainingConfig(**tc))
+tr.model.ladder.train()
+for _ in range(2):
+    tr.train_step()
+times = []
+for _ in range(steps):
+    t = time.perf_counter(); tr.train_step(); times.append(time.perf_counter() - t)
+print(json.dumps({"median": statistics.median(times), "times": times}))
+"""
+
+
+def measure(tree: Path, arch: dict, batch: int, steps: int, threads: int, extra: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve() / "src"))
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([arch, batch, steps, threads, extra])],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", required=True, help="source tree of the baseline (has src/napari_hdn)")
+    ap.add_argument("--new", default=".", help="source tree of the new code")
+    ap.add_argument("--configs", default="small,paper")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating old/new rounds")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per round (small config)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-extra", default="{}", help="JSON TrainingConfig fields for the new tree")
+    a = ap.parse_args(argv)
+    extra_new = json.loads(a.new_extra)
+    for name in a.configs.split(","):
+        arch, batch = CONFIGS[name]
+        steps = a.steps if name == "small" else max(2, a.steps // 4)
+        res: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(a.rounds):
+            for which, tree, extra in (("old", a.old, {}), ("new", a.new, extra_new)):
+                res[which] += measure(Path(tree), arch, batch, steps, a.threads, extra)["times"]
+        mo, mn = statistics.median(res["old"]), statistics.median(res["new"])
+        print(f"{name:6s} batch {batch:3d}: old {mo:.3f} s/step, new {mn:.3f} s/step, "
+              f"new/old time {mn / mo:.2f} (speed {mo / mn:.2f}x); {len(res['old'])} steps each")
+
+
+if __name__ == "__main__":
+    main()
