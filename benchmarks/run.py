@@ -198,9 +198,36 @@ def speed_section(quick: bool, log) -> dict:
     return out
 
 
+class _CpuLock:
+    """An advisory lock file (``flock``) held while a dataset is measured, so that other jobs on the
+    machine that honour the same file wait instead of distorting the timings; no-op without a path."""
+
+    def __init__(self, path: str | None):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        if self.path:
+            import fcntl
+
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
-        docs_dir: Path | None = None, docs: bool = True, log=print) -> dict:
-    """Run one profile ("smoke", "quick" or "full"); write JSON results and the report."""
+        docs_dir: Path | None = None, docs: bool = True, log=print, lock: str | None = None) -> dict:
+    """Run one profile ("smoke", "quick" or "full"); write JSON results and the report.
+
+    ``lock``: a lock file held (``flock``) while each dataset is measured, released in between.
+    """
     import torch
 
     prof = PROFILES[profile]
@@ -223,12 +250,14 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
     crops = {}
     for ds in make_datasets(prof["size"], prof["n_images"], seed):
         log(f"dataset {ds.name}: {ds.description}")
-        r = evaluate_dataset(ds, prof, seed, log)
+        with _CpuLock(lock):
+            r = evaluate_dataset(ds, prof, seed, log)
         crops[ds.name] = (r.pop("_crops"), r.pop("_truth"))
         results["datasets"][ds.name] = r
     if prof["speed"]:
         log("speed and memory")
-        results["speed"] = speed_section(profile != "full", log)
+        with _CpuLock(lock):
+            results["speed"] = speed_section(profile != "full", log)
     results["duration_s"] = time.perf_counter() - t0
     out_dir = Path(out_dir) if out_dir else ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,11 +26,12 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "old": (FAST_ARCH, dict(lr=1e-3, steps_per_epoch=25)),
     "paper-lr": (FAST_ARCH, dict(lr=3e-4)),
     "lr1e-3": (FAST_ARCH, dict(lr=1e-3)),
-    "lr1e-3-ema": (FAST_ARCH, dict(lr=1e-3, warmup_steps=50, ema_decay=0.995)),
-    "lr2e-3-ema": (FAST_ARCH, dict(lr=2e-3, warmup_steps=100, ema_decay=0.995)),
-    "lr3e-3-ema": (FAST_ARCH, dict(lr=3e-3, warmup_steps=100, ema_decay=0.995)),
-    "lr2e-3-ema-b8": (FAST_ARCH, dict(lr=2e-3, warmup_steps=100, ema_decay=0.995, batch_size=8)),
-    "small-lr2e-3-ema": (SMALL_ARCH, dict(lr=2e-3, warmup_steps=100, ema_decay=0.995)),
+    "lr2e-3": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50)),
+    "lr3e-3": (FAST_ARCH, dict(lr=3e-3, warmup_steps=50)),
+    "lr2e-3-ema.98": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50, ema_decay=0.98)),
+    "lr2e-3-b8": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50, batch_size=8)),
+    "small-lr2e-3": (SMALL_ARCH, dict(lr=2e-3, warmup_steps=50)),
+    "lr1e-3-ema.995": (FAST_ARCH, dict(lr=1e-3, warmup_steps=50, ema_decay=0.995)),
 }
 BASE_TRAINING = dict(patch_size=64, batch_size=16, early_stopping_patience=None, max_steps=10**7,
                      val_fraction=0.0, device="cpu")

@@ -66,8 +66,8 @@ class TrainingConfig(_Strict):
         None,
         ge=1,
         description="Patches per forward/backward pass; gradients are accumulated over the batch. "
-        "None: one BatchNorm chunk on CPU (cache-friendly, measured 1.8x faster), the whole batch "
-        "on GPUs.",
+        "None: 16 on CPU (cache-friendly; measured fastest of 8/16/32/64 at both the small and the "
+        "paper configuration, 2x faster than 32 at the paper's), the whole batch on GPUs.",
     )
     max_steps: int = Field(20000, ge=1)
     time_budget_s: float | None = Field(

@@ -32,6 +32,9 @@ from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
 
 OPTIM_PREFIX = "optim."
+# patches per forward/backward pass on CPU: of 8/16/32/64, 16 was fastest at the small and the paper
+# configuration (benchmarks/step_speed.py); BatchNorm statistics stay per bn_chunk either way
+CPU_MICRO_BATCH = 16
 
 
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
@@ -287,11 +290,16 @@ class Trainer:
 
     def snapshot(self) -> HDNModel:
         """A copy of the model with the weights the trainer would return if stopped now
-        (see :meth:`run`): the best so far, or the current ones before any validation."""
+        (see :meth:`run`): the current ones, unless validation data say an earlier state was better.
+        The trainer's state is not changed."""
+        state = self.current_state()
+        if self.val_batch is not None and self.best_state is not None:
+            if not self.validate()[0] < self.best_loss:
+                state = self.best_state
         model = copy.copy(self.model)
         model.info = dict(self.model.info)
         model.ladder = copy.deepcopy(self.model.ladder)
-        model.ladder.load_state_dict(self.best_state if self.best_state is not None else self.current_state())
+        model.ladder.load_state_dict(state)
         model.ladder.eval()
         return model
 
@@ -335,8 +343,9 @@ class Trainer:
 
     def _micro_batch(self) -> int:
         mb = self.tcfg.micro_batch
-        if mb is None:  # CPU: cache-friendly passes of one BN chunk; GPU: one wide pass
-            mb = self.tcfg.bn_chunk if self.device.type == "cpu" else self.tcfg.batch_size
+        if mb is None:  # CPU: cache-friendly passes (measured, see the config); GPU: one wide pass
+            c = self.tcfg.bn_chunk  # whole BatchNorm chunks per pass
+            mb = c * max(1, CPU_MICRO_BATCH // c) if self.device.type == "cpu" else self.tcfg.batch_size
         return max(1, min(mb, self.tcfg.batch_size))
 
     def train_step(self) -> tuple[float, float, list[float]] | None:
@@ -447,10 +456,13 @@ class Trainer:
         improved = val_loss < self.best_loss
         if improved:
             self.best_loss = val_loss
-            self.best_state = self.current_state()
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
+        if improved or self.val_batch is None:
+            # without validation data the training loss cannot tell over-fitting from noise: the
+            # latest weights are kept (it still drives the schedule and early stopping)
+            self.best_state = self.current_state()
         rec = {
             "step": self.step,
             "epoch": self.epoch,
