@@ -16,6 +16,7 @@ import numpy as np
 
 from . import baselines, metrics
 from .datasets import Dataset, make_datasets
+from .time_to_quality import in_fresh_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,12 +29,14 @@ PROFILES = {
     # smoke: exercises every code path in seconds (tiny networks); its numbers mean nothing
     "smoke": dict(size=64, n_images=1, budgets_min=[0.005, 0.01], n_samples=3, speed=False,
                   hdn_arch=dict(levels=2, z_dim=2, filters=8, blocks=1, dropout=0.0), patch=32,
-                  bootstrap_min=0.01),
+                  bootstrap_min=0.01, isolate=False),
     "quick": dict(size=96, n_images=2, budgets_min=[0.5, 1.0], n_samples=20, speed=True,
-                  bootstrap_min=0.5),
+                  bootstrap_min=0.5, isolate=True),
     "full": dict(size=256, n_images=3, budgets_min=[2.0, 5.0, 10.0, 20.0], n_samples=100,
-                 speed=True, bootstrap_min=5.0),
+                 speed=True, bootstrap_min=5.0, isolate=True),
 }
+# isolate: each timed training in a fresh process (see time_to_quality.in_fresh_process); the smoke
+# profile skips it (it measures nothing, and a spawn costs seconds)
 
 
 def _timed(fn, *args, **kwargs):
@@ -54,12 +57,50 @@ def hdn_settings(prof: dict) -> tuple[dict, dict]:
     return arch, training
 
 
-def train_hdn(images, noise_model, budgets_min, seed: int, prof: dict, log=lambda *a: None):
-    """Train HDN once up to the largest budget; the model at each budget (list of snapshots)."""
+STRIPE_LEVELS = (("", None), (", level 1 prior-mean", {1: "prior-mean"}),
+                 (", levels 1-2 prior-mean", {1: "prior-mean", 2: "prior-mean"}),
+                 (", level 1 zero", {1: "zero"}), (", levels 1-2 zero", {1: "zero", 2: "zero"}))
+
+
+def hdn_curve(noisy, clean, noise_model, budgets_min, seed: int, prof: dict, stripes: bool) -> list:
+    """Train HDN once up to the largest budget and score the model at each budget.
+
+    Runs in a fresh process (see ``in_fresh_process``). Returns one entry per scored setting:
+    ``(suffix, minutes, mmse list, extra dict, variance of the first image or None)``; the last
+    budget also gets the uncertainty calibration and, on striped data, every level setting.
+    """
     from .time_to_quality import train_with_snapshots
 
     arch, training = hdn_settings(prof)
-    return train_with_snapshots(images, noise_model, arch, training, budgets_min, seed=seed, log=log)
+    snaps = train_with_snapshots(noisy, noise_model, arch, training, budgets_min, seed=seed,
+                                 log=lambda *a: None)
+    n = prof["n_samples"]
+    out = []
+    for k, snap in enumerate(snaps):
+        last = k == len(snaps) - 1
+        for suffix, levels in (STRIPE_LEVELS if (last and stripes) else (("", None),)):
+            t = time.perf_counter()
+            res = [snap["model"].predict(x, n_samples=n, seed=seed, levels=levels,
+                                         return_samples=last) for x in noisy]
+            extra = {"train_steps": snap["steps"], "train_seconds": snap["minutes"] * 60,
+                     "predict_seconds": time.perf_counter() - t, "n_samples": n,
+                     "levels": res[0].levels, "budget_min": snap["minutes"],
+                     "seconds_per_step": snap["seconds_per_step"]}
+            if last:
+                cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, clean)]
+                extra.update(std_error_corr=_mean_or_none([c["std_error_corr"] for c in cal]),
+                             coverage95=float(np.mean([c["coverage95"] for c in cal])))
+            variance = res[0].variance if (last and levels is None) else None
+            out.append((suffix, snap["minutes"], [r.mmse for r in res], extra, variance))
+    return out
+
+
+def n2v_run(noisy, budget_s: float, seed: int, patch: int) -> tuple[list, int, float]:
+    """Noise2Void trained for ``budget_s`` (fresh process): predictions, steps, training seconds."""
+    from . import learned
+
+    (den, steps), t = _timed(learned.train_n2v, noisy, budget_s, seed, patch)
+    return [learned.predict_n2v(den, x) for x in noisy], steps, t
 
 
 def _mean_or_none(values):
@@ -102,13 +143,17 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
 
     patch = prof.get("patch", min(64, prof["size"]))
     budgets = prof["budgets_min"]
+
+    def fresh(fn, *args):
+        return in_fresh_process(fn, *args) if prof["isolate"] else fn(*args)
+
     out["budgets_min"] = budgets
     # Noise2Void: one run per budget (its learning rate follows a cosine over the budget)
     pseudo = None
     for b in budgets:
-        (n2v, n2v_steps), t_n2v = _timed(learned.train_n2v, ds.noisy, 60.0 * b, seed, patch)
-        preds, t_pred = _timed(lambda n=n2v: [learned.predict_n2v(n, x) for x in ds.noisy])
-        add(f"Noise2Void (built-in), {b:g} min", preds, t_n2v + t_pred,
+        (preds, n2v_steps, t_n2v), t_all = _timed(fresh, n2v_run, ds.noisy, 60.0 * b,
+                                                  seed, patch)
+        add(f"Noise2Void (built-in), {b:g} min", preds, t_all,
             {"train_steps": n2v_steps, "budget_min": b, "method": "Noise2Void (built-in)",
              "seconds_per_step": t_n2v / max(n2v_steps, 1)})
         if pseudo is None or b <= prof["bootstrap_min"]:
@@ -119,38 +164,16 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
     out["noise_models"] = {"calibration": learned.describe(nm_cal), "bootstrap": learned.describe(nm_boot),
                            "fit_seconds": {"calibration": t_cal, "bootstrap": t_boot}}
 
-    n = prof["n_samples"]
-
-    def score_hdn(label, snap, t_train, level_sets=(("", None),), uncertainty=False):
-        for suffix, levels in level_sets:
-            t = time.perf_counter()
-            res = [snap["model"].predict(x, n_samples=n, seed=seed, levels=levels,
-                                         return_samples=uncertainty) for x in ds.noisy]
-            t_pred = time.perf_counter() - t
-            extra = {"train_steps": snap["steps"], "train_seconds": t_train, "predict_seconds": t_pred,
-                     "n_samples": n, "levels": res[0].levels, "budget_min": snap["minutes"],
-                     "seconds_per_step": snap["seconds_per_step"], "method": label}
-            if uncertainty:
-                cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, ds.clean)]
-                extra.update(std_error_corr=_mean_or_none([c["std_error_corr"] for c in cal]),
-                             coverage95=float(np.mean([c["coverage95"] for c in cal])))
-                if levels is None:
-                    crops["HDN variance"] = res[0].variance
-            add(f"{label}, {snap['minutes']:g} min{suffix}", [r.mmse for r in res],
-                t_train + t_pred, extra)
-
-    label = "HDN MMSE, calibration noise model"
-    snaps, t_train = _timed(train_hdn, ds.noisy, nm_cal, budgets, seed, prof)
-    stripe_levels = (("", None), (", level 1 prior-mean", {1: "prior-mean"}),
-                     (", levels 1-2 prior-mean", {1: "prior-mean", 2: "prior-mean"}),
-                     (", level 1 zero", {1: "zero"}), (", levels 1-2 zero", {1: "zero", 2: "zero"}))
-    for k, snap in enumerate(snaps):
-        last = k == len(snaps) - 1
-        levels = stripe_levels if (last and ds.name == "stripes") else (("", None),)
-        score_hdn(label, snap, snap["minutes"] * 60, levels, uncertainty=last)
+    runs = [("HDN MMSE, calibration noise model", nm_cal, budgets, ds.name == "stripes")]
     if ds.name != "stripes":
-        boot, _ = _timed(train_hdn, ds.noisy, nm_boot, [prof["bootstrap_min"]], seed, prof)
-        score_hdn("HDN MMSE, bootstrapped noise model", boot[-1], boot[-1]["minutes"] * 60)
+        runs.append(("HDN MMSE, bootstrapped noise model", nm_boot, [prof["bootstrap_min"]], False))
+    for label, nm, marks, stripes in runs:
+        entries = fresh(hdn_curve, ds.noisy, ds.clean, nm, marks, seed, prof, stripes)
+        for suffix, minutes, preds, extra, variance in entries:
+            add(f"{label}, {minutes:g} min{suffix}", preds,
+                extra["train_seconds"] + extra["predict_seconds"], {**extra, "method": label})
+            if variance is not None and label.startswith("HDN MMSE, calibration"):
+                crops["HDN variance"] = variance
     out["_crops"] = crops
     out["_truth"] = ds.clean[0]
     return out

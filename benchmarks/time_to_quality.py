@@ -28,46 +28,104 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "lr1e-3": (FAST_ARCH, dict(lr=1e-3)),
     "lr2e-3": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50)),
     "lr3e-3": (FAST_ARCH, dict(lr=3e-3, warmup_steps=50)),
+    "lr5e-3": (FAST_ARCH, dict(lr=5e-3, warmup_steps=100)),
     "lr2e-3-ema.98": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50, ema_decay=0.98)),
     "lr2e-3-b8": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50, batch_size=8)),
     "small-lr2e-3": (SMALL_ARCH, dict(lr=2e-3, warmup_steps=50)),
     "lr1e-3-ema.995": (FAST_ARCH, dict(lr=1e-3, warmup_steps=50, ema_decay=0.995)),
+    # cosine annealing to the end of the run (one run per budget)
+    "cos1e-3": (FAST_ARCH, dict(lr=1e-3, warmup_steps=50, lr_schedule="cosine")),
+    "cos2e-3": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50, lr_schedule="cosine")),
+    "cos3e-3": (FAST_ARCH, dict(lr=3e-3, warmup_steps=50, lr_schedule="cosine")),
+    "cos5e-3": (FAST_ARCH, dict(lr=5e-3, warmup_steps=100, lr_schedule="cosine")),
+    "cos2e-3-b8": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50, lr_schedule="cosine", batch_size=8)),
+    "cos3e-3-b8": (FAST_ARCH, dict(lr=3e-3, warmup_steps=50, lr_schedule="cosine", batch_size=8)),
+    "small-cos2e-3": (SMALL_ARCH, dict(lr=2e-3, warmup_steps=50, lr_schedule="cosine")),
+    "z32-cos2e-3": (dict(FAST_ARCH, z_dim=32), dict(lr=2e-3, warmup_steps=50, lr_schedule="cosine")),
 }
 BASE_TRAINING = dict(patch_size=64, batch_size=16, early_stopping_patience=None, max_steps=10**7,
                      val_fraction=0.0, device="cpu")
 
 
-def train_with_snapshots(images, noise_model, arch: dict, training: dict, marks_min, seed: int = 0,
-                         log=print) -> list[dict]:
-    """Train until the last mark; at each mark (minutes of training) keep a snapshot.
+def train_with_snapshots(images, noise_model, arch: dict, training: dict, marks_min=None, seed: int = 0,
+                         log=print, marks_steps=None, device: str = "cpu") -> list[dict]:
+    """Train until the last mark; at each mark keep a snapshot of the model.
 
-    Returns ``[{"minutes", "steps", "seconds_per_step", "model"}, ...]``.
+    Marks are minutes of training (``marks_min``) or optimiser steps (``marks_steps``). A recipe
+    whose schedule depends on the run's length (``lr_schedule="cosine"``) is trained once per mark,
+    each run as long as its mark. Returns ``[{"minutes", "steps", "seconds_per_step", "model"}, ...]``.
     """
     from napari_hdn.engine import ModelConfig, StopFlag, Trainer, TrainingConfig
 
-    marks = sorted(float(m) * 60 for m in marks_min)
+    by_steps = marks_steps is not None
+    marks = sorted(int(m) for m in marks_steps) if by_steps else sorted(float(m) * 60 for m in marks_min)
+    if training.get("lr_schedule") == "cosine" and len(marks) > 1:
+        out = []
+        for m in marks:
+            one = [m] if by_steps else None
+            out += train_with_snapshots(images, noise_model, arch, training,
+                                        None if by_steps else [m / 60], seed, log, one, device)
+        return out
     stop = StopFlag()
-    tcfg = TrainingConfig(**{**BASE_TRAINING, **training, "seed": seed,
-                             "time_budget_s": marks[-1]})
+    limit = {"max_steps": marks[-1]} if by_steps else {"time_budget_s": marks[-1]}
+    tcfg = TrainingConfig(**{**BASE_TRAINING, "device": device, **training, "seed": seed, **limit})
     tr = Trainer(list(images), noise_model, model_config=ModelConfig(**arch), training_config=tcfg,
                  stop_flag=stop)
     snaps: list[dict] = []
+
+    def row(step: int, t: float) -> dict:
+        return {"minutes": t / 60, "steps": step, "seconds_per_step": t / max(step, 1)}
 
     def on_step(ev):
         if ev.kind != "step":
             return
         t = ev.metrics["train_seconds"]
-        while len(snaps) < len(marks) - 1 and t >= marks[len(snaps)]:
-            snaps.append({"minutes": marks[len(snaps)] / 60, "steps": ev.step,
-                          "seconds_per_step": t / ev.step, "model": tr.snapshot()})
-            log(f"    {snaps[-1]['minutes']:g} min: {ev.step} steps ({t / ev.step:.2f} s/step)")
+        while len(snaps) < len(marks) - 1 and (ev.step if by_steps else t) >= marks[len(snaps)]:
+            r = row(ev.step, t)
+            if not by_steps:
+                r["minutes"] = marks[len(snaps)] / 60
+            snaps.append(r | {"model": tr.snapshot()})
+            log(f"    {r['minutes']:.2f} min: {ev.step} steps ({r['seconds_per_step']:.3f} s/step)")
 
     tr.report.callbacks.append(on_step)
     model = tr.run()
-    snaps.append({"minutes": marks[-1] / 60, "steps": tr.step,
-                  "seconds_per_step": tr.train_seconds / max(tr.step, 1), "model": model})
-    log(f"    {marks[-1] / 60:g} min: {tr.step} steps ({snaps[-1]['seconds_per_step']:.2f} s/step)")
+    r = row(tr.step, tr.train_seconds)
+    if not by_steps:
+        r["minutes"] = marks[-1] / 60
+    snaps.append(r | {"model": model})
+    log(f"    {r['minutes']:.2f} min: {tr.step} steps ({r['seconds_per_step']:.3f} s/step)")
     return snaps
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` in a new Python process (spawned) and return its result.
+
+    Every timed training runs in its own process: measured here, a second training in the same
+    process ran 10-30% slower per step than the first (allocator and heap state left behind), which
+    would favour whichever method runs first.
+    """
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args, kwargs)
+
+
+def _recipe_curve(name: str, minutes: list[str] | None, samples: int, k: int,
+                  steps: list[str] | None = None, device: str = "cpu") -> dict:
+    from napari_hdn.engine import PoissonGaussianNoiseModel
+
+    noisy, clean, (gain, read, offset) = spec_data()
+    arch, training = RECIPES[name]
+    t0 = time.perf_counter()
+    snaps = train_with_snapshots(noisy, PoissonGaussianNoiseModel(gain, read, offset), arch, training,
+                                 minutes, log=lambda *a: None, marks_steps=steps, device=device)
+    rows = []
+    for s in snaps:
+        p, _ = mmse_psnr(s["model"], noisy[:k], clean[:k], samples)
+        rows.append({k2: v for k2, v in s.items() if k2 != "model"} | {"psnr": float(np.mean(p))})
+        print(f"  [{name}] {rows[-1]['steps']} steps {rows[-1]['minutes']:.2f} min: "
+              f"PSNR {rows[-1]['psnr']:.2f}", flush=True)
+    return {"arch": arch, "training": training, "curve": rows, "wall_s": time.perf_counter() - t0}
 
 
 def mmse_psnr(model, noisy, clean, n_samples: int, seed: int = 0) -> tuple[list[float], list]:
@@ -92,33 +150,40 @@ def spec_data(seed: int = 0, n: int = 4, size: int = 256):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--minutes", default="2,5,10")
+    ap.add_argument("--minutes", default="2,5,10", help="marks in minutes of training")
+    ap.add_argument("--steps", default=None, help="marks in optimiser steps instead of minutes "
+                    "(comparable across devices; e.g. on a GPU, then read against CPU s/step)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--parallel", type=int, default=1, help="recipes trained at once (only with "
+                    "--steps: wall-clock marks need the machine to themselves)")
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--score-frames", type=int, default=2, help="frames scored (all are trained on)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    from napari_hdn.engine import PoissonGaussianNoiseModel
     from napari_hdn.engine.metrics import psnr
 
-    noisy, clean, (gain, read, offset) = spec_data()
+    noisy, clean, _ = spec_data()
     k = a.score_frames
     print(f"noisy input PSNR: {np.mean([psnr(x, c) for x, c in zip(noisy[:k], clean[:k])]):.2f} dB")
-    nm = PoissonGaussianNoiseModel(gain, read, offset)
+    names = a.recipes.split(",")
+    minutes = None if a.steps else a.minutes.split(",")
+    steps = a.steps.split(",") if a.steps else None
+    args = [(n, minutes, a.samples, k, steps, a.device) for n in names]
+    if a.parallel > 1 and steps:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(a.parallel) as pool:
+            results = pool.starmap(_recipe_curve, args)
+    else:
+        results = [in_fresh_process(_recipe_curve, *x) for x in args]
     out = {}
-    for name in a.recipes.split(","):
-        arch, training = RECIPES[name]
-        print(f"recipe {name}: {arch} {training}", flush=True)
-        t0 = time.perf_counter()
-        snaps = train_with_snapshots(noisy, nm, arch, training, a.minutes.split(","))
-        rows = []
-        for s in snaps:
-            p, _ = mmse_psnr(s["model"], noisy[:k], clean[:k], a.samples)
-            rows.append({k2: v for k2, v in s.items() if k2 != "model"} | {"psnr": float(np.mean(p))})
-            print(f"  {name:18s} {s['minutes']:5.1f} min {s['steps']:5d} steps "
-                  f"({s['seconds_per_step']:.2f} s/step)  MMSE({a.samples}) PSNR {rows[-1]['psnr']:.2f}",
+    for name, r in zip(names, results):
+        out[name] = r
+        print(f"recipe {name}: {RECIPES[name]}  ({r['wall_s']:.0f} s)", flush=True)
+        for row in r["curve"]:
+            print(f"  {name:18s} {row['minutes']:6.2f} min {row['steps']:5d} steps "
+                  f"({row['seconds_per_step']:.3f} s/step)  MMSE({a.samples}) PSNR {row['psnr']:.2f}",
                   flush=True)
-        out[name] = {"arch": arch, "training": training, "curve": rows,
-                     "wall_s": time.perf_counter() - t0}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
 

@@ -179,6 +179,19 @@ def test_warmup_raises_the_rate_linearly_then_hands_over():
     assert lrs == pytest.approx([peak * 0.25, peak * 0.5, peak * 0.75, peak, peak, peak])
 
 
+def test_cosine_schedule_anneals_to_the_final_fraction_over_the_run():
+    import math
+
+    _, noisy = _data()
+    lrs = []
+    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=7, warmup_steps=2,
+                     lr_schedule="cosine", lr_final_fraction=0.1,
+                     callbacks=lambda e: e.kind == "step" and lrs.append(e.metrics["lr"]))
+    peak = FAST["lr"]
+    cos = [peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))) for p in (0, 0.2, 0.4, 0.6, 0.8)]
+    assert lrs == pytest.approx([peak / 3, peak * 2 / 3, *cos])
+
+
 def test_ema_weights_are_validated_returned_and_resumed_exactly(tmp_path):
     _, noisy = _data()
     opts = dict(FAST, ema_decay=0.9, steps_per_epoch=3)

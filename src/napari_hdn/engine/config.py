@@ -89,6 +89,13 @@ class TrainingConfig(_Strict):
         "statistics) with this decay, used for validation, checkpoints and the returned model; None "
         "uses the raw weights."
     )
+    lr_schedule: Literal["plateau", "cosine"] = Field(
+        "plateau", description="After the warm-up: 'plateau' halves the rate when the validation "
+        "loss stalls (the reference's schedule, for long runs); 'cosine' anneals it to "
+        "``lr_final_fraction * lr`` along a half cosine over the run (its length is ``max_steps`` "
+        "or ``time_budget_s``, whichever ends it first), which pays at short, budgeted runs."
+    )
+    lr_final_fraction: float = Field(0.02, ge=0.0, le=1.0, description="Cosine schedule's last rate.")
     lr_patience: int = Field(10, ge=1, description="Epochs without improvement before lr halves.")
     lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
     early_stopping_patience: int | None = Field(30, ge=1)
@@ -99,6 +106,11 @@ class TrainingConfig(_Strict):
     augment: bool = True
     seed: int | None = 0
     device: str = "auto"
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for training. None: start with torch's count "
+        "(the cores) and adapt to a busy machine (fewer threads while another job competes for "
+        "the cores; see engine/threads.py). A number fixes the count."
+    )
     channels_last: bool = False
 
     @field_validator("device")

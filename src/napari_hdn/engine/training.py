@@ -30,6 +30,7 @@ from .errors import InputError, ModelFileError, TrainingDivergedError
 from .events import Callback, Reporter, StopFlag
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
+from .threads import ThreadGovernor
 
 OPTIM_PREFIX = "optim."
 # patches per forward/backward pass on CPU: of 8/16/32/64, 16 was fastest at the small and the paper
@@ -381,18 +382,51 @@ class Trainer:
         return loss, recon, kl.tolist()
 
     def _warmup_lr(self) -> None:
-        """Linear warm-up to the peak rate over ``warmup_steps``; afterwards the plateau schedule
-        owns the rate."""
-        w = self.tcfg.warmup_steps
-        if self.step <= w and w > 0:
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.tcfg.lr * min(1.0, (self.step + 1) / (w + 1))
+        """Set the rate of the coming step: a linear warm-up to the peak over ``warmup_steps``;
+        afterwards the plateau scheduler owns the rate, or the cosine schedule anneals it."""
+        cfg = self.tcfg
+        w = cfg.warmup_steps
+        if self.step < w:
+            lr = cfg.lr * (self.step + 1) / (w + 1)
+        elif cfg.lr_schedule == "cosine":
+            lr = cfg.lr * _cosine_factor(self._progress(), cfg.lr_final_fraction)
+        else:
+            if self.step == w and w > 0:
+                for g in self.optimizer.param_groups:
+                    g["lr"] = cfg.lr
+            return
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def _progress(self) -> float:
+        """Fraction of the run after the warm-up that is done, by steps or by the time budget,
+        whichever limit comes first."""
+        cfg = self.tcfg
+        w = cfg.warmup_steps
+        p = (self.step - w) / max(1, cfg.max_steps - w)
+        if cfg.time_budget_s is not None:
+            p = max(p, self.train_seconds / cfg.time_budget_s)
+        return min(1.0, max(0.0, p))
 
     def run(self) -> HDNModel:
         """Train until max_steps, early stopping or a stop request; return the best model."""
         cfg = self.tcfg
         ladder = self.model.ladder
         ladder.train()
+        threads_before = torch.get_num_threads()
+        governor = None
+        if self.device.type == "cpu":
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)
+            else:
+                governor = ThreadGovernor(threads_before)
+        try:
+            return self._run(governor)
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _run(self, governor: ThreadGovernor | None) -> HDNModel:
+        cfg = self.tcfg
         self.report("start", step=self.step, total=cfg.max_steps, epoch=self.epoch,
                     metrics={"noise_range": self.noise_range, "time_budget_s": cfg.time_budget_s})
         bad = 0
@@ -409,6 +443,8 @@ class Trainer:
             out = self.train_step()
             now = time.perf_counter()
             self.train_seconds += now - t_last
+            if governor is not None:
+                governor.observe(now - t_last)
             t_last = now
             if out is None:
                 bad += 1
@@ -431,7 +467,8 @@ class Trainer:
                 epoch=self.epoch,
                 metrics={"train_loss": loss, "reconstruction": recon, "kl_per_level": kl,
                          "train_seconds": self.train_seconds, "time_budget_s": budget,
-                         "lr": self.optimizer.param_groups[0]["lr"]},
+                         "lr": self.optimizer.param_groups[0]["lr"],
+                         "threads": torch.get_num_threads() if self.device.type == "cpu" else None},
             )
             out_of_time = budget is not None and self.train_seconds >= budget
             if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps or out_of_time:
@@ -451,7 +488,7 @@ class Trainer:
             val_loss, kl = self.validate()
         else:
             val_loss, kl = train_loss, []
-        if self.step > self.tcfg.warmup_steps:
+        if self.step > self.tcfg.warmup_steps and self.tcfg.lr_schedule == "plateau":
             self.scheduler.step(val_loss)
         improved = val_loss < self.best_loss
         if improved:
@@ -494,6 +531,11 @@ class Trainer:
             epoch=self.epoch,
             metrics={"best_loss": self.best_loss},
         )
+
+
+def _cosine_factor(progress: float, final: float) -> float:
+    """Half-cosine from 1 at ``progress`` 0 to ``final`` at 1."""
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train(

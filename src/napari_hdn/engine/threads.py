@@ -1,0 +1,111 @@
+"""CPU thread count that adapts to a busy machine.
+
+With every core running one of torch's OpenMP threads, a second CPU-heavy process makes each
+parallel region wait for a descheduled thread: measured on a 2-core machine, two trainings side by
+side with 2 threads each ran 4-19x slower per step than one alone, while with 1 thread each they ran
+1.0-1.1x slower than one 1-thread job alone (and 1.6-1.9x slower than one 2-thread job alone).
+Shorter OpenMP spinning (``OMP_WAIT_POLICY=PASSIVE`` or a small ``GOMP_SPINCOUNT``) also avoids the
+collapse but costs 30-60% of the speed when the machine is quiet, every time.
+
+:class:`ThreadGovernor` keeps the fast setting on a quiet machine and leaves it when it stops being
+fast: it times every training step, now and then tries the neighbouring thread count for a couple
+of steps, and keeps whichever is faster. A sudden slowdown (another job started) triggers a try at
+once; tries of a setting that lost are spaced out further each time it loses again.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+import torch
+
+
+class ThreadGovernor:
+    """Chooses torch's intra-op thread count from measured step times.
+
+    Parameters
+    ----------
+    max_threads : int
+        The largest count tried (default: torch's current count, normally the machine's cores).
+    first_probe : int
+        Steps before a count is first tried (and again after it won a try).
+    max_interval : int
+        The longest spacing (steps) between tries of a count that keeps losing.
+
+    Call :meth:`observe` with the duration of every step; it sets the count for the next step.
+    """
+
+    def __init__(self, max_threads: int | None = None, first_probe: int = 20, max_interval: int = 320):
+        n = max(1, int(max_threads or torch.get_num_threads()))
+        ladder = [n]
+        while ladder[-1] > 1:
+            ladder.append(max(1, ladder[-1] // 2))
+        self.ladder = ladder  # e.g. [8, 4, 2, 1] or [2, 1]
+        self.first_probe, self.max_interval = first_probe, max_interval
+        self.times: dict[int, deque] = {k: deque(maxlen=7) for k in ladder}
+        self.interval = {k: first_probe for k in ladder}
+        self.history: list[tuple[int, int]] = []  # (step, threads) at every change
+        self.current = n
+        self.since_change = 0
+        self._probe: list[float] | None = None  # step times of the count being tried
+        self._back = n
+        self._step = 0
+        self._set(n)
+
+    @property
+    def active(self) -> bool:
+        return len(self.ladder) > 1
+
+    def _set(self, k: int) -> None:
+        if k != torch.get_num_threads():
+            torch.set_num_threads(k)
+            self.history.append((self._step, k))
+        self.current = k
+        self.since_change = 0
+
+    def _neighbour(self) -> int:
+        """The count to try next: fewer threads first (the remedy for a busy machine)."""
+        i = self.ladder.index(self.current)
+        return self.ladder[i + 1] if i + 1 < len(self.ladder) else self.ladder[i - 1]
+
+    def observe(self, seconds: float) -> int:
+        """Record the duration of the step just run; set the count for the next one. Returns it."""
+        self._step += 1
+        self.since_change += 1
+        if not self.active:
+            return self.current
+        if self._probe is not None:
+            self._probe.append(seconds)
+            self._judge_probe()
+            return self.current
+        t = self.times[self.current]
+        base = statistics.median(t) if len(t) >= 3 else None
+        t.append(seconds)
+        # another job started (or stopped sharing): the figures no longer describe the machine
+        sudden = base is not None and seconds > 2.0 * base and t[-2] > 2.0 * base
+        if sudden:
+            for d in self.times.values():
+                d.clear()
+            t.append(seconds)
+        if sudden or self.since_change >= self.interval[self._neighbour()]:
+            self._back = self.current
+            self._probe = []
+            self._set(self._neighbour())
+        return self.current
+
+    def _judge_probe(self) -> None:
+        k, back, times = self.current, self._back, self._probe
+        ref = statistics.median(self.times[back]) if self.times[back] else None
+        # a try that is clearly slower is ended after one step; otherwise two steps decide
+        if ref is not None and len(times) < 2 and times[0] < 1.5 * ref:
+            return
+        self._probe = None
+        self.times[k].extend(times)
+        if ref is not None and min(times) < 0.9 * ref:
+            self.interval[back] = min(2 * self.interval[back], self.max_interval)
+            self.interval[k] = self.first_probe
+            self.since_change = 0  # stay with k
+        else:
+            self.interval[k] = min(2 * self.interval[k], self.max_interval)
+            self._set(back)
