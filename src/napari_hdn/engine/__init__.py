@@ -8,6 +8,7 @@ from .errors import (
     HDNError,
     InputError,
     ModelFileError,
+    StopRequested,
     TrainingDivergedError,
     TrainingStopped,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Prediction",
     "ProgressEvent",
     "StopFlag",
+    "StopRequested",
     "Trainer",
     "TrainingConfig",
     "TrainingDivergedError",
