@@ -21,7 +21,7 @@ from .noise import (
     PoissonGaussianNoiseModel,
     load_noise_model,
 )
-from .prediction import PosteriorSampler, Prediction, predict
+from .prediction import PosteriorSampler, Prediction, predict, predict_in_rounds
 from .training import Trainer, train
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "load_model",
     "load_noise_model",
     "predict",
+    "predict_in_rounds",
     "resolve_device",
     "to_frames",
     "train",
