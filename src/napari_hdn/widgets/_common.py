@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine import InputError
-from ._session import get_session
+from ..session import get_session
 
 # -- notifications (GUI thread only) ---------------------------------------------------------------
 

@@ -80,7 +80,7 @@ def default_cpu_threads() -> int:
 
 
 def job_threads() -> int:
-    from ._session import get_session
+    from ..session import get_session
 
     n = get_session().cpu_threads
     return n if n else default_cpu_threads()

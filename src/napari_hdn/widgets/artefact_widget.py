@@ -46,7 +46,7 @@ from ._common import (
     spin,
     status_label,
 )
-from ._session import get_session
+from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 from .predict_widget import add_result_layers, check_model_fits
 

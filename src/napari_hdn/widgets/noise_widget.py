@@ -44,7 +44,7 @@ from ._common import (
     status_label,
 )
 from ._plot import FigureCanvas
-from ._session import get_session
+from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 
 #: (label shown, key) of the noise-model sources

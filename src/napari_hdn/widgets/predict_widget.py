@@ -36,7 +36,7 @@ from ._common import (
     spin,
     status_label,
 )
-from ._session import get_session
+from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 from .train_widget import device_items
 

@@ -52,7 +52,7 @@ from ._common import (
     status_label,
 )
 from ._plot import TrainingPlot
-from ._session import get_session
+from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 
 #: Size presets: architecture + the training settings that go with it.
@@ -362,7 +362,7 @@ class TrainingWidget(QWidget):
                 f"Patch size {tcfg.patch_size} is not a multiple of 2^levels = {mcfg.downscale}; "
                 "patches are padded (a multiple is slightly faster)."
             )
-        ckdir = self.session.scratch_dir("train-")
+        ckdir = self.session.new_run(f"'{layer.name}'").directory
         noise = entry.model
         name, layer_name = layer.name, layer.name
 
@@ -402,7 +402,7 @@ class TrainingWidget(QWidget):
                 f"Resuming keeps the architecture of '{entry.name}' ({model.levels} levels, "
                 f"{model.config.filters} filters); the size settings apply to new trainings only."
             )
-        ckdir = self.session.scratch_dir("resume-")
+        ckdir = self.session.new_run(f"'{layer.name}' (resumed)", "resume-").directory
         source = entry.checkpoint if entry.checkpoint and entry.checkpoint.exists() else None
         tcfg = None
         if source is None:  # a plain model file: fine-tune with this widget's training settings
