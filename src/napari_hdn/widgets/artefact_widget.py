@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine import LATENT_MODES, InputError, predict
+from ..session import get_session
 from ._common import (
     MAX_SEED,
     LayerChooser,
@@ -46,7 +47,6 @@ from ._common import (
     spin,
     status_label,
 )
-from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 from .predict_widget import add_result_layers, check_model_fits
 

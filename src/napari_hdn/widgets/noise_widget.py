@@ -26,6 +26,7 @@ from ..engine.noise import (
     pairs_from_clean,
     split_pairs,
 )
+from ..session import get_session
 from ._common import (
     MAX_SEED,
     LayerChooser,
@@ -44,7 +45,6 @@ from ._common import (
     status_label,
 )
 from ._plot import FigureCanvas
-from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 
 #: (label shown, key) of the noise-model sources

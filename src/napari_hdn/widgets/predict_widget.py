@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine import InputError, load_model, predict, resolve_device
+from ..session import get_session
 from ._common import (
     MAX_SEED,
     AxesChooser,
@@ -36,7 +37,6 @@ from ._common import (
     spin,
     status_label,
 )
-from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 from .train_widget import device_items
 

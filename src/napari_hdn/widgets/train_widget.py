@@ -30,6 +30,7 @@ from ..engine import (
     load_noise_model,
     resolve_device,
 )
+from ..session import get_session
 from ._common import (
     MAX_SEED,
     AxesChooser,
@@ -52,7 +53,6 @@ from ._common import (
     status_label,
 )
 from ._plot import TrainingPlot
-from ..session import get_session
 from ._workers import EngineTask, Outcome, user_message
 
 #: Size presets: architecture + the training settings that go with it.
