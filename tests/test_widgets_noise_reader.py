@@ -8,7 +8,7 @@ import torch
 from _widget_helpers import Notes, tiny_model
 
 from napari_hdn.widgets import get_session
-from napari_hdn.widgets._common import TaskState
+from napari_hdn.widgets._base import TaskState
 
 PLUGIN = "napari-hdn"
 WAIT = 60_000
@@ -77,12 +77,12 @@ def test_known_models_and_pseudo_clean_bootstrap(viewer, qtbot, notes):
     assert nw.fit_btn.text() == "Use"
     nw.sigma.setValue(7.5)
     assert nw.fit()
-    assert list(get_session().noise_models) == ["Gaussian sigma 7.5"]
-    assert get_session().noise_models["Gaussian sigma 7.5"].model.sigma == 7.5
+    assert list(get_session().noise_models) == ["Gaussian σ=7.5"]
+    assert get_session().noise_models["Gaussian σ=7.5"].model.sigma == 7.5
     nw.set_source("poisson")
     nw.gain.setValue(2.0)
     assert nw.fit()
-    pg = get_session().noise_models["Poisson-Gaussian gain 2, read noise 2, offset 100"].model
+    pg = get_session().noise_models["Poisson-Gaussian g=2 r=2 o=100"].model
     assert (pg.gain, pg.read_noise, pg.offset) == (2.0, 2.0, 100.0)
     assert "known parameters" in nw.verdict.text()
 
@@ -100,7 +100,7 @@ def test_known_models_and_pseudo_clean_bootstrap(viewer, qtbot, notes):
     assert nw.state == TaskState.DONE, notes.errors
     e = nw.last_entry
     assert e.model.kind == "histogram" and e.model.info["source"] == "pseudo-clean"
-    assert e.name == "histogram from 'noisy fluorescence' (bootstrap, pseudo-clean 'smoothed')"
+    assert e.name == "histogram · noisy fluorescence with pseudo-clean smoothed"
 
     # the same layer twice is refused with a message
     nw.pseudo_layer.set_layer("noisy fluorescence")

@@ -37,45 +37,35 @@ def _one(path) -> str:
     return os.fspath(path)
 
 
-def _read(path, load, register) -> list[tuple]:
-    """Load a file with ``load``, register it with ``register(obj, path)`` (which returns the
-    message to show), or show why it could not be opened."""
+def _read(path, open_file, message) -> list[tuple]:
+    """Register the file with the session's ``open_file``, and show ``message(entry)`` or why the
+    file could not be opened."""
     from napari.utils.notifications import show_error, show_info
 
     from .engine import HDNError
 
     p = _one(path)
     try:
-        obj = load(p)
+        entry = open_file(p)
     except HDNError as exc:
         show_error(f"Could not open {p}: {exc}")
         return [(None,)]
-    show_info(register(obj, p))
+    show_info(message(entry))
     return [(None,)]
 
 
 def read_model_file(path) -> list[tuple]:
     """Load an HDN model file into the session; returns no layers."""
-    from .engine import load_model
     from .session import get_session
 
-    def register(model, p):
-        entry = get_session().add_model(model, Path(p).stem, f"file {p}", path=p)
-        return (f"HDN model '{entry.name}' loaded ({model.levels} levels, {entry.steps} training "
-                "steps). Choose it in Plugins > Hierarchical DivNoising > Predict and explore or "
-                "Artefact removal.")
-
-    return _read(path, load_model, register)
+    return _read(path, get_session().open_model_file, lambda e: (
+        f"HDN model '{e.name}' loaded ({e.model.levels} levels, {e.steps} training steps). Choose "
+        "it in Plugins > Hierarchical DivNoising > Predict and explore or Artefact removal."))
 
 
 def read_noise_model_file(path) -> list[tuple]:
     """Load a noise-model file into the session; returns no layers."""
-    from .engine import load_noise_model
     from .session import get_session
 
-    def register(nm, p):
-        entry = get_session().add_noise_model(nm, Path(p).stem, f"file {p}", path=p,
-                                              description=f"{nm!r} from file {p}")
-        return f"Noise model '{entry.name}' loaded: choose it in the Training widget."
-
-    return _read(path, load_noise_model, register)
+    return _read(path, get_session().open_noise_model_file,
+                 lambda e: f"Noise model '{e.name}' loaded: choose it in the Training widget.")

@@ -199,6 +199,21 @@ class HDNSession:
     def model(self, name: str | None) -> ModelEntry | None:
         return self.models.get(name) if name else None
 
+    # -- files -----------------------------------------------------------------------------------
+    def open_model_file(self, path) -> ModelEntry:
+        """Load a ``.hdn`` file and register it (raises ModelFileError for a bad file)."""
+        from .engine import load_model
+
+        return self.add_model(load_model(path), Path(path).stem, f"file {path}", path=path)
+
+    def open_noise_model_file(self, path) -> NoiseEntry:
+        """Load a ``.hdnoise`` file and register it (raises ModelFileError for a bad file)."""
+        from .engine import load_noise_model
+
+        nm = load_noise_model(path)
+        return self.add_noise_model(nm, Path(path).stem, f"file {path}", path,
+                                    description=f"{nm!r} from file {path}")
+
     # -- training runs ---------------------------------------------------------------------------
     @property
     def runs_root(self) -> Path:
