@@ -163,8 +163,9 @@ def test_stack_training_and_prediction_keep_axes(viewer, qtbot, notes):
     assert tw.start_training()
     wait_idle(qtbot, tw.task)
     entry = next(iter(get_session().models.values()))
-    assert entry.axes == "ZYX"
+    assert entry.axes == "ZYX" and entry.model.info["axes"] == "ZYX"
     pw = dock(viewer, "Predict and explore")
+    assert pw.axes_combo.currentText() == "ZYX"  # the model's axes, not the first choice (TYX)
     pw.n_samples.setValue(2)
     pw.keep_samples.setChecked(False)
     assert pw.run_prediction()
@@ -264,7 +265,9 @@ def test_stop_ends_training_quickly_and_keeps_a_usable_model(make_napari_viewer,
     res = entry.model.predict(viewer.layers["img"].data, n_samples=2)
     assert np.isfinite(res.mmse).all()
 
-    # resume continues from the checkpoint for 'Steps' more steps
+    # resume continues from the checkpoint for 'Steps' more steps, and the live plot continues
+    before = list(tw.plot.train)
+    tw.plot.reset()  # whatever the plot shows now, Resume shows the curves of the model it resumes
     tw.steps.setValue(2)
     assert tw.resume_training()
     wait_idle(qtbot, tw.task)
@@ -272,6 +275,8 @@ def test_stop_ends_training_quickly_and_keeps_a_usable_model(make_napari_viewer,
     new = tw.model_combo.current_entry()
     assert new is not entry and new.steps == entry.steps + 2
     assert new.name == f"img HDN ({entry.steps + 2} steps)"
+    assert tw.plot.train[:len(before)] == before and len(tw.plot.train) == len(before) + 2
+    assert tw.plot.steps[-1] == new.steps
 
     path = tw.save_model(tmp_path / "trained")
     assert path == tmp_path / "trained.hdn" and path.exists()
@@ -347,12 +352,18 @@ def test_preview_follows_the_visible_region_and_frame(make_napari_viewer, qtbot,
     rng = np.random.default_rng(2)
     stack = (100 + 10 * rng.normal(size=(3, 200, 240))).astype(np.float32)
     layer = viewer.add_image(stack, name="movie", scale=(1.0, 0.5, 0.5))
-    get_session().add_model(tiny_model(stack[0, :64, :64]), "tiny")
+    from napari_hdn.engine import GaussianNoiseModel, train
+
+    # three levels: crop origins are multiples of 8, which a preview must not let pull it off-centre
+    model = train(stack[0, :64, :64], GaussianNoiseModel(3.0), levels=3, z_dim=2, filters=8,
+                  blocks=1, dropout=0.0, patch_size=32, batch_size=8, max_steps=1, device="cpu",
+                  steps_per_epoch=1, seed=0)
+    get_session().add_model(model, "tiny")
     aw = dock(viewer, "Artefact removal")
     aw.layer_combo.set_layer("movie")
     viewer.dims.set_current_step(0, 2)
     cam = camera(viewer)
-    cam.center = (0.0, 30.0, 80.0)  # world coordinates (scale 0.5): data row 60, col 160
+    cam.center = (0.0, 30.5, 78.5)  # world coordinates (scale 0.5): data row 61, col 157
     cam.zoom = 8.0
     qtbot.waitUntil(lambda: np.ptp(np.asarray(layer.corner_pixels)[:, -1]) < 150, timeout=5000)
     a, b = np.asarray(layer.corner_pixels)[:, -2:]
@@ -365,8 +376,9 @@ def test_preview_follows_the_visible_region_and_frame(make_napari_viewer, qtbot,
     y0, x0 = info["origin"]
     h, w = prev.data.shape[-2:]
     assert prev.data.shape[0] == 1 and 64 <= h <= 150 and 64 <= w <= 150
-    assert y0 % 4 == 0 and x0 % 4 == 0
-    assert y0 <= 60 <= y0 + h and x0 <= 160 <= x0 + w  # the view centre is in the preview
+    assert y0 % 8 == 0 and x0 % 8 == 0
+    # centred on the view (item 9 of issue 12: it was off-centre by up to 2**L - 1 pixels)
+    assert abs(y0 + h / 2 - 61) <= 1 and abs(x0 + w / 2 - 157) <= 1, (y0, x0, h, w)
     np.testing.assert_allclose(prev.translate, (2.0, y0 * 0.5, x0 * 0.5))
     np.testing.assert_allclose(prev.scale, (1.0, 0.5, 0.5))
     assert notes.errors == []

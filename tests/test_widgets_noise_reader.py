@@ -39,6 +39,8 @@ def dock(viewer, name):
 
 
 def test_fit_from_calibration_stack_sample_and_save_load(viewer, qtbot, notes, tmp_path):
+    """Also items 3 and 9 of issue 12: our own calibration sample gets the verdict 'good' (GMM
+    and histogram alike), the widget says why, and the two models have telling names."""
     viewer.open_sample(PLUGIN, "calibration-stack")
     nw = dock(viewer, "Noise model")
     assert nw.calib_layer.currentText() == "calibration stack"  # 3D stacks preferred
@@ -55,6 +57,26 @@ def test_fit_from_calibration_stack_sample_and_save_load(viewer, qtbot, notes, t
     _, sd = nm.moments(torch.tensor([150.0]))
     assert abs(float(sd) - np.sqrt(54.0)) / np.sqrt(54.0) < 0.1
     assert "held-out NLL" in nw.verdict.text()
+    assert info["verdict"] == "good", info["reasons"]
+    assert "Good because" in nw.verdict.text() and "matches the data's" in nw.verdict.text()
+    gmm_name = nw.last_entry.name
+    assert gmm_name == "GMM k=3 d=1 · calibration stack"
+    # the histogram model on the same sample: good too, and told apart by its name
+    nw.kind.setCurrentIndex(nw.kind.findData("histogram"))
+    assert nw.fit()
+    qtbot.waitUntil(lambda: not nw.task.running, timeout=WAIT)
+    hist = nw.last_entry
+    assert hist.name == "histogram · calibration stack" and hist.model.info["verdict"] == "good"
+    assert abs(hist.model.info["heldout_nll"] - info["heldout_nll"]) < 0.01
+    # the full text is the tooltip of each entry in the lists (names may be cut off there)
+    box = nw.model_combo
+    from qtpy.QtCore import Qt
+
+    tips = {box.itemText(i): box.itemData(i, Qt.ItemDataRole.ToolTipRole) for i in range(box.count())}
+    assert "3 Gaussians, polynomial degree 1" in tips[gmm_name]
+    assert "'calibration stack' (50 frames)" in tips[gmm_name] and "verdict good" in tips[gmm_name]
+    assert tips["histogram · calibration stack"].startswith("histogram noise model")
+    box.setCurrentText(gmm_name)
     # the large figure docks below the canvas; asking again replaces it
     assert nw.show_large_figure() is not None
     assert nw.show_large_figure() is not None

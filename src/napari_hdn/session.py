@@ -85,6 +85,8 @@ class TrainingRun:
     stop_flag: StopFlag = field(default_factory=StopFlag)
     done: threading.Event = field(default_factory=threading.Event)
     keep: bool = False
+    #: the user pressed Stop (a stop from anywhere else means the run was interrupted)
+    user_stopped: bool = False
 
     @property
     def last_checkpoint(self) -> Path:
@@ -98,10 +100,13 @@ class TrainingRun:
         """Stop the run within one step and keep its folder; returns the checkpoint to resume from.
 
         Called when the run's widget goes away (its viewer closed) while it trains: the model in
-        memory is lost with the widget, the checkpoints on disk are not.
+        memory is lost with the widget, the checkpoints on disk are not. Calling it again does
+        nothing more.
         """
-        self.keep = True
         self.stop_flag.set()
+        if self.keep:
+            return self.last_checkpoint
+        self.keep = True
         note = {"label": self.label, "reason": reason,
                 "when": datetime.datetime.now().isoformat(timespec="seconds"),
                 "checkpoint": str(self.last_checkpoint), "best": str(self.best_checkpoint)}

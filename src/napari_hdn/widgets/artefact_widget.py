@@ -25,6 +25,7 @@ from qtpy.QtGui import QStandardItemModel
 from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
 from ..engine import LATENT_MODES, InputError, predict_in_rounds
+from ..engine.prediction import inference_model
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, combo, form, scroll_body, set_message, spin, status_label
 from ._inputs import NO_MODEL, LayerChooser, SessionChooser, check_model_fits, chosen_model_and_image
@@ -83,11 +84,15 @@ class Region:
         return (self.frame, self.y0, self.x0, self.h, self.w)
 
 
+MIN_PREVIEW_SIDE = 64
+
+
 def _centred_axis(size: int, c: float, n: int, m: int) -> tuple[int, int]:
     """(origin, length) of a window of about ``n`` along an axis of ``size`` centred on ``c``.
 
     The origin must be a multiple of ``m`` (the latent noise is keyed to it), so the length adapts
-    instead: the window is centred on ``c`` to within half a pixel unless the image ends first.
+    instead: the window is centred on ``c`` to within half a pixel unless the image ends first. It
+    is at most ``n`` long, unless that would leave it shorter than ``MIN_PREVIEW_SIDE``.
     """
     n = max(1, min(n, size))
     if c - n / 2 <= 0:
@@ -97,7 +102,7 @@ def _centred_axis(size: int, c: float, n: int, m: int) -> tuple[int, int]:
         return a, size - a
     a = -(-int(np.floor(c - n / 2)) // m) * m  # the first aligned origin inside the window
     length = int(round(2 * (c - a)))
-    if length < n / 2:  # m large against n: start one step earlier, a longer window
+    if length < min(n, MIN_PREVIEW_SIDE):  # start one step earlier: a longer window
         a -= m
         length += 2 * m
     return a, max(1, min(length, size - a))
@@ -147,6 +152,7 @@ class ArtefactWidget(EngineWidget):
         self.apply_task = self.task
         self.preview_task = EngineTask(self, lambda ev: None, self._on_preview_done, poll_ms=200)
         self._samplers: OrderedDict = OrderedDict()
+        self._net: tuple | None = None  # (model, its inference copy): one copy per model
         self._references: dict = {}  # (sampler key, n, seed) -> (all-on preview, its log-likelihood)
         self._costs: dict = {}  # (sampler key, n, seed, level, mode) -> cost dict
         self._pending = False
@@ -254,6 +260,7 @@ class ArtefactWidget(EngineWidget):
                 item.widget().deleteLater()
         self.mode_boxes, self.cost_labels = {}, {}
         self._samplers.clear()
+        self._net = None
         self._references.clear()
         self._costs.clear()
         self.cost_summary.setText("")
@@ -378,7 +385,7 @@ class ArtefactWidget(EngineWidget):
                 # at most 3/4 of what is visible, leaving a margin of input around it for comparison
                 vh, vw = min(side, int(0.75 * (c - a))), min(side, int(0.75 * (d - b)))
             cy, cx = (float(np.clip(centre[0], 0, H)), float(np.clip(centre[1], 0, W)))
-        vh, vw = max(vh, min(64, H)), max(vw, min(64, W))
+        vh, vw = max(vh, min(MIN_PREVIEW_SIDE, H)), max(vw, min(MIN_PREVIEW_SIDE, W))
         y0, x0, h, w = centred_region(H, W, cy, cx, int(vh), int(vw), m)
         return Region(frame, y0, x0, h, w)
 
@@ -418,6 +425,7 @@ class ArtefactWidget(EngineWidget):
         digest = hashlib.blake2b(crop.tobytes(), digest_size=16).digest()
         key = (id(model), *reg.key(), crop.shape, str(crop.dtype), digest)
         sampler = self._samplers.get(key)
+        net = self._net[1] if self._net is not None and self._net[0] is model else None
         n, seed = self.preview_samples.value(), self.seed.value()
         ref_key = (key, n, seed)
         reference = self._references.get(ref_key)
@@ -426,11 +434,12 @@ class ArtefactWidget(EngineWidget):
 
         def job(report, stop):
             t0 = time.perf_counter()
-            s = sampler if sampler is not None else model.sampler(crop, origin=(reg.y0, reg.x0))
+            ready = net if net is not None else inference_model(model)
+            s = sampler if sampler is not None else ready.sampler(crop, origin=(reg.y0, reg.x0))
             t1 = time.perf_counter()
             mmse, _, _ = s.sample(n, modes, seed=seed, stop_flag=stop)
             t2 = time.perf_counter()
-            out = {"sampler": s, "mmse": mmse, "bottom_up_s": t1 - t0, "top_down_s": t2 - t1,
+            out = {"sampler": s, "net": ready, "mmse": mmse, "bottom_up_s": t1 - t0, "top_down_s": t2 - t1,
                    "cached": sampler is not None}
             # the cost of each level that is off, against all levels on (cached per crop)
             off = [(lv + 1, m) for lv, m in enumerate(modes) if m != "posterior"]
@@ -470,6 +479,8 @@ class ArtefactWidget(EngineWidget):
             res = out.value
             key = meta["key"]
             self._samplers[key] = res["sampler"]
+            if self._model() is not None and id(self._model()) == key[0]:
+                self._net = (self._model(), res["net"])
             self._samplers.move_to_end(key)
             while len(self._samplers) > MAX_CACHED_SAMPLERS:
                 old = self._samplers.popitem(last=False)[0]

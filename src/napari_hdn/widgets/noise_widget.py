@@ -485,8 +485,8 @@ def verdict_html(info: dict) -> str:
     reasons, checks = info.get("reasons") or [], info.get("checks") or []
     if reasons:
         text += "<br>Suspicious because:<ul>" + "".join(
-            f"<li>{html.escape(r)}</li>" for r in reasons) + "</ul>"
+            f"<li>{html.escape(r, quote=False)}</li>" for r in reasons) + "</ul>"
     if checks:
         text += ("<br>Checked and fine:" if reasons else "<br>Good because:") + "<ul>" + "".join(
-            f"<li>{html.escape(c)}</li>" for c in checks) + "</ul>"
+            f"<li>{html.escape(c, quote=False)}</li>" for c in checks) + "</ul>"
     return text

@@ -57,6 +57,25 @@ class TrainResult:
     stopped: bool
 
 
+class _RunGuard:
+    """Around a training job in the worker: a stop that did not come from this widget's Stop
+    button (napari cancelling its tasks as the viewer closes, or the widget going away) marks the
+    run as interrupted, so that its checkpoints outlive the session; the run is done either way."""
+
+    def __init__(self, run, stop) -> None:
+        self.run, self.stop = run, stop
+        run.stop_flag = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.stop.is_set() and not self.run.user_stopped:
+            self.run.interrupt("stopped from outside the Training widget: its viewer was closed, "
+                               "or the task was cancelled")
+        self.run.done.set()
+
+
 def _training_default(name: str):
     return TrainingConfig.model_fields[name].default
 
@@ -293,6 +312,11 @@ class TrainingWidget(EngineWidget):
         """Ask training to stop; it ends within one step and keeps the best model so far."""
         self.stop()
 
+    def stop(self) -> None:
+        for run in self._runs:
+            run.user_stopped = True
+        super().stop()
+
     def prepare(self):
         layer = self.layer_combo.current_layer()
         arr = check_image_layer(layer, "image")
@@ -318,15 +342,12 @@ class TrainingWidget(EngineWidget):
         noise = entry.model
 
         def job(report, stop):
-            run.stop_flag = stop
-            try:
+            with _RunGuard(run, stop):
                 trainer = Trainer(arr, noise, axes=axes, model_config=mcfg, training_config=tcfg,
                                   checkpoint_dir=run.directory, callbacks=report, stop_flag=stop)
                 model = trainer.run()
                 return TrainResult(model, trainer.step, trainer.best_loss, run.directory,
                                    bool(model.info.get("stopped_early")))
-            finally:
-                run.done.set()
 
         return job, {"layer": layer.name, "axes": axes, "noise": entry.name, "name": layer.name,
                      "total": tcfg.max_steps, "step0": 0, "curves": None}
@@ -370,16 +391,13 @@ class TrainingWidget(EngineWidget):
         overrides = {"max_steps": total, "device": device}
 
         def job(report, stop):
-            run.stop_flag = stop
-            try:
+            with _RunGuard(run, stop):
                 trainer = Trainer(arr, None, axes=axes, training_config=tcfg,
                                   checkpoint_dir=run.directory, callbacks=report, stop_flag=stop,
                                   resume=source, training_overrides=overrides)
                 m = trainer.run()
                 return TrainResult(m, trainer.step, trainer.best_loss, run.directory,
                                    bool(m.info.get("stopped_early")))
-            finally:
-                run.done.set()
 
         return job, {"layer": layer.name, "axes": axes, "noise": "from model",
                      "name": entry.layer_name or layer.name, "total": total, "step0": step0,
@@ -461,6 +479,8 @@ class TrainingWidget(EngineWidget):
         self.plot.redraw(force=True)
         res: TrainResult = out.value
         meta = self.meta
+        # (a run stopped from outside keeps its folder even when its model still arrives here: as
+        # the viewer closes, this handler may or may not run before the widget goes)
         best = res.best_loss if math.isfinite(res.best_loss) else float("nan")
         res.model.info["axes"] = meta["axes"]  # saved with the model: Predict defaults to it
         ck = res.checkpoint_dir / "last.hdn"
