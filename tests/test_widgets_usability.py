@@ -293,3 +293,28 @@ def test_preview_window_is_centred_and_aligned(m, n):
     # at the image's edge it cannot be centred: it stays inside the image
     y0, x0, h, w = centred_region(H, W, 5.0, 995.0, n, n, m)
     assert y0 == 0 and h == n and x0 % m == 0 and x0 + w == W
+
+
+# -- presets come from engine/presets.py only ----------------------------------------------------------
+
+
+def test_training_widget_takes_the_presets_whole(viewer, monkeypatch):
+    """A change of engine/presets.py (architecture, and training settings the form has no field
+    for) reaches the widget's preset without being restated there."""
+    from napari_hdn.engine import presets
+
+    name = presets.DEFAULT_PRESET
+    changed = presets.Preset(name, "changed", model=dict(levels=3, z_dim=8, filters=16, blocks=1,
+                                                           dropout=0.05),
+                             training=dict(patch_size=48, batch_size=4, lr=0.00123, max_steps=77,
+                                           lr_patience=7, val_fraction=0.2))
+    monkeypatch.setitem(presets.PRESETS, name, changed)
+    tw = dock(viewer, "Training")
+    assert tw.preset.currentText() == name
+    mcfg, tcfg = tw.model_config(), tw.training_config()
+    assert (mcfg.levels, mcfg.z_dim, mcfg.filters, mcfg.blocks, mcfg.dropout) == (3, 8, 16, 1, 0.05)
+    assert (tcfg.patch_size, tcfg.batch_size, tcfg.lr, tcfg.max_steps) == (48, 4, 0.00123, 77)
+    assert tcfg.lr_patience == 7 and tcfg.val_fraction == 0.2  # no field in the form: passed on
+    assert [tw.preset.itemText(i) for i in range(tw.preset.count())] == [*presets.PRESETS, "custom"]
+    tw.lr.setValue(0.01)  # a field the user edits wins over the preset
+    assert tw.training_config().lr == 0.01 and tw.training_config().lr_patience == 7
