@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_hdn.samples import fluorescence_ground_truth
+from napari_hdn.synthetic import fluorescence_ground_truth
 
 GAIN, READ_NOISE, OFFSET = 1.0, 3.0, 100.0
 

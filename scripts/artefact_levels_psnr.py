@@ -1,6 +1,6 @@
 """PSNR of the striped sample restored with different latent levels switched off (engine only).
 
-Trains the Training widget's "fast CPU" architecture (batch 8, 300 steps, as in
+Trains the "fast CPU" preset (engine/presets.py) with batch 8 and 300 steps (as in
 scripts/make_screenshots.py) on the striped sample with a GMM noise model fitted on the calibration
 sample, then predicts with each level setting and prints the PSNR against the ground truth::
 
@@ -22,19 +22,19 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_hdn.demo import psnr
-    from napari_hdn.engine import ModelConfig, Trainer, TrainingConfig
+    from napari_hdn.engine import Trainer
+    from napari_hdn.engine.metrics import psnr
     from napari_hdn.engine.noise import fit_from_calibration
-    from napari_hdn.samples import calibration_stack, striped_fluorescence
-    from napari_hdn.widgets.train_widget import PRESETS
+    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.synthetic import calibration_stack, striped_fluorescence
 
     torch.set_num_threads(args.threads)
     s = striped_fluorescence()
     nm = fit_from_calibration(calibration_stack())
-    trainer = Trainer(s.noisy, nm, model_config=ModelConfig(**PRESETS["fast CPU"]["model"]),
-                      training_config=TrainingConfig(patch_size=64, batch_size=8, lr=1e-3,
-                                                     max_steps=args.steps, steps_per_epoch=25,
-                                                     device="cpu", seed=0))
+    fast = get_preset("fast CPU")
+    trainer = Trainer(s.noisy, nm, model_config=fast.model_config(),
+                      training_config=fast.training_config(batch_size=8, max_steps=args.steps,
+                                                           steps_per_epoch=25, device="cpu", seed=0))
     t = time.perf_counter()
     model = trainer.run()
     print(f"trained {args.steps} steps in {time.perf_counter() - t:.0f} s")

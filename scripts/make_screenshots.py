@@ -129,15 +129,15 @@ def main(argv=None) -> int:
     viewer.layers["noisy fluorescence"].visible = False
     viewer.reset_view()
     shot("03-predict-mmse")
-    smp = viewer.layers["noisy fluorescence HDN samples"]
+    smp = viewer.layers["HDN samples · noisy fluorescence"]
     smp.visible = True
-    viewer.layers["noisy fluorescence HDN MMSE"].visible = False
+    viewer.layers["HDN MMSE · noisy fluorescence"].visible = False
     viewer.dims.set_current_step(0, 3)
     viewer.layers.selection.active = smp
     shot("04-predict-samples")
     smp.visible = False
-    viewer.layers["noisy fluorescence HDN variance"].visible = True
-    viewer.layers.selection.active = viewer.layers["noisy fluorescence HDN variance"]
+    viewer.layers["HDN variance · noisy fluorescence"].visible = True
+    viewer.layers.selection.active = viewer.layers["HDN variance · noisy fluorescence"]
     shot("05-predict-variance")
 
     # 4. artefact removal on the striped sample --------------------------------------------------
@@ -186,10 +186,10 @@ def main(argv=None) -> int:
     wait_for(lambda: not aw.apply_task.running, what="apply")
     for layer in viewer.layers:
         layer.visible = layer.name in (
-            "striped fluorescence", "striped fluorescence HDN MMSE",
-            "striped fluorescence HDN MMSE [off: 1 prior-mean]",
+            "striped fluorescence", "HDN MMSE · striped fluorescence",
+            "HDN MMSE · striped fluorescence · L1 prior-mean",
             "striped fluorescence ground truth")
-    viewer.layers.remove("striped fluorescence HDN preview")
+    viewer.layers.remove("HDN preview · striped fluorescence")
     grid = getattr(getattr(viewer, "canvas", None), "grid", None) or viewer.grid  # napari >= 0.9
     grid.enabled = True
     grid.shape = (2, 2)

@@ -5,7 +5,7 @@ Run headless with a virtual display::
 
     xvfb-run -a python scripts/preview_latency.py --preset "fast CPU" --preset paper
 
-Models get the architecture of the Training widget's presets (weights untrained: the cost of a
+Models get the architecture of the presets (engine/presets.py) (weights untrained: the cost of a
 pass does not depend on the weights). Prints one line per preset and crop: the median latency over
 ``--repeats`` toggles, the top-down time alone, and the one-off bottom-up time of the crop.
 """
@@ -19,7 +19,7 @@ import time
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", action="append", help="Training widget preset(s) to time")
+    ap.add_argument("--preset", action="append", help="preset(s) to time (engine/presets.py)")
     ap.add_argument("--side", type=int, action="append",
                     help="preview crop side(s); default: the widget's automatic choice")
     ap.add_argument("--samples", type=int, default=1, help="preview samples (widget default 1)")
@@ -32,11 +32,11 @@ def main(argv=None) -> int:
     import torch
     from qtpy.QtWidgets import QApplication
 
-    from napari_hdn.engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation
-    from napari_hdn.widgets import get_session
+    from napari_hdn.engine import GaussianNoiseModel, HDNModel, Normalisation
+    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.session import get_session
     from napari_hdn.widgets._workers import job_threads
     from napari_hdn.widgets.artefact_widget import auto_preview_side
-    from napari_hdn.widgets.train_widget import PRESETS
 
     get_session().cpu_threads = args.threads
     presets = args.preset or ["fast CPU", "paper"]
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
           f"{args.samples} preview sample(s)")
     for name in presets:
         torch.manual_seed(0)
-        cfg = ModelConfig(**PRESETS[name]["model"])
+        cfg = get_preset(name).model_config()
         model = HDNModel(cfg, GaussianNoiseModel(3.0), Normalisation(130.0, 20.0)).to("cpu")
         model.ladder.eval()
         get_session().add_model(model, name)

@@ -5,6 +5,22 @@ from _helpers import TINY
 from napari_hdn.engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _runs_dir(tmp_path_factory):
+    """Training runs started by widget tests write their checkpoints here, not in the user's data."""
+    import os
+
+    from napari_hdn.session import RUNS_DIR_ENV
+
+    old = os.environ.get(RUNS_DIR_ENV)
+    os.environ[RUNS_DIR_ENV] = str(tmp_path_factory.mktemp("training-runs"))
+    yield
+    if old is None:
+        os.environ.pop(RUNS_DIR_ENV, None)
+    else:
+        os.environ[RUNS_DIR_ENV] = old
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

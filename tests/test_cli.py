@@ -74,3 +74,121 @@ def test_help_explains_every_option():
                          capture_output=True, text=True, check=True).stdout
     for opt in ("--samples", "--save-samples", "--tile-size", "--deactivate", "--deactivate-mode"):
         assert opt in out
+
+
+# -- presets, the package's structure, Ctrl-C ------------------------------------------------------
+
+
+def _train_args(*extra):
+    from napari_hdn.cli import build_parser
+
+    return build_parser().parse_args(["train", "x.tif", "--out", "m.hdn", *extra])
+
+
+@pytest.fixture
+def patched_default_preset(monkeypatch):
+    """The default preset with other values, as a change of engine/presets.py would make them."""
+    from napari_hdn.engine import presets
+
+    name = presets.DEFAULT_PRESET
+    changed = presets.Preset(name, "changed", model=dict(levels=2, z_dim=2, filters=8, blocks=1,
+                                                           dropout=0.0),
+                             training=dict(patch_size=32, batch_size=4, lr=0.00123, max_steps=3,
+                                           lr_patience=7))
+    monkeypatch.setitem(presets.PRESETS, name, changed)
+    return changed
+
+
+def test_train_takes_the_preset_and_single_options_override_it(patched_default_preset):
+    from napari_hdn.cli.train import configs_from_args
+    from napari_hdn.engine.presets import PRESETS
+
+    mcfg, tcfg, over = configs_from_args(_train_args())
+    assert mcfg.levels == 2 and mcfg.filters == 8  # the (changed) default preset, not a copy of it
+    assert tcfg.lr == 0.00123 and tcfg.lr_patience == 7 and tcfg.max_steps == 3 and over == {}
+    mcfg, tcfg, _ = configs_from_args(_train_args("--lr", "0.01", "--levels", "3"))
+    assert tcfg.lr == 0.01 and tcfg.lr_patience == 7 and mcfg.levels == 3 and mcfg.filters == 8
+    mcfg, tcfg, _ = configs_from_args(_train_args("--preset", "paper", "--max-steps", "9"))
+    assert mcfg.filters == PRESETS["paper"].model["filters"] and tcfg.max_steps == 9
+    assert tcfg.lr == PRESETS["paper"].training["lr"]
+    # resuming keeps the checkpoint's settings unless a preset is named; options still apply
+    assert configs_from_args(_train_args("--resume", "c.hdn", "--max-steps", "9")) == \
+        (None, None, {"max_steps": 9})
+    from napari_hdn.cli import CLIError
+
+    with pytest.raises(CLIError, match="architecture options"):
+        configs_from_args(_train_args("--resume", "c.hdn", "--levels", "3"))
+    with pytest.raises(SystemExit):
+        _train_args("--preset", "huge")
+
+
+def test_demo_trains_the_default_preset_and_its_bar_counts_time(tmp_path, patched_default_preset,
+                                                                 capsys):
+    from napari_hdn.cli._common import Progress
+    from napari_hdn.demo import run_demo
+    from napari_hdn.engine import ProgressEvent, load_model
+
+    events = []
+    figures = run_demo(tmp_path, minutes=0.02, n_samples=2, device="cpu", quiet=True,
+                       callbacks=events.append)
+    model = load_model(tmp_path / "demo.hdn")
+    assert model.config.levels == 2 and model.config.filters == 8
+    tc = model.info["training_config"]
+    assert tc["lr"] == 0.00123 and tc["lr_patience"] == 7 and tc["batch_size"] == 4
+    assert tc["max_steps"] > 1000  # the clock stops it, not the preset's 3 steps
+    assert figures["preset"] == patched_default_preset.name
+    assert {"train", "predict"} <= {e.task for e in events}
+    assert (tmp_path / "mmse.tif").exists() and "PSNR MMSE" in capsys.readouterr().out
+
+    # a time-budgeted bar counts seconds: its total is the budget, whatever max_steps is
+    bar = Progress(time_budget={"train": 180.0})
+    bar(ProgressEvent("train", "start", step=0, total=1_000_000, elapsed=0.0))
+    bar(ProgressEvent("train", "step", step=40, total=1_000_000, elapsed=45.0,
+                      metrics={"train_loss": 1.5}))
+    b = bar.bars["train"]
+    assert b.total == 180.0 and b.n == 45.0 and b.unit == "s"
+    bar.close()
+
+
+def test_cli_is_a_package_without_cycles_or_private_calls():
+    import ast
+    import pathlib
+
+    import napari_hdn.cli as cli
+
+    root = pathlib.Path(cli.__file__).parent
+    assert {p.name for p in root.glob("*.py")} >= {"__init__.py", "_common.py", "train.py",
+                                                     "predict.py", "noise.py", "demo.py", "bench.py"}
+    for path in [*root.glob("*.py"), root.parent / "demo.py", root.parent / "bench.py"]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            assert not (isinstance(node, ast.Attribute) and node.attr == "_finish"), path
+            if isinstance(node, ast.Try):  # no import hidden behind except ImportError
+                for h in node.handlers:
+                    assert "ImportError" not in ast.unparse(h.type or ast.Name("x")), path
+    # (that the demo and the benchmark import nothing of the CLI: tests/test_reader_imports.py)
+
+
+def test_ctrl_c_stops_training_and_saves_the_best_model(tmp_path, noisy_tif):
+    import signal
+    import time
+
+    model = tmp_path / "m.hdn"
+    proc = subprocess.Popen([sys.executable, "-m", "napari_hdn.cli", "train", str(noisy_tif),
+                             "--gaussian-sigma", "10", "--out", str(model), "--max-steps", "100000",
+                             "--steps-per-epoch", "2", "--axes", "TYX", *TINY_ARGS],
+                            stderr=subprocess.PIPE, text=True)
+    ck = tmp_path / "m.checkpoints" / "last.hdn"
+    t_end = time.time() + 120
+    while not ck.exists() and time.time() < t_end and proc.poll() is None:
+        time.sleep(0.2)
+    assert ck.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped at step" in err and "Traceback" not in err
+    from napari_hdn.engine import load_model
+
+    m = load_model(model)
+    assert m.info["stopped_early"] is True and 0 < m.info["steps"] < 100000
+    assert m.info["axes"] == "TYX"

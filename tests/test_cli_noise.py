@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import torch
 
-from napari_hdn.cli_noise import add_noise_model_parser
+from napari_hdn.cli.noise import add_parser
 
 GAIN, READ, OFFSET = 2.0, 5.0, 100.0
 
@@ -27,7 +27,7 @@ def run(argv):
     from napari_hdn.engine.errors import HDNError
 
     parser = argparse.ArgumentParser(prog="napari-hdn")
-    add_noise_model_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -168,7 +168,7 @@ def test_usage_errors_exit_2(argv, tmp_path):
 
 def test_help_explains_every_option():
     parser = argparse.ArgumentParser(prog="napari-hdn")
-    nm = add_noise_model_parser(parser.add_subparsers(dest="command"))
+    nm = add_parser(parser.add_subparsers(dest="command"))
     subs = next(a for a in nm._actions if isinstance(a, argparse._SubParsersAction))
     assert set(subs.choices) == {"fit", "describe"}
     for name, p in subs.choices.items():

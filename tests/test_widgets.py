@@ -19,7 +19,7 @@ from napari_hdn.widgets import (
     TrainingWidget,
     get_session,
 )
-from napari_hdn.widgets._common import TaskState
+from napari_hdn.widgets._base import TaskState
 
 PLUGIN = "napari-hdn"
 WAIT = 60_000  # ms; generous upper bound, tests finish long before it
@@ -94,7 +94,7 @@ def test_end_to_end_fit_train_predict(viewer, qtbot, notes):
     wait_idle(qtbot, nw.task)
     assert nw.state == TaskState.DONE, notes.errors
     entry = nw.last_entry
-    assert entry.name == "GMM from 'noisy fluorescence ground truth' + 'noisy fluorescence'"
+    assert entry.name == "GMM k=3 d=1 · noisy fluorescence vs noisy fluorescence ground truth"
     assert entry.model.kind == "gmm"
     assert entry.model.info["verdict"] in ("good", "suspicious")
     assert "Verdict" in nw.verdict.text()
@@ -121,9 +121,9 @@ def test_end_to_end_fit_train_predict(viewer, qtbot, notes):
     assert pw.run_prediction()
     wait_idle(qtbot, pw.task)
     assert pw.state == TaskState.DONE, notes.errors
-    mmse = viewer.layers["noisy fluorescence HDN MMSE"]
-    var = viewer.layers["noisy fluorescence HDN variance"]
-    smp = viewer.layers["noisy fluorescence HDN samples"]
+    mmse = viewer.layers["HDN MMSE · noisy fluorescence"]
+    var = viewer.layers["HDN variance · noisy fluorescence"]
+    smp = viewer.layers["HDN samples · noisy fluorescence"]
     assert mmse.data.shape == var.data.shape == (256, 256)
     assert smp.data.shape == (3, 256, 256)
     np.testing.assert_allclose(mmse.data, smp.data.mean(0), rtol=1e-4, atol=1e-3)
@@ -142,8 +142,8 @@ def test_end_to_end_fit_train_predict(viewer, qtbot, notes):
     assert pw.run_prediction()
     wait_idle(qtbot, pw.task)
     assert len(viewer.layers) == n_layers
-    assert viewer.layers["noisy fluorescence HDN samples"].data.shape == (2, 256, 256)
-    assert viewer.layers["noisy fluorescence HDN MMSE"] is mmse
+    assert viewer.layers["HDN samples · noisy fluorescence"].data.shape == (2, 256, 256)
+    assert viewer.layers["HDN MMSE · noisy fluorescence"] is mmse
     assert mmse.metadata["hdn"]["n_samples"] == 2
 
 
@@ -163,32 +163,63 @@ def test_stack_training_and_prediction_keep_axes(viewer, qtbot, notes):
     assert tw.start_training()
     wait_idle(qtbot, tw.task)
     entry = next(iter(get_session().models.values()))
-    assert entry.axes == "ZYX"
+    assert entry.axes == "ZYX" and entry.model.info["axes"] == "ZYX"
     pw = dock(viewer, "Predict and explore")
+    assert pw.axes_combo.currentText() == "ZYX"  # the model's axes, not the first choice (TYX)
     pw.n_samples.setValue(2)
     pw.keep_samples.setChecked(False)
     assert pw.run_prediction()
     wait_idle(qtbot, pw.task)
-    assert viewer.layers["stack HDN MMSE"].data.shape == (4, 48, 40)
-    assert "stack HDN samples" not in viewer.layers
+    assert viewer.layers["HDN MMSE · stack"].data.shape == (4, 48, 40)
+    assert "HDN samples · stack" not in viewer.layers
     assert notes.errors == []
 
 
-def test_stopping_a_prediction_leaves_layers_unchanged(viewer, qtbot, notes):
+def test_stopping_a_prediction_keeps_the_samples_drawn(viewer, qtbot, notes, monkeypatch):
+    """Item 8: a stopped 5000-sample prediction keeps the MMSE/variance of what it drew, labelled."""
+    import re
+
+    from napari_hdn.engine import predict
+
     img = np.random.default_rng(3).normal(50, 5, (64, 64)).astype(np.float32)
     viewer.add_image(img, name="img")
-    get_session().add_model(tiny_model(img), "tiny")
+    entry = get_session().add_model(tiny_model(img), "tiny")
     pw = dock(viewer, "Predict and explore")
     pw.n_samples.setValue(5000)
-    n_layers = len(viewer.layers)
+    pw.seed.setValue(4)
     assert pw.run_prediction()
-    qtbot.waitUntil(lambda: pw.progress.value() > 0, timeout=WAIT)
+    qtbot.waitUntil(lambda: pw.progress.value() >= 20, timeout=WAIT)
     pw.stop_btn.click()
     wait_idle(qtbot, pw.task, timeout=10_000)
     assert pw.state == TaskState.STOPPED and pw.run_btn.isEnabled()
-    assert len(viewer.layers) == n_layers
-    assert any("Prediction stopped" in m for m in notes.infos)
+    names = [ly.name for ly in viewer.layers if ly.name != "img"]
+    assert len(names) == 3, names
+    mmse_name = next(n for n in names if n.startswith("HDN MMSE · img · "))
+    count = int(re.fullmatch(r"HDN MMSE · img · (\d+) of 5000 samples", mmse_name).group(1))
+    assert 16 <= count < 5000
+    mmse = viewer.layers[mmse_name]
+    smp = viewer.layers[f"HDN samples · img · {count} of 5000 samples"]
+    assert smp.data.shape == (count, 64, 64)
+    assert mmse.metadata["hdn"]["n_samples"] == count and mmse.metadata["hdn"]["stopped"] is True
+    # exactly what a prediction of `count` samples with the same seed gives
+    ref = predict(entry.model, img, n_samples=count, seed=4)
+    np.testing.assert_allclose(mmse.data, ref.mmse, rtol=1e-5, atol=1e-4)
+    assert f"Stopped after {count} of 5000 samples" in pw.status.text()
+    assert any(f"kept the {count} samples" in m for m in notes.infos)
     assert notes.errors == []
+
+    # stopped before the first round finished: nothing to keep, no layer changed
+    from napari_hdn.engine import StopRequested
+
+    def stop_at_once(*a, **k):
+        raise StopRequested("stopped on request")
+
+    monkeypatch.setattr("napari_hdn.widgets.predict_widget.predict_in_rounds", stop_at_once)
+    n_layers = len(viewer.layers)
+    assert pw.run_prediction()
+    wait_idle(qtbot, pw.task)
+    assert pw.state == TaskState.STOPPED and len(viewer.layers) == n_layers
+    assert "no layers were changed" in pw.status.text()
 
 
 # -- training: stop, responsiveness, resume, save ------------------------------------------------
@@ -234,7 +265,9 @@ def test_stop_ends_training_quickly_and_keeps_a_usable_model(make_napari_viewer,
     res = entry.model.predict(viewer.layers["img"].data, n_samples=2)
     assert np.isfinite(res.mmse).all()
 
-    # resume continues from the checkpoint for 'Steps' more steps
+    # resume continues from the checkpoint for 'Steps' more steps, and the live plot continues
+    before = list(tw.plot.train)
+    tw.plot.reset()  # whatever the plot shows now, Resume shows the curves of the model it resumes
     tw.steps.setValue(2)
     assert tw.resume_training()
     wait_idle(qtbot, tw.task)
@@ -242,6 +275,8 @@ def test_stop_ends_training_quickly_and_keeps_a_usable_model(make_napari_viewer,
     new = tw.model_combo.current_entry()
     assert new is not entry and new.steps == entry.steps + 2
     assert new.name == f"img HDN ({entry.steps + 2} steps)"
+    assert tw.plot.train[:len(before)] == before and len(tw.plot.train) == len(before) + 2
+    assert tw.plot.steps[-1] == new.steps
 
     path = tw.save_model(tmp_path / "trained")
     assert path == tmp_path / "trained.hdn" and path.exists()
@@ -274,7 +309,7 @@ def test_toggling_a_level_changes_the_preview(viewer, qtbot, notes, striped):
     aw.crop_size.setValue(96)
     assert aw.request_preview()
     qtbot.waitUntil(lambda: aw.previews_done == 1, timeout=WAIT)
-    prev = viewer.layers["striped fluorescence HDN preview"]
+    prev = viewer.layers["HDN preview · striped fluorescence"]
     first = prev.data.copy()
     assert first.shape == (96, 96)
     np.testing.assert_allclose(prev.translate, (36, 64))
@@ -303,13 +338,13 @@ def test_apply_adds_layers_that_record_the_levels(viewer, qtbot, notes, striped)
     assert aw.apply()
     wait_idle(qtbot, aw.apply_task)
     assert aw.state == TaskState.DONE, notes.errors
-    name = "striped fluorescence HDN MMSE [off: 1 prior-mean]"
+    name = "HDN MMSE · striped fluorescence · L1 prior-mean"
     mm = viewer.layers[name]
-    var = viewer.layers["striped fluorescence HDN variance [off: 1 prior-mean]"]
+    var = viewer.layers["HDN variance · striped fluorescence · L1 prior-mean"]
     assert mm.data.shape == var.data.shape == layer.data.shape
     assert mm.metadata["hdn"]["levels_off"] == [1]
     assert mm.metadata["hdn"]["levels"] == ["prior-mean", "posterior"]
-    assert "striped fluorescence HDN preview" not in viewer.layers  # live preview was off
+    assert "HDN preview · striped fluorescence" not in viewer.layers  # live preview was off
 
 
 def test_preview_follows_the_visible_region_and_frame(make_napari_viewer, qtbot, notes):
@@ -317,26 +352,33 @@ def test_preview_follows_the_visible_region_and_frame(make_napari_viewer, qtbot,
     rng = np.random.default_rng(2)
     stack = (100 + 10 * rng.normal(size=(3, 200, 240))).astype(np.float32)
     layer = viewer.add_image(stack, name="movie", scale=(1.0, 0.5, 0.5))
-    get_session().add_model(tiny_model(stack[0, :64, :64]), "tiny")
+    from napari_hdn.engine import GaussianNoiseModel, train
+
+    # three levels: crop origins are multiples of 8, which a preview must not let pull it off-centre
+    model = train(stack[0, :64, :64], GaussianNoiseModel(3.0), levels=3, z_dim=2, filters=8,
+                  blocks=1, dropout=0.0, patch_size=32, batch_size=8, max_steps=1, device="cpu",
+                  steps_per_epoch=1, seed=0)
+    get_session().add_model(model, "tiny")
     aw = dock(viewer, "Artefact removal")
     aw.layer_combo.set_layer("movie")
     viewer.dims.set_current_step(0, 2)
     cam = camera(viewer)
-    cam.center = (0.0, 30.0, 80.0)  # world coordinates (scale 0.5): data row 60, col 160
+    cam.center = (0.0, 30.5, 78.5)  # world coordinates (scale 0.5): data row 61, col 157
     cam.zoom = 8.0
     qtbot.waitUntil(lambda: np.ptp(np.asarray(layer.corner_pixels)[:, -1]) < 150, timeout=5000)
     a, b = np.asarray(layer.corner_pixels)[:, -2:]
     assert (b - a).max() < 150  # zoomed in: only part of the frame is visible
     assert aw.request_preview()
     qtbot.waitUntil(lambda: aw.previews_done == 1, timeout=WAIT)
-    prev = viewer.layers["movie HDN preview"]
+    prev = viewer.layers["HDN preview · movie"]
     info = prev.metadata["hdn"]
     assert info["frame"] == [2]
     y0, x0 = info["origin"]
     h, w = prev.data.shape[-2:]
     assert prev.data.shape[0] == 1 and 64 <= h <= 150 and 64 <= w <= 150
-    assert y0 % 4 == 0 and x0 % 4 == 0
-    assert y0 <= 60 <= y0 + h and x0 <= 160 <= x0 + w  # the view centre is in the preview
+    assert y0 % 8 == 0 and x0 % 8 == 0
+    # centred on the view (item 9 of issue 12: it was off-centre by up to 2**L - 1 pixels)
+    assert abs(y0 + h / 2 - 61) <= 1 and abs(x0 + w / 2 - 157) <= 1, (y0, x0, h, w)
     np.testing.assert_allclose(prev.translate, (2.0, y0 * 0.5, x0 * 0.5))
     np.testing.assert_allclose(prev.scale, (1.0, 0.5, 0.5))
     assert notes.errors == []
@@ -374,7 +416,7 @@ def test_bad_inputs_give_notifications(viewer, qtbot, notes, monkeypatch):
     set_tiny(tw, steps=2)
     viewer.add_image(np.zeros((64, 64), np.float32), name="blank")  # napari has no 0-size images
     cases = {"rgb": "RGB", "seg": "Labels layer", "five": "5 dimensions",
-             "tiny": "smaller than the patch size", "blank": "blank"}
+             "tiny": "too small for Patch size 32", "blank": "blank"}
     for name, needle in cases.items():
         tw.layer_combo.set_layer(name)
         ok, errs = _errors_after(notes, tw.start_training)
@@ -412,7 +454,7 @@ def test_bad_inputs_give_notifications(viewer, qtbot, notes, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("napari_hdn.widgets.predict_widget.predict", oom)
+    monkeypatch.setattr("napari_hdn.widgets.predict_widget.predict_in_rounds", oom)
     notes.clear()
     assert pw.run_prediction()
     wait_idle(qtbot, pw.task)

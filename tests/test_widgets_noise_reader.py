@@ -8,7 +8,7 @@ import torch
 from _widget_helpers import Notes, tiny_model
 
 from napari_hdn.widgets import get_session
-from napari_hdn.widgets._common import TaskState
+from napari_hdn.widgets._base import TaskState
 
 PLUGIN = "napari-hdn"
 WAIT = 60_000
@@ -39,6 +39,8 @@ def dock(viewer, name):
 
 
 def test_fit_from_calibration_stack_sample_and_save_load(viewer, qtbot, notes, tmp_path):
+    """Also items 3 and 9 of issue 12: our own calibration sample gets the verdict 'good' (GMM
+    and histogram alike), the widget says why, and the two models have telling names."""
     viewer.open_sample(PLUGIN, "calibration-stack")
     nw = dock(viewer, "Noise model")
     assert nw.calib_layer.currentText() == "calibration stack"  # 3D stacks preferred
@@ -55,6 +57,26 @@ def test_fit_from_calibration_stack_sample_and_save_load(viewer, qtbot, notes, t
     _, sd = nm.moments(torch.tensor([150.0]))
     assert abs(float(sd) - np.sqrt(54.0)) / np.sqrt(54.0) < 0.1
     assert "held-out NLL" in nw.verdict.text()
+    assert info["verdict"] == "good", info["reasons"]
+    assert "Good because" in nw.verdict.text() and "matches the data's" in nw.verdict.text()
+    gmm_name = nw.last_entry.name
+    assert gmm_name == "GMM k=3 d=1 · calibration stack"
+    # the histogram model on the same sample: good too, and told apart by its name
+    nw.kind.setCurrentIndex(nw.kind.findData("histogram"))
+    assert nw.fit()
+    qtbot.waitUntil(lambda: not nw.task.running, timeout=WAIT)
+    hist = nw.last_entry
+    assert hist.name == "histogram · calibration stack" and hist.model.info["verdict"] == "good"
+    assert abs(hist.model.info["heldout_nll"] - info["heldout_nll"]) < 0.01
+    # the full text is the tooltip of each entry in the lists (names may be cut off there)
+    box = nw.model_combo
+    from qtpy.QtCore import Qt
+
+    tips = {box.itemText(i): box.itemData(i, Qt.ItemDataRole.ToolTipRole) for i in range(box.count())}
+    assert "3 Gaussians, polynomial degree 1" in tips[gmm_name]
+    assert "'calibration stack' (50 frames)" in tips[gmm_name] and "verdict good" in tips[gmm_name]
+    assert tips["histogram · calibration stack"].startswith("histogram noise model")
+    box.setCurrentText(gmm_name)
     # the large figure docks below the canvas; asking again replaces it
     assert nw.show_large_figure() is not None
     assert nw.show_large_figure() is not None
@@ -77,12 +99,12 @@ def test_known_models_and_pseudo_clean_bootstrap(viewer, qtbot, notes):
     assert nw.fit_btn.text() == "Use"
     nw.sigma.setValue(7.5)
     assert nw.fit()
-    assert list(get_session().noise_models) == ["Gaussian sigma 7.5"]
-    assert get_session().noise_models["Gaussian sigma 7.5"].model.sigma == 7.5
+    assert list(get_session().noise_models) == ["Gaussian σ=7.5"]
+    assert get_session().noise_models["Gaussian σ=7.5"].model.sigma == 7.5
     nw.set_source("poisson")
     nw.gain.setValue(2.0)
     assert nw.fit()
-    pg = get_session().noise_models["Poisson-Gaussian gain 2, read noise 2, offset 100"].model
+    pg = get_session().noise_models["Poisson-Gaussian g=2 r=2 o=100"].model
     assert (pg.gain, pg.read_noise, pg.offset) == (2.0, 2.0, 100.0)
     assert "known parameters" in nw.verdict.text()
 
@@ -100,7 +122,7 @@ def test_known_models_and_pseudo_clean_bootstrap(viewer, qtbot, notes):
     assert nw.state == TaskState.DONE, notes.errors
     e = nw.last_entry
     assert e.model.kind == "histogram" and e.model.info["source"] == "pseudo-clean"
-    assert e.name == "histogram from 'noisy fluorescence' (bootstrap, pseudo-clean 'smoothed')"
+    assert e.name == "histogram · noisy fluorescence with pseudo-clean smoothed"
 
     # the same layer twice is refused with a message
     nw.pseudo_layer.set_layer("noisy fluorescence")

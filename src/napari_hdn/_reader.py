@@ -1,10 +1,11 @@
 """npe2 reader: opening a ``.hdn`` model or a ``.hdnoise`` noise-model file in napari.
 
 Model files hold no image, so the reader adds **no layer**: it registers the model in the widgets'
-shared session (:func:`napari_hdn.widgets.get_session`), where the Training (Resume), Predict and
-explore and Artefact removal widgets list it, and says so in a notification. It returns napari's
-"no layers" sentinel ``[(None,)]``. A damaged or foreign file gives an error notification with the
-reason instead of an exception.
+shared session (:func:`napari_hdn.session.get_session`, which imports no Qt), where the Training
+(Resume), Predict and explore and Artefact removal widgets list it, and says so in a notification.
+It returns napari's "no layers" sentinel ``[(None,)]``. A damaged or foreign file gives an error
+notification with the reason instead of an exception. Importing this module imports neither Qt nor
+matplotlib (nor torch: the engine is imported when a file is read).
 """
 
 from __future__ import annotations
@@ -36,40 +37,35 @@ def _one(path) -> str:
     return os.fspath(path)
 
 
-def read_model_file(path) -> list[tuple]:
-    """Load an HDN model file into the session; returns no layers."""
+def _read(path, open_file, message) -> list[tuple]:
+    """Register the file with the session's ``open_file``, and show ``message(entry)`` or why the
+    file could not be opened."""
     from napari.utils.notifications import show_error, show_info
 
-    from .engine import HDNError, load_model
-    from .widgets._session import get_session
+    from .engine import HDNError
 
     p = _one(path)
     try:
-        model = load_model(p)
+        entry = open_file(p)
     except HDNError as exc:
         show_error(f"Could not open {p}: {exc}")
         return [(None,)]
-    entry = get_session().add_model(model, Path(p).stem, f"file {p}", path=p)
-    show_info(
-        f"HDN model '{entry.name}' loaded ({model.levels} levels, {entry.steps} training steps). "
-        "Choose it in Plugins > Hierarchical DivNoising > Predict and explore or Artefact removal."
-    )
+    show_info(message(entry))
     return [(None,)]
+
+
+def read_model_file(path) -> list[tuple]:
+    """Load an HDN model file into the session; returns no layers."""
+    from .session import get_session
+
+    return _read(path, get_session().open_model_file, lambda e: (
+        f"HDN model '{e.name}' loaded ({e.model.levels} levels, {e.steps} training steps). Choose "
+        "it in Plugins > Hierarchical DivNoising > Predict and explore or Artefact removal."))
 
 
 def read_noise_model_file(path) -> list[tuple]:
     """Load a noise-model file into the session; returns no layers."""
-    from napari.utils.notifications import show_error, show_info
+    from .session import get_session
 
-    from .engine import HDNError, load_noise_model
-    from .widgets._session import get_session
-
-    p = _one(path)
-    try:
-        nm = load_noise_model(p)
-    except HDNError as exc:
-        show_error(f"Could not open {p}: {exc}")
-        return [(None,)]
-    entry = get_session().add_noise_model(nm, Path(p).stem, f"file {p}", path=p)
-    show_info(f"Noise model '{entry.name}' loaded: choose it in the Training widget.")
-    return [(None,)]
+    return _read(path, get_session().open_noise_model_file,
+                 lambda e: f"Noise model '{e.name}' loaded: choose it in the Training widget.")

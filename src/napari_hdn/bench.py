@@ -22,8 +22,11 @@ import statistics
 import sys
 import time
 
-PAPER = dict(levels=6, z_dim=32, filters=64, blocks=5, dropout=0.2)
-SMALL = dict(levels=4, z_dim=16, filters=32, blocks=2, dropout=0.1)
+from .engine.presets import PRESETS
+
+#: the architectures timed: the presets' (engine/presets.py)
+PAPER = PRESETS["paper"].model
+SMALL = PRESETS["fast CPU"].model
 
 
 def _peak_memory_mb(device) -> float:

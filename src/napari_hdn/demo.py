@@ -8,28 +8,27 @@ from pathlib import Path
 
 import numpy as np
 
-from .samples import noisy_fluorescence
+from .engine.metrics import psnr
+from .engine.presets import DEFAULT_PRESET, get_preset
+from .synthetic import noisy_fluorescence
 
-
-def psnr(image: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR in dB with data range = max - min of the ground truth (the paper's convention)."""
-    rng = float(truth.max() - truth.min())
-    mse = float(np.mean((image.astype(np.float64) - truth) ** 2))
-    return 10 * np.log10(rng**2 / mse)
-
-
-DEMO_CONFIG = dict(levels=4, z_dim=16, filters=32, blocks=2, dropout=0.1)
-DEMO_TRAINING = dict(patch_size=64, batch_size=16, bn_chunk=8, lr=1e-3, steps_per_epoch=25,
-                     val_fraction=0.25, early_stopping_patience=None, max_steps=100000)
+#: settings of this run on top of the preset's training settings: the clock stops it (max_steps
+#: only bounds it), frequent validations keep the best model close to the end of the budget
+DEMO_RUN = dict(max_steps=1_000_000, steps_per_epoch=25, val_fraction=0.25,
+                early_stopping_patience=None)
 
 
 def run_demo(out_dir: Path, minutes: float = 3.0, seed: int = 0, device: str = "auto",
-             quiet: bool = False, n_samples: int = 100) -> dict:
-    """Make data, set the noise model, train for ``minutes``, predict, report and write files."""
+             quiet: bool = False, n_samples: int = 100, callbacks=None) -> dict:
+    """Make data, set the noise model, train for ``minutes``, predict, report and write files.
+
+    The model and its training settings are the default preset's (``engine/presets.py``).
+    ``callbacks`` receive the training and prediction progress events (the command line draws its
+    progress bars from them).
+    """
     import tifffile
 
-    from .engine import PoissonGaussianNoiseModel, StopFlag, Trainer, TrainingConfig
-    from .engine.config import ModelConfig
+    from .engine import PoissonGaussianNoiseModel, StopFlag, Trainer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,31 +38,30 @@ def run_demo(out_dir: Path, minutes: float = 3.0, seed: int = 0, device: str = "
     s0 = frames[0]
     noise = PoissonGaussianNoiseModel(s0.gain, s0.read_noise, s0.offset)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    preset = get_preset(DEFAULT_PRESET)
     say(f"data: 4 noisy frames of 192x192 (Poisson-Gaussian, gain {s0.gain}, read noise "
-        f"{s0.read_noise}, offset {s0.offset}); noise model: {noise!r}")
+        f"{s0.read_noise}, offset {s0.offset}); noise model: {noise!r}; model: the "
+        f"'{preset.name}' preset, trained for {minutes:g} min")
     stop = StopFlag()
     deadline = time.perf_counter() + minutes * 60
-    from .cli import _progress
-
-    bar, close = _progress("training", "step", quiet)
+    relay = callbacks if callable(callbacks) else (lambda ev: None)
 
     def on_event(ev):
-        bar(ev)
+        relay(ev)
         if time.perf_counter() > deadline:
             stop.set()
 
-    trainer = Trainer(noisy, noise, axes="SYX", model_config=ModelConfig(**DEMO_CONFIG),
-                      training_config=TrainingConfig(**DEMO_TRAINING, seed=seed, device=device),
+    trainer = Trainer(noisy, noise, axes="SYX", model_config=preset.model_config(),
+                      training_config=preset.training_config(**DEMO_RUN, seed=seed, device=device),
                       checkpoint_dir=out_dir / "checkpoints", callbacks=on_event, stop_flag=stop)
     t0 = time.perf_counter()
     model = trainer.run()
-    close()
     train_s = time.perf_counter() - t0
+    model.info["axes"] = "SYX"
     model.save(out_dir / "demo.hdn")
-    pbar, pclose = _progress("sampling", "sample", quiet)
     t0 = time.perf_counter()
-    res = model.predict(noisy[0], n_samples=n_samples, seed=seed, return_samples=True, callbacks=pbar)
-    pclose()
+    res = model.predict(noisy[0], n_samples=n_samples, seed=seed, return_samples=True,
+                        callbacks=callbacks)
     pred_s = time.perf_counter() - t0
     truth = clean[0]
     figures = {
@@ -74,6 +72,7 @@ def run_demo(out_dir: Path, minutes: float = 3.0, seed: int = 0, device: str = "
         "train_seconds": train_s,
         "predict_seconds": pred_s,
         "n_samples": n_samples,
+        "preset": preset.name,
     }
     tifffile.imwrite(out_dir / "noisy.tif", noisy[0])
     tifffile.imwrite(out_dir / "truth.tif", truth)

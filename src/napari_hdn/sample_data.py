@@ -1,6 +1,6 @@
 """npe2 sample data: offline, generated on the fly (File > Open Sample > Hierarchical DivNoising).
 
-Each function returns napari layer data tuples. The images come from :mod:`napari_hdn.samples`
+Each function returns napari layer data tuples. The images come from :mod:`napari_hdn.synthetic`
 (procedural fluorescence-like scenes with camera noise), so nothing is downloaded. The camera
 parameters used to make them are stored in each layer's metadata under ``"camera"``; the ground
 truth is added as a hidden layer.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import samples
+from . import synthetic
 
 
 def _limits(img: np.ndarray) -> list[float]:
@@ -18,11 +18,11 @@ def _limits(img: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def _camera(s: samples.SampleImage) -> dict:
+def _camera(s: synthetic.SampleImage) -> dict:
     return {"gain": s.gain, "read_noise": s.read_noise, "offset": s.offset}
 
 
-def _with_truth(s: samples.SampleImage, name: str) -> list[tuple]:
+def _with_truth(s: synthetic.SampleImage, name: str) -> list[tuple]:
     lims = _limits(s.noisy)
     meta = {"camera": _camera(s), "source": "napari-hdn sample data (synthetic)"}
     return [
@@ -34,12 +34,12 @@ def _with_truth(s: samples.SampleImage, name: str) -> list[tuple]:
 
 def noisy_fluorescence_sample() -> list[tuple]:
     """A 256x256 noisy fluorescence-like image (Poisson-Gaussian camera noise) and its ground truth."""
-    return _with_truth(samples.noisy_fluorescence(), "noisy fluorescence")
+    return _with_truth(synthetic.noisy_fluorescence(), "noisy fluorescence")
 
 
 def calibration_stack_sample() -> list[tuple]:
     """50 noisy frames (128x128) of a static sample, same camera: for fitting a noise model."""
-    stack = samples.calibration_stack()
+    stack = synthetic.calibration_stack()
     meta = {"camera": {"gain": 1.0, "read_noise": 2.0, "offset": 100.0},
             "source": "napari-hdn sample data (synthetic)", "axes": "SYX"}
     return [(stack, {"name": "calibration stack", "contrast_limits": _limits(stack[0]),
@@ -52,4 +52,4 @@ def striped_fluorescence_sample() -> list[tuple]:
     For the artefact-removal workflow: the stripes are structured noise that a pixel noise model
     cannot explain, and switching off the lowest latent levels removes them.
     """
-    return _with_truth(samples.striped_fluorescence(), "striped fluorescence")
+    return _with_truth(synthetic.striped_fluorescence(), "striped fluorescence")

@@ -8,6 +8,7 @@ from .errors import (
     HDNError,
     InputError,
     ModelFileError,
+    StopRequested,
     TrainingDivergedError,
     TrainingStopped,
 )
@@ -21,7 +22,7 @@ from .noise import (
     PoissonGaussianNoiseModel,
     load_noise_model,
 )
-from .prediction import PosteriorSampler, Prediction, predict
+from .prediction import PosteriorSampler, Prediction, predict, predict_in_rounds
 from .training import Trainer, train
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Prediction",
     "ProgressEvent",
     "StopFlag",
+    "StopRequested",
     "Trainer",
     "TrainingConfig",
     "TrainingDivergedError",
@@ -50,6 +52,7 @@ __all__ = [
     "load_model",
     "load_noise_model",
     "predict",
+    "predict_in_rounds",
     "resolve_device",
     "to_frames",
     "train",

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import TrainingStopped
+from .errors import StopRequested
 
 
 @dataclass
@@ -60,9 +60,9 @@ class StopFlag:
         return self._event.is_set()
 
     def check(self) -> None:
-        """Raise :class:`TrainingStopped` if a stop was requested."""
+        """Raise :class:`StopRequested` if a stop was requested."""
         if self._event.is_set():
-            raise TrainingStopped("stopped on request")
+            raise StopRequested("stopped on request")
 
 
 class Reporter:

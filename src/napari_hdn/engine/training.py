@@ -543,12 +543,14 @@ def train(
     noise_model: NoiseModel | None = None,
     *,
     axes: str | None = None,
-    config: ModelConfig | None = None,
-    training: TrainingConfig | None = None,
+    model_config: ModelConfig | None = None,
+    training_config: TrainingConfig | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     callbacks: Callback | list[Callback] | None = None,
     resume: str | os.PathLike | None = None,
     stop_flag: StopFlag | None = None,
+    config: ModelConfig | None = None,
+    training: TrainingConfig | None = None,
     **options,
 ) -> HDNModel:
     """Train a Hierarchical DivNoising model on noisy images (no clean data needed).
@@ -561,8 +563,9 @@ def train(
         Pixel noise model in the units of ``images``, e.g. ``GaussianNoiseModel(sigma=25)``.
     axes : str, optional
         Axes of ``images`` when ambiguous (e.g. ``"TYX"``, ``"ZYX"``).
-    config, training : ModelConfig, TrainingConfig, optional
-        Full configurations; individual fields can also be given as keyword ``options``
+    model_config, training_config : ModelConfig, TrainingConfig, optional
+        Full configurations (the names :class:`Trainer` uses; ``config=`` and ``training=`` are
+        accepted too); individual fields can also be given as keyword ``options``
         (e.g. ``levels=3, max_steps=500, patch_size=64, device="cpu", seed=0``).
     checkpoint_dir, callbacks, resume, stop_flag
         See :class:`Trainer`.
@@ -579,6 +582,12 @@ def train(
     >>> result.mmse.shape == noisy.shape
     True
     """
+    for new, old, name in ((model_config, config, "model_config"),
+                           (training_config, training, "training_config")):
+        if new is not None and old is not None:
+            raise TypeError(f"give {name}= or its older name, not both")
+    config = model_config if model_config is not None else config
+    training = training_config if training_config is not None else training
     m_over, t_over = _split_overrides(options)
     if m_over:
         config = (config or ModelConfig()).model_copy(update=m_over)

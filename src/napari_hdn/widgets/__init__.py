@@ -5,11 +5,15 @@
 - :class:`PredictWidget`: posterior samples, MMSE and variance layers.
 - :class:`ArtefactWidget`: per-level latent control with a live preview, and Apply.
 
-They share one :class:`~napari_hdn.widgets._session.HDNSession` (see :func:`get_session`), so the
-output of one widget is the input of the next without file dialogs.
+Each is an :class:`~napari_hdn.widgets._base.EngineWidget` (one background job at a time: state,
+Run/Stop, progress, status, errors). Shared parts live in their own modules, and no widget imports
+another: ``_base`` (the job lifecycle), ``_workers`` (worker threads), ``_inputs`` (choosers and
+input checks), ``_layers`` (output layers), ``_forms`` (form helpers, dialogs), ``_plot``
+(matplotlib canvases). They share one :class:`~napari_hdn.session.HDNSession` (see
+:func:`get_session`), so the output of one widget is the input of the next without file dialogs.
 """
 
-from ._session import HDNSession, get_session
+from ..session import HDNSession, get_session
 from .artefact_widget import ArtefactWidget
 from .noise_widget import NoiseModelWidget
 from .predict_widget import PredictWidget

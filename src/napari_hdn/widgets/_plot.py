@@ -70,6 +70,20 @@ class TrainingPlot(FigureCanvasQTAgg):
         self._dirty = True
         self.redraw(force=True)
 
+    def snapshot(self) -> dict:
+        """The curves as plain lists (kept with a trained model, so that Resume continues them)."""
+        return {"steps": list(self.steps), "train": list(self.train), "kl": [list(k) for k in self.kl],
+                "val_steps": list(self.val_steps), "val": list(self.val)}
+
+    def restore(self, curves: dict) -> None:
+        """Show the curves of a :meth:`snapshot` (new points are added after them)."""
+        self.reset()
+        self.steps, self.train = list(curves["steps"]), list(curves["train"])
+        self.kl = [list(k) for k in curves["kl"]]
+        self.val_steps, self.val = list(curves["val_steps"]), list(curves["val"])
+        self._dirty = True
+        self.redraw(force=True)
+
     def add_step(self, step: int, metrics: dict) -> None:
         loss = metrics.get("train_loss")
         if loss is None or not np.isfinite(loss):

@@ -22,7 +22,7 @@ from typing import Any
 
 from qtpy.QtCore import QObject, QTimer
 
-from ..engine import HDNError, ProgressEvent, StopFlag, TrainingStopped
+from ..engine import HDNError, ProgressEvent, StopFlag, StopRequested
 
 log = logging.getLogger("napari_hdn")
 
@@ -80,7 +80,7 @@ def default_cpu_threads() -> int:
 
 
 def job_threads() -> int:
-    from ._session import get_session
+    from ..session import get_session
 
     n = get_session().cpu_threads
     return n if n else default_cpu_threads()
@@ -151,7 +151,7 @@ class EngineTask(QObject):
             torch.set_num_threads(threads)  # per worker thread (OpenMP); restored below
             try:
                 return Outcome(value=job(report, flag), stopped=flag.is_set())
-            except TrainingStopped:
+            except StopRequested:
                 return Outcome(stopped=True)
             except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread as a notification
                 return Outcome(error=exc, details=traceback.format_exc())

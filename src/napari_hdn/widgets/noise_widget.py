@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+import html
 
 import numpy as np
-from qtpy.QtWidgets import (
-    QFileDialog,
-    QGroupBox,
-    QHBoxLayout,
-    QProgressBar,
-    QPushButton,
-    QSizePolicy,
-    QStackedWidget,
-    QWidget,
-)
+from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QPushButton, QSizePolicy, QStackedWidget, QWidget
 
-from ..engine import GaussianNoiseModel, InputError, PoissonGaussianNoiseModel, load_noise_model
+from ..engine import GaussianNoiseModel, InputError, PoissonGaussianNoiseModel
 from ..engine.noise import (
     bootstrap_pairs,
     diagnostics_figure,
@@ -26,26 +16,23 @@ from ..engine.noise import (
     pairs_from_clean,
     split_pairs,
 )
-from ._common import (
+from ._base import EngineWidget, TaskState
+from ._forms import (
     MAX_SEED,
-    LayerChooser,
-    SessionChooser,
-    TaskState,
-    check_image_layer,
+    NOISE_FILTER,
+    ask_open,
+    ask_save,
     combo,
     dspin,
     form,
-    notify_error,
     notify_info,
     notify_warning,
-    run_guarded,
     scroll_body,
     spin,
     status_label,
 )
+from ._inputs import LayerChooser, SessionChooser, check_image_layer
 from ._plot import FigureCanvas
-from ._session import get_session
-from ._workers import EngineTask, Outcome, user_message
 
 #: (label shown, key) of the noise-model sources
 SOURCES = [
@@ -58,6 +45,7 @@ SOURCES = [
 ]
 KNOWN = ("gaussian", "poisson")
 FIGURE_PAIRS = 200_000  # held-out pairs drawn in the diagnostics figure
+KIND_TEXT = {"gmm": "GMM", "histogram": "histogram"}
 
 
 def _stack_like(layer) -> bool:
@@ -83,21 +71,44 @@ def dock_figure(model, heldout=None):
     return fig
 
 
-class NoiseModelWidget(QWidget):
+def fit_name(kind: str, settings: dict, source: str) -> str:
+    """Short name: kind and settings first (what tells two fits apart), then the source."""
+    what = KIND_TEXT[kind]
+    if kind == "gmm":
+        what += f" k={settings['n_gaussians']} d={settings['degree']}"
+    return f"{what} · {source}"
+
+
+def fit_description(kind: str, settings: dict, source_text: str, model) -> str:
+    """The full text of a fitted model (the tooltip in the model lists)."""
+    parts = [f"{KIND_TEXT[kind]} noise model"]
+    if kind == "gmm":
+        parts.append(f"{settings['n_gaussians']} Gaussians, polynomial degree {settings['degree']}")
+    parts.append(f"held-out fraction {settings['val_fraction']:g}, seed {settings['seed']}")
+    text = f"{parts[0]} ({', '.join(parts[1:])}) fitted on {source_text}"
+    info = getattr(model, "info", {}) or {}
+    if info.get("verdict"):
+        text += f"; verdict {info['verdict']}"
+    if info.get("heldout_nll") is not None:
+        text += f", held-out NLL {info['heldout_nll']:.4f} nats/px"
+    return text
+
+
+class NoiseModelWidget(EngineWidget):
     """Fit a GMM or histogram noise model, or set a known Gaussian / Poisson-Gaussian one.
 
     State flow: source and layers -> pixel pairs (calibration stack, clean + noisy, or bootstrap
     from the noisy layer with the built-in Noise2Void or a pseudo-clean layer) -> fit in a worker
-    (progress per step, Stop keeps the best so far) -> diagnostics figure and verdict shown here
-    -> the noise model is registered in the session, where the Training widget selects it.
+    (progress per step, Stop keeps the best so far) -> diagnostics figure and verdict, with the
+    reasons or the checks behind it, shown here -> the noise model is registered in the session,
+    where the Training widget selects it.
     """
 
+    what = "Noise-model fit"
+    stopping_text = "Stopping (the best fit so far is kept)…"
+
     def __init__(self, napari_viewer, parent=None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.session = get_session()
-        self.state = TaskState.IDLE
-        self.task = EngineTask(self, self._on_events, self._on_finished)
+        super().__init__(napari_viewer, parent)
         self.canvas: FigureCanvas | None = None
         self.last_entry = None
         self._figure_entry = None
@@ -106,119 +117,73 @@ class NoiseModelWidget(QWidget):
 
         lay = scroll_body(self)
         box = QGroupBox("Source")
-        f = form()
-        self.source = combo()
-        for label, key in SOURCES:
-            self.source.addItem(label, key)
-        self.source.setToolTip(
+        self.source = combo(SOURCES, (
             "calibration stack: many noisy frames of a static sample (best); clean + noisy: a "
             "clean image and noisy acquisitions of it; bootstrap: no calibration data, a denoised "
             "version of the noisy data stands in for the signal; known: give the camera's noise "
-            "parameters"
-        )
-        f.addRow("Source", self.source)
+            "parameters"))
         self.pages = QStackedWidget()
-        # calibration
-        p, pf = QWidget(), form()
         self.calib_layer = LayerChooser(napari_viewer, prefer=_stack_like)
-        pf.addRow("Stack (N, Y, X)", self.calib_layer)
-        p.setLayout(pf)
-        self.pages.addWidget(p)
-        # clean + noisy
-        p, pf = QWidget(), form()
         self.clean_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" in ly.name
                                         or "clean" in ly.name)
         self.clean_noisy_layer = LayerChooser(napari_viewer, prefer=_plain_2d)
-        pf.addRow("Clean", self.clean_layer)
-        pf.addRow("Noisy", self.clean_noisy_layer)
-        p.setLayout(pf)
-        self.pages.addWidget(p)
-        # bootstrap n2v
-        p, pf = QWidget(), form()
         self.n2v_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" not in ly.name)
         self.n2v_steps = spin(10, 100000, 1500, 100, "Noise2Void training steps")
         self.n2v_budget = spin(0, 36000, 120, 10, "Stop Noise2Void training after this many "
                                "seconds (0: no limit)", special="no limit")
-        pf.addRow("Noisy", self.n2v_layer)
-        pf.addRow("N2V steps", self.n2v_steps)
-        pf.addRow("N2V time limit (s)", self.n2v_budget)
-        p.setLayout(pf)
-        self.pages.addWidget(p)
-        # bootstrap pseudo-clean
-        p, pf = QWidget(), form()
         self.pseudo_noisy_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" not in ly.name)
         self.pseudo_layer = LayerChooser(napari_viewer, prefer=lambda ly: "MMSE" in ly.name)
-        pf.addRow("Noisy", self.pseudo_noisy_layer)
-        pf.addRow("Pseudo-clean", self.pseudo_layer)
-        p.setLayout(pf)
-        self.pages.addWidget(p)
-        # known Gaussian
-        p, pf = QWidget(), form()
         self.sigma = dspin(1e-6, 1e9, 10.0, 1.0, 4, "Standard deviation of the noise, in the "
                            "image's intensity units")
-        pf.addRow("Sigma", self.sigma)
-        p.setLayout(pf)
-        self.pages.addWidget(p)
-        # known Poisson-Gaussian
-        p, pf = QWidget(), form()
         self.gain = dspin(1e-6, 1e6, 1.0, 0.1, 4, "Intensity units per photon (ADU/e-)")
         self.read_noise = dspin(0.0, 1e6, 2.0, 0.5, 4, "Camera read noise std (intensity units)")
         self.offset = dspin(-1e9, 1e9, 100.0, 10.0, 3, "Camera offset (intensity of zero photons)")
-        pf.addRow("Gain", self.gain)
-        pf.addRow("Read noise", self.read_noise)
-        pf.addRow("Offset", self.offset)
-        p.setLayout(pf)
-        self.pages.addWidget(p)
+        for rows in ([("Stack (N, Y, X)", self.calib_layer)],
+                     [("Clean", self.clean_layer), ("Noisy", self.clean_noisy_layer)],
+                     [("Noisy", self.n2v_layer), ("N2V steps", self.n2v_steps),
+                      ("N2V time limit (s)", self.n2v_budget)],
+                     [("Noisy", self.pseudo_noisy_layer), ("Pseudo-clean", self.pseudo_layer)],
+                     [("Sigma", self.sigma)],
+                     [("Gain", self.gain), ("Read noise", self.read_noise), ("Offset", self.offset)]):
+            page = QWidget()
+            page.setLayout(form(rows))
+            self.pages.addWidget(page)
+        f = form([("Source", self.source)])
         f.addRow(self.pages)
         box.setLayout(f)
         lay.addWidget(box)
 
         self.fit_box = QGroupBox("Model")
-        f = form()
-        self.kind = combo()
-        self.kind.addItem("GMM", "gmm")
-        self.kind.addItem("histogram", "histogram")
-        self.kind.setToolTip("GMM: a mixture of Gaussians whose parameters vary smoothly with the "
-                             "signal (compact, smooth); histogram: the empirical distribution per "
-                             "signal bin (needs more data)")
+        self.kind = combo([("GMM", "gmm"), ("histogram", "histogram")],
+                          "GMM: a mixture of Gaussians whose parameters vary smoothly with the "
+                          "signal (compact, smooth); histogram: the empirical distribution per "
+                          "signal bin (needs more data)")
         self.n_gaussians = spin(1, 10, 3, 1, "Gaussians in the mixture")
         self.degree = spin(1, 5, 1, 1, "Polynomial degree of the parameters in the signal")
         self.val_fraction = dspin(0.01, 0.5, 0.1, 0.05, 2, "Pairs held out for the held-out "
                                   "likelihood and the diagnostics")
         self.fit_seed = spin(0, MAX_SEED, 0, 1, "Seeds the held-out split (and Noise2Void)")
-        f.addRow("Kind", self.kind)
-        f.addRow("Gaussians", self.n_gaussians)
-        f.addRow("Degree", self.degree)
-        f.addRow("Held-out fraction", self.val_fraction)
-        f.addRow("Seed", self.fit_seed)
-        self.fit_box.setLayout(f)
+        self.fit_box.setLayout(form([("Kind", self.kind), ("Gaussians", self.n_gaussians),
+                                     ("Degree", self.degree), ("Held-out fraction", self.val_fraction),
+                                     ("Seed", self.fit_seed)]))
         lay.addWidget(self.fit_box)
 
-        row = QHBoxLayout()
-        self.fit_btn = QPushButton("Fit")
-        self.stop_btn = QPushButton("Stop")
-        row.addWidget(self.fit_btn)
-        row.addWidget(self.stop_btn)
-        lay.addLayout(row)
-        self.progress = QProgressBar()
-        lay.addWidget(self.progress)
-        self.status = status_label("Choose a source, then Fit.")
-        lay.addWidget(self.status)
+        self.fit_btn = self.run_btn
+        self.add_run_row(lay, "Fit", idle_text="Choose a source, then Fit.")
 
         box = QGroupBox("Result")
-        f = form()
         self.model_combo = SessionChooser("noise")
-        row = QHBoxLayout()
         self.save_btn = QPushButton("Save…")
         self.load_btn = QPushButton("Load…")
-        row.addWidget(self.save_btn)
-        row.addWidget(self.load_btn)
-        f.addRow("Noise model", self.model_combo)
-        f.addRow(row)
         self.verdict = status_label()
-        f.addRow(self.verdict)
         self.large_btn = QPushButton("Large figure")
         self.large_btn.setToolTip("The diagnostics at four signal levels, docked below the canvas")
+        f = form([("Noise model", self.model_combo)])
+        row = QHBoxLayout()
+        row.addWidget(self.save_btn)
+        row.addWidget(self.load_btn)
+        f.addRow(row)
+        f.addRow(self.verdict)
         f.addRow(self.large_btn)
         box.setLayout(f)
         self.result_layout = f
@@ -227,15 +192,16 @@ class NoiseModelWidget(QWidget):
 
         self.source.currentIndexChanged.connect(self._on_source)
         self.kind.currentIndexChanged.connect(self._on_kind)
-        self.fit_btn.clicked.connect(self.fit)
-        self.stop_btn.clicked.connect(self.stop)
         self.save_btn.clicked.connect(lambda: self.save_noise_model())
         self.load_btn.clicked.connect(lambda: self.load_noise_model())
         self.model_combo.currentIndexChanged.connect(self._show_entry)
         self.large_btn.clicked.connect(lambda: self.show_large_figure())
+        for chooser in self._choosers_of().values():
+            for c in chooser:
+                c.currentIndexChanged.connect(self.update_controls)
         self._on_source()
         self._on_kind()
-        self._set_state(TaskState.IDLE)
+        self.set_state(TaskState.IDLE)
         self._show_entry()
 
     # -- ui ------------------------------------------------------------------------------------------
@@ -248,6 +214,10 @@ class NoiseModelWidget(QWidget):
             raise ValueError(f"unknown source {key!r}; one of {[k for _, k in SOURCES]}")
         self.source.setCurrentIndex(idx)
 
+    def _choosers_of(self) -> dict:
+        return {"calibration": (self.calib_layer,), "clean": (self.clean_layer, self.clean_noisy_layer),
+                "n2v": (self.n2v_layer,), "pseudo": (self.pseudo_noisy_layer, self.pseudo_layer)}
+
     def _on_source(self, *_) -> None:
         idx = self.source.currentIndex()
         for i in range(self.pages.count()):  # the stack takes the height of the shown page only
@@ -257,9 +227,10 @@ class NoiseModelWidget(QWidget):
         self.pages.adjustSize()
         known = self.source_key() in KNOWN
         self.fit_box.setVisible(not known)
-        self.fit_btn.setText("Use" if known else "Fit")
-        self.fit_btn.setToolTip("Create this noise model and make it available for training"
-                                if known else "Fit the noise model in the background")
+        self.run_btn.setText("Use" if known else "Fit")
+        self.run_tip = ("Create this noise model and make it available for training" if known
+                        else "Fit the noise model in the background")
+        self.update_controls()
 
     def _on_kind(self, *_) -> None:
         gmm = self.kind.currentData() == "gmm"
@@ -267,41 +238,40 @@ class NoiseModelWidget(QWidget):
         self.degree.setEnabled(gmm)
 
     # -- actions ------------------------------------------------------------------------------------
+    def blocker(self) -> str:
+        missing = [c for c in self._choosers_of().get(self.source_key(), ()) if c.current_layer() is None]
+        return "choose the layer(s) of this source (open an image, or File > Open Sample)" if missing else ""
+
     def fit(self) -> bool:
         """Fit (or, for known models, create) the noise model of the chosen source."""
-        if self.task.running:
-            notify_warning("A noise-model fit is already running.")
-            return False
-        key = self.source_key()
-        if key in KNOWN:
-            return run_guarded("Noise model", self._make_known) is not None
-        prep = run_guarded("Noise-model fit", self._prepare_fit)
-        if prep is None:
-            return False
-        job, meta = prep
-        self._meta = meta
-        self._t0 = time.perf_counter()
-        self.progress.setRange(0, 0)  # busy until the first event gives a total
-        self.status.setText("Preparing pairs…")
-        self._set_state(TaskState.RUNNING)
-        self.task.start(job, name="napari-hdn noise fit")
-        return True
+        if self.source_key() in KNOWN:
+            if self.task.running:
+                notify_warning("A noise-model fit is running: wait for it or stop it first.")
+                return False
+            return self.guard("Noise model", self._make_known) is not None
+        return self.start()
+
+    def start(self, prepare=None, what=None) -> bool:
+        if prepare is None and self.source_key() in KNOWN:
+            return self.fit()
+        return super().start(prepare, what)
 
     def _make_known(self):
         if self.source_key() == "gaussian":
             nm = GaussianNoiseModel(self.sigma.value())
-            name = f"Gaussian sigma {self.sigma.value():g}"
+            name = f"Gaussian σ={self.sigma.value():g}"
+            text = f"Gaussian noise of standard deviation {self.sigma.value():g} (known)"
         else:
-            nm = PoissonGaussianNoiseModel(self.gain.value(), self.read_noise.value(),
-                                           self.offset.value())
-            name = (f"Poisson-Gaussian gain {self.gain.value():g}, read noise "
-                    f"{self.read_noise.value():g}, offset {self.offset.value():g}")
-        entry = self.session.add_noise_model(nm, name, "known parameters")
+            g, r, o = self.gain.value(), self.read_noise.value(), self.offset.value()
+            nm = PoissonGaussianNoiseModel(g, r, o)
+            name = f"Poisson-Gaussian g={g:g} r={r:g} o={o:g}"
+            text = f"Poisson-Gaussian noise (known): gain {g:g}, read noise {r:g}, offset {o:g}"
+        entry = self.session.add_noise_model(nm, name, "known parameters", description=text)
         self.last_entry = entry
-        self.status.setText(f"'{entry.name}' is ready for training.")
+        self.show_status(f"'{entry.name}' is ready for training.")
         return entry
 
-    def _prepare_fit(self):
+    def prepare(self):
         key = self.source_key()
         kind = self.kind.currentData()
         opts = dict(n_gaussians=self.n_gaussians.value(), degree=self.degree.value()) \
@@ -315,7 +285,7 @@ class NoiseModelWidget(QWidget):
                     f"'{layer.name}' has shape {stack.shape}: a calibration stack is a 3D layer "
                     "(N, Y, X) of many noisy frames of a static sample"
                 )
-            label = f"'{layer.name}' (calibration)"
+            short, long = layer.name, f"the calibration stack '{layer.name}' ({len(stack)} frames)"
 
             def make_pairs(report, stop):
                 return pairs_from_calibration(stack)
@@ -325,7 +295,8 @@ class NoiseModelWidget(QWidget):
             noisy = check_image_layer(nlayer, "noisy")
             if clayer.name == nlayer.name:
                 raise InputError("choose two different layers: the clean image and the noisy one")
-            label = f"'{clayer.name}' + '{nlayer.name}'"
+            short = f"{nlayer.name} vs {clayer.name}"
+            long = f"the noisy '{nlayer.name}' and the clean '{clayer.name}'"
 
             def make_pairs(report, stop):
                 return pairs_from_clean(clean, noisy)
@@ -338,7 +309,8 @@ class NoiseModelWidget(QWidget):
             n2v = {"max_steps": self.n2v_steps.value()}
             if self.n2v_budget.value():
                 n2v["time_budget_s"] = float(self.n2v_budget.value())
-            label = f"'{layer.name}' (bootstrap, Noise2Void)"
+            short = f"N2V bootstrap of {layer.name}"
+            long = f"'{layer.name}' bootstrapped with the built-in Noise2Void ({n2v['max_steps']} steps)"
 
             def make_pairs(report, stop):
                 return bootstrap_pairs(noisy, None, n2v=n2v, seed=seed, callbacks=report,
@@ -353,7 +325,8 @@ class NoiseModelWidget(QWidget):
             if noisy.shape != pseudo.shape:
                 raise InputError(f"'{nlayer.name}' {noisy.shape} and '{player.name}' "
                                  f"{pseudo.shape} must have the same shape")
-            label = f"'{nlayer.name}' (bootstrap, pseudo-clean '{player.name}')"
+            short = f"{nlayer.name} with pseudo-clean {player.name}"
+            long = f"'{nlayer.name}' bootstrapped with the pseudo-clean layer '{player.name}'"
 
             def make_pairs(report, stop):
                 return bootstrap_pairs(noisy, pseudo)
@@ -370,52 +343,39 @@ class NoiseModelWidget(QWidget):
             if s.size > FIGURE_PAIRS:
                 pick = np.random.default_rng(seed).choice(s.size, FIGURE_PAIRS, replace=False)
                 s, x = s[pick], x[pick]
-            fig = dock_figure(nm, (s, x))
-            return nm, fig, (s, x)
+            return nm, dock_figure(nm, (s, x)), (s, x)
 
-        names = {"gmm": "GMM", "histogram": "histogram"}
-        return job, {"label": label, "name": f"{names[kind]} from {label}"}
+        settings = {**opts, "val_fraction": vf, "seed": seed}
+        return job, {"kind": kind, "settings": settings, "short": short, "long": long}
 
-    def stop(self) -> None:
-        if self.task.running:
-            self.task.stop()
-            self._set_state(TaskState.STOPPING)
-            self.status.setText("Stopping (the best fit so far is kept)…")
+    def on_start(self, meta: dict) -> None:
+        self.progress.setRange(0, 0)  # busy until the first event gives a total
+        self.show_status("Preparing pairs…")
 
-    def save_noise_model(self, path: str | Path | None = None) -> Path | None:
+    def save_noise_model(self, path=None):
         entry = self.model_combo.current_entry()
         if entry is None:
-            notify_error("Save: there is no noise model yet: fit or create one first.")
+            self.show_error("Save: there is no noise model yet: fit or create one first.")
             return None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Save noise model", f"{entry.name}.hdnoise",
-                                                  "Noise model (*.hdnoise)")
-            if not path:
-                return None
-        path = Path(path)
-        if path.suffix != ".hdnoise":
-            path = path.with_name(path.name + ".hdnoise")
-        if run_guarded("Save noise model", lambda: entry.model.save(path) or True) is None:
+        path = ask_save(self, "Save noise model", f"{entry.name}.hdnoise", NOISE_FILTER, ".hdnoise",
+                        path)
+        if path is None or self.guard("Save noise model", lambda: entry.model.save(path) or True) is None:
             return None
         entry.path = path
         notify_info(f"Saved noise model '{entry.name}' to {path}")
         return path
 
-    def load_noise_model(self, path: str | Path | None = None):
+    def load_noise_model(self, path=None):
+        path = ask_open(self, "Load noise model", NOISE_FILTER, path)
         if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Load noise model", "",
-                                                  "Noise model (*.hdnoise);;All files (*)")
-            if not path:
-                return None
-        nm = run_guarded("Load noise model", load_noise_model, path)
-        if nm is None:
             return None
-        entry = self.session.add_noise_model(nm, Path(path).stem, f"file {path}", path)
-        self.last_entry = entry
+        entry = self.guard("Load noise model", self.session.open_noise_model_file, path)
+        if entry is not None:
+            self.last_entry = entry
         return entry
 
     # -- worker events (GUI thread) ----------------------------------------------------------------
-    def _on_events(self, events) -> None:
+    def on_events(self, events) -> None:
         last = events[-1]
         if last.total:
             self.progress.setRange(0, last.total)
@@ -429,31 +389,25 @@ class NoiseModelWidget(QWidget):
             text = f"Fitting: iteration {last.step} / {last.total}"
             if m.get("val_nll") is not None:
                 text += f", held-out NLL {m['val_nll']:.4f} nats/px"
-        self.status.setText(text)
+        self.show_status(text)
 
-    def _on_finished(self, out: Outcome) -> None:
+    def on_result(self, out) -> TaskState:
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
-        if not out.ok:
-            msg, _ = user_message(out.error, "Noise-model fit")
-            notify_error(msg)
-            self.status.setText(msg)
-            self._set_state(TaskState.FAILED)
-            return
         if out.value is None:
-            self.status.setText("Stopped before fitting started; no noise model was made.")
-            self._set_state(TaskState.STOPPED)
-            return
+            self.show_status("Stopped before fitting started; no noise model was made.")
+            return TaskState.STOPPED
         nm, fig, held = out.value
+        meta = self.meta
         self._pending_fig = fig  # shown by _show_entry when the session announces the new model
-        entry = self.session.add_noise_model(nm, self._meta["name"], f"fitted on {self._meta['label']}",
-                                             heldout=held)
+        entry = self.session.add_noise_model(
+            nm, fit_name(meta["kind"], meta["settings"], meta["short"]), f"fitted on {meta['long']}",
+            heldout=held, description=fit_description(meta["kind"], meta["settings"], meta["long"], nm))
         self._pending_fig = None
         self.last_entry = entry
-        self._set_state(TaskState.STOPPED if out.stopped else TaskState.DONE)
-        el = time.perf_counter() - self._t0
-        self.status.setText(f"{'Stopped' if out.stopped else 'Fitted'} in {el:.1f} s: "
-                            f"'{entry.name}' is ready for training.")
+        self.show_status(f"{'Stopped' if out.stopped else 'Fitted'} in {self.elapsed():.1f} s: "
+                         f"'{entry.name}' is ready for training.")
+        return TaskState.STOPPED if out.stopped else TaskState.DONE
 
     def _show_entry(self, *_) -> None:
         entry = self.model_combo.current_entry()
@@ -463,36 +417,21 @@ class NoiseModelWidget(QWidget):
         info = getattr(entry.model, "info", None) or {}
         verdict = info.get("verdict")
         if verdict is None:
-            self.verdict.setText(f"<b>{entry.name}</b>: known parameters ({entry.model!r}); no fit, "
-                                 "no diagnostics.")
+            self.verdict.setText(f"<b>{html.escape(entry.name)}</b>: known parameters "
+                                 f"({html.escape(repr(entry.model))}); no fit, no diagnostics.")
             if self.canvas is not None:
                 self.canvas.setVisible(False)
             return
-        colour = "#5c5" if verdict == "good" else "#e93"
-        nll = info.get("heldout_nll")
-        hist = info.get("heldout_nll_histogram")
-        text = f"Verdict: <b style='color:{colour}'>{verdict}</b>"
-        if nll is not None:
-            text += f" · held-out NLL {nll:.4f} nats/px"
-            if hist is not None:
-                text += f" (histogram model {hist:.4f})"
-        reasons = info.get("reasons") or []
-        if reasons:
-            text += "<ul>" + "".join(f"<li>{r}</li>" for r in reasons) + "</ul>"
-        self.verdict.setText(text)
+        self.verdict.setText(verdict_html(info))
         if self._pending_fig is not None:
             self._show_figure(self._pending_fig, entry)
             self._pending_fig = None
         elif entry is not self._figure_entry or self.canvas is None:
-            fig = run_guarded("Diagnostics", self._figure_for, entry)
+            fig = self.guard("Diagnostics", dock_figure, entry.model, entry.heldout)
             if fig is not None:
                 self._show_figure(fig, entry)
         else:
             self.canvas.setVisible(True)
-
-    @staticmethod
-    def _figure_for(entry):
-        return dock_figure(entry.model, entry.heldout)
 
     def show_large_figure(self):
         """The full diagnostics figure (four signal levels) in a dock at the bottom of the window.
@@ -505,8 +444,8 @@ class NoiseModelWidget(QWidget):
         if entry is None or not (getattr(entry.model, "info", None) or {}).get("verdict"):
             notify_warning("No fitted noise model to show: fit one (or load a fitted .hdnoise).")
             return None
-        pairs = entry.heldout or ()
-        fig = run_guarded("Diagnostics", diagnostics_figure, entry.model, *pairs, figsize=(11, 5.5))
+        fig = self.guard("Diagnostics", diagnostics_figure, entry.model, *(entry.heldout or ()),
+                         figsize=(11, 5.5))
         if fig is None:
             return None
         if self._large_dock is not None:
@@ -528,10 +467,26 @@ class NoiseModelWidget(QWidget):
         self.result_layout.addRow(self.canvas)
         self.canvas.draw_idle()
 
-    # -- state --------------------------------------------------------------------------------------
-    def _set_state(self, state: TaskState) -> None:
-        self.state = state
-        busy = state in (TaskState.RUNNING, TaskState.STOPPING)
-        self.fit_btn.setEnabled(not busy)
-        self.stop_btn.setEnabled(state == TaskState.RUNNING)
-        self.load_btn.setEnabled(not busy)
+    def update_controls(self, *_) -> None:
+        super().update_controls()
+        self.load_btn.setEnabled(not self.busy)
+
+
+def verdict_html(info: dict) -> str:
+    """The verdict with why: the reasons when suspicious, the checks that passed when good."""
+    verdict = info["verdict"]
+    colour = "#5c5" if verdict == "good" else "#e93"
+    text = f"Verdict: <b style='color:{colour}'>{verdict}</b>"
+    nll, hist = info.get("heldout_nll"), info.get("heldout_nll_histogram")
+    if nll is not None:
+        text += f" · held-out NLL {nll:.4f} nats/px"
+        if hist is not None:
+            text += f" (histogram model {hist:.4f})"
+    reasons, checks = info.get("reasons") or [], info.get("checks") or []
+    if reasons:
+        text += "<br>Suspicious because:<ul>" + "".join(
+            f"<li>{html.escape(r, quote=False)}</li>" for r in reasons) + "</ul>"
+    if checks:
+        text += ("<br>Checked and fine:" if reasons else "<br>Good because:") + "<ul>" + "".join(
+            f"<li>{html.escape(c, quote=False)}</li>" for c in checks) + "</ul>"
+    return text

@@ -2,103 +2,55 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QFileDialog,
-    QGroupBox,
-    QHBoxLayout,
-    QProgressBar,
-    QPushButton,
-    QWidget,
-)
-
-from ..engine import InputError, load_model, predict, resolve_device
-from ._common import (
-    MAX_SEED,
+from ..engine import InputError, predict_in_rounds, resolve_device
+from ._base import EngineWidget, TaskState
+from ._forms import MAX_SEED, MODEL_FILTER, ask_open, form, notify_info, scroll_body, spin, status_label
+from ._inputs import (
+    NO_MODEL,
     AxesChooser,
     LayerChooser,
     SessionChooser,
-    TaskState,
-    add_or_replace_image,
-    check_image_layer,
-    combo,
-    form,
-    input_limits,
-    notify_error,
-    notify_info,
-    notify_warning,
-    output_name,
-    run_guarded,
-    scroll_body,
-    spin,
-    status_label,
+    check_model_fits,
+    chosen_model_and_image,
+    device_chooser,
 )
-from ._session import get_session
-from ._workers import EngineTask, Outcome, user_message
-from .train_widget import device_items
+from ._layers import add_result_layers
 
 #: Keep the samples layer only up to this many bytes (samples x image); above it, ask for fewer.
 SAMPLES_LAYER_LIMIT = 2 << 30
 
 
-def load_model_into_session(path, parent=None):
-    """Load a .hdn file (asking for one when ``path`` is None) and register it in the session."""
-    if path is None:
-        path, _ = QFileDialog.getOpenFileName(parent, "Load HDN model", "",
-                                              "HDN model (*.hdn);;All files (*)")
-        if not path:
-            return None
-    model = run_guarded("Load model", load_model, path)
-    if model is None:
-        return None
-    return get_session().add_model(model, Path(path).stem, f"file {path}", path=path)
-
-
-def check_model_fits(model, arr, name: str) -> None:
-    """Prediction pads to multiples of 2**L; refuse only images smaller than one top-level pixel."""
-    m = model.config.downscale
-    h, w = arr.shape[-2:]
-    if min(h, w) < 2:
-        raise InputError(f"'{name}' is only {h}x{w} pixels: nothing to restore")
-    if max(h, w) < m // 2:
-        raise InputError(
-            f"'{name}' ({h}x{w}) is much smaller than the model's top level ({m}x{m} pixels, "
-            f"{model.levels} levels): use a larger image or a model with fewer levels"
-        )
-
-
-class PredictWidget(QWidget):
+class PredictWidget(EngineWidget):
     """Restore an image layer with a trained HDN: samples, MMSE and variance layers.
 
     State flow: a model from the session (just trained, or loaded from a file) and an image layer
-    -> :func:`napari_hdn.engine.predict` in a worker thread (progress per sample batch, Stop) -> on
-    return the layers "<layer> HDN MMSE", "<layer> HDN variance" and "<layer> HDN samples" are
-    added, or their data replaced when they already exist.
+    -> :func:`napari_hdn.engine.predict_in_rounds` in a worker thread (progress per sample batch,
+    Stop) -> on return the layers "HDN MMSE · <layer>", "HDN variance · <layer>" and "HDN samples ·
+    <layer>" are added, or their data replaced when they already exist. A stopped prediction keeps
+    the samples of the rounds it finished, in layers named with their count.
     """
 
+    what = "Prediction"
+    stopping_text = "Stopping: the samples drawn so far are kept…"
+
     def __init__(self, napari_viewer, parent=None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.session = get_session()
-        self.state = TaskState.IDLE
-        self.task = EngineTask(self, self._on_events, self._on_finished)
+        super().__init__(napari_viewer, parent)
         self.last_layers: list = []
 
         lay = scroll_body(self)
         box = QGroupBox("Input")
-        f = form()
-        row = QHBoxLayout()
         self.model_combo = SessionChooser("models")
         self.model_load = QPushButton("Load…")
         self.model_load.setToolTip("Load a model file (.hdn); File > Open does the same")
+        row = QHBoxLayout()
         row.addWidget(self.model_combo)
         row.addWidget(self.model_load)
         self.model_info = status_label()
         self.layer_combo = LayerChooser(napari_viewer)
         self.axes_combo = AxesChooser(self.layer_combo)
+        f = form()
         f.addRow("Model", row)
         f.addRow("", self.model_info)
         f.addRow("Image layer", self.layer_combo)
@@ -107,7 +59,6 @@ class PredictWidget(QWidget):
         lay.addWidget(box)
 
         box = QGroupBox("Sampling")
-        f = form()
         self.n_samples = spin(1, 10000, 100, 10, "Posterior samples per image; the MMSE is their mean "
                               "(paper: 100)")
         self.keep_samples = QCheckBox("Samples layer")
@@ -116,69 +67,50 @@ class PredictWidget(QWidget):
         self.tile = spin(0, 8192, 0, 64, "Tile size in pixels for large images (auto: untiled up "
                          "to 1024x1024, else 512)", special="auto")
         self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same samples")
-        self.device = combo()
-        for label, name in device_items():
-            self.device.addItem(label, name)
-        f.addRow("Samples", self.n_samples)
-        f.addRow("", self.keep_samples)
-        f.addRow("Tile size", self.tile)
-        f.addRow("Seed", self.seed)
-        f.addRow("Device", self.device)
-        box.setLayout(f)
+        self.device = device_chooser()
+        box.setLayout(form([("Samples", self.n_samples), ("", self.keep_samples),
+                            ("Tile size", self.tile), ("Seed", self.seed), ("Device", self.device)]))
         lay.addWidget(box)
 
-        row = QHBoxLayout()
-        self.run_btn = QPushButton("Predict")
-        self.stop_btn = QPushButton("Stop")
-        row.addWidget(self.run_btn)
-        row.addWidget(self.stop_btn)
-        lay.addLayout(row)
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m samples")
-        lay.addWidget(self.progress)
-        self.status = status_label("Choose a model and an image layer, then Predict.")
-        lay.addWidget(self.status)
+        self.add_run_row(lay, "Predict", progress_format="%v / %m samples",
+                         idle_text="Choose a model and an image layer, then Predict.",
+                         stop_tip="Stops after the current round; the samples drawn so far are kept")
         lay.addStretch(1)
 
-        self.run_btn.clicked.connect(self.run_prediction)
-        self.stop_btn.clicked.connect(self.stop)
-        self.model_load.clicked.connect(lambda: load_model_into_session(None, self))
-        self.model_combo.currentIndexChanged.connect(self._show_model_info)
-        self._show_model_info()
-        self._set_state(TaskState.IDLE)
+        self.model_load.clicked.connect(lambda: self.load_model())
+        self.model_combo.currentIndexChanged.connect(self._on_model)
+        self.layer_combo.currentIndexChanged.connect(self.update_controls)
+        self._on_model()
+        self.set_state(TaskState.IDLE)
 
-    def _show_model_info(self, *_) -> None:
+    def _on_model(self, *_) -> None:
         e = self.model_combo.current_entry()
         if e is None:
             self.model_info.setText("No model yet: train one (Training widget) or load a .hdn file.")
         else:
             c = e.model.config
             self.model_info.setText(f"{c.levels} levels, {c.filters} filters, {e.steps} steps; {e.source}")
+            self.axes_combo.prefer(e.axes)  # the axes it was trained on, when the layer has them
+        self.update_controls()
 
-    # -- actions ------------------------------------------------------------------------------------
+    def load_model(self, path=None):
+        """Load a .hdn file (asking for one when ``path`` is None) into the session."""
+        path = ask_open(self, "Load HDN model", MODEL_FILTER, path)
+        return None if path is None else self.guard("Load model", self.session.open_model_file, path)
+
+    # -- job ----------------------------------------------------------------------------------------
+    def blocker(self) -> str:
+        if self.model_combo.current_entry() is None:
+            return NO_MODEL
+        if self.layer_combo.current_layer() is None:
+            return "choose the image layer to restore"
+        return ""
+
     def run_prediction(self) -> bool:
-        if self.task.running:
-            notify_warning("A prediction is already running.")
-            return False
-        prep = run_guarded("Prediction", self._prepare)
-        if prep is None:
-            return False
-        job, meta = prep
-        self._meta = meta
-        self._t0 = time.perf_counter()
-        self.progress.setRange(0, meta["total"])
-        self.progress.setValue(0)
-        self.status.setText("Computing…")
-        self._set_state(TaskState.RUNNING)
-        self.task.start(job, name="napari-hdn prediction")
-        return True
+        return self.start()
 
-    def _prepare(self):
-        entry = self.model_combo.current_entry()
-        if entry is None:
-            raise InputError("no model: train one in the Training widget or load a .hdn file (Load…)")
-        layer = self.layer_combo.current_layer()
-        arr = check_image_layer(layer, "image")
+    def prepare(self):
+        entry, layer, arr = chosen_model_and_image(self.model_combo, self.layer_combo)
         axes = self.axes_combo.axes_for(arr)
         device = self.device.currentData()
         resolve_device(device)
@@ -188,93 +120,51 @@ class PredictWidget(QWidget):
         if keep and n * arr.size * 4 > SAMPLES_LAYER_LIMIT:
             raise InputError(
                 f"keeping {n} samples of '{layer.name}' would take {n * arr.size * 4 / 2**30:.1f} GiB: "
-                "untick 'Add a samples layer' or use fewer samples"
+                "untick 'Samples layer' or use fewer samples"
             )
         tile = self.tile.value() or None
         seed = self.seed.value()
         model = entry.model
 
         def job(report, stop):
-            return predict(model, arr, n_samples=n, axes=axes, tile_size=tile, seed=seed,
-                           return_samples=keep, device=device, callbacks=report, stop_flag=stop)
+            return predict_in_rounds(model, arr, n_samples=n, axes=axes, tile_size=tile, seed=seed,
+                                     return_samples=keep, device=device, callbacks=report,
+                                     stop_flag=stop)
 
-        frames = arr.size // (arr.shape[-1] * arr.shape[-2])
-        meta = {"layer": layer.name, "model": entry.name, "axes": axes, "n": n, "seed": seed,
-                "total": n * frames}
-        return job, meta
+        return job, {"layer": layer.name, "model": entry.name, "axes": axes, "n": n, "seed": seed,
+                     "total": n}
 
-    def stop(self) -> None:
-        if self.task.running:
-            self.task.stop()
-            self._set_state(TaskState.STOPPING)
+    def on_start(self, meta: dict) -> None:
+        super().on_start(meta)
+        self.show_status("Computing…")
 
-    # -- worker events (GUI thread) ----------------------------------------------------------------
-    def _on_events(self, events) -> None:
-        for ev in events:
-            if ev.task == "predict" and ev.kind in ("start", "step"):
-                if ev.kind == "start":
-                    self.progress.setRange(0, max(1, ev.total))
-                self.progress.setValue(ev.step)
-        # the engine counts samples over all tiles; show images-worth of samples
-        self.status.setText(f"Sampling… {self.progress.value()} / {self.progress.maximum()}")
+    def on_events(self, events) -> None:
+        super().on_events(events)
+        self.show_status(f"Sampling… {self.progress.value()} / {self.progress.maximum()}")
 
-    def _on_finished(self, out: Outcome) -> None:
-        meta = self._meta
-        if out.stopped and out.ok:
-            self._set_state(TaskState.STOPPED)
-            self.status.setText("Stopped: no layers were changed.")
+    def on_result(self, out) -> TaskState:
+        meta = self.meta
+        if out.value is None:  # stopped before the first round finished
+            self.show_status("Stopped before any sample was finished: no layers were changed.")
             notify_info("Prediction stopped; no layers were changed.")
-            return
-        if not out.ok:
-            msg, _ = user_message(out.error, "Prediction")
-            notify_error(msg)
-            self.status.setText(msg)
-            self._set_state(TaskState.FAILED)
-            return
+            return TaskState.STOPPED
         res = out.value
         if meta["layer"] not in self.viewer.layers:
-            notify_warning(f"Layer '{meta['layer']}' was removed while predicting; results not added.")
-            self._set_state(TaskState.FAILED)
-            return
+            self.show_error(f"Prediction: layer '{meta['layer']}' was removed while predicting; "
+                            "results not added.")
+            return TaskState.FAILED
         layer = self.viewer.layers[meta["layer"]]
-        self.last_layers = add_result_layers(self.viewer, layer, res, meta["model"], meta["axes"],
-                                             suffix="", extra={})
-        self._set_state(TaskState.DONE)
-        el = time.perf_counter() - self._t0
-        self.status.setText(
-            f"Done in {el:.1f} s: {', '.join(ly.name for ly in self.last_layers)}."
-        )
+        self.last_layers = add_result_layers(self.viewer, layer, res, meta["model"], meta["axes"])
+        names = ", ".join(ly.name for ly in self.last_layers)
+        if res.info.get("stopped"):
+            text = (f"Stopped after {res.n_samples} of {meta['n']} samples: their MMSE and "
+                    f"variance are in {names}.")
+            self.show_status(text)
+            notify_info(f"Prediction stopped; kept the {res.n_samples} samples drawn.")
+            return TaskState.STOPPED
+        self.show_status(f"Done in {self.elapsed():.1f} s: {names}.")
+        return TaskState.DONE
 
-    # -- state --------------------------------------------------------------------------------------
-    def _set_state(self, state: TaskState) -> None:
-        self.state = state
-        busy = state in (TaskState.RUNNING, TaskState.STOPPING)
-        self.run_btn.setEnabled(not busy)
-        self.stop_btn.setEnabled(state == TaskState.RUNNING)
-        self.model_load.setEnabled(not busy)
-
-
-def add_result_layers(viewer, layer, res, model_name: str, axes: str, suffix: str, extra: dict):
-    """Add (or replace) the MMSE, variance and, when present, samples layers of a prediction."""
-    base = layer.name
-    meta = {"hdn": {"source_layer": base, "model": model_name, "axes": axes,
-                    "n_samples": res.n_samples, "seed": res.seed, "levels": list(res.levels),
-                    "tiles": res.info.get("tiles"), **extra}}
-    lims = input_limits(layer, res.mmse)
-    out = [
-        add_or_replace_image(viewer, output_name(base, "MMSE", suffix), res.mmse, layer,
-                             metadata={**meta, "hdn": {**meta["hdn"], "output": "mmse"}},
-                             contrast_limits=lims),
-        add_or_replace_image(viewer, output_name(base, "variance", suffix), res.variance, layer,
-                             metadata={**meta, "hdn": {**meta["hdn"], "output": "variance"}},
-                             colormap="magma", visible=False),
-    ]
-    if res.samples is not None:
-        out.insert(0, add_or_replace_image(
-            viewer, output_name(base, "samples", suffix), res.samples, layer, leading=1,
-            metadata={**meta, "hdn": {**meta["hdn"], "output": "samples"}}, contrast_limits=lims,
-            visible=False))
-    # keep the MMSE on top and selected: it is what one looks at first
-    mm = out[-2]
-    viewer.layers.selection.active = mm
-    return out
+    def update_controls(self, *_) -> None:
+        super().update_controls()
+        self.model_load.setEnabled(not self.busy)

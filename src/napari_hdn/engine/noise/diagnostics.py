@@ -7,7 +7,8 @@ Everything here answers that from data the model was not fitted on where possibl
   with the histogram model's on the same pairs (lower is better; only differences matter, and only
   between models evaluated on the same pairs).
 - :func:`binned_statistics`: per signal bin, the empirical mean and std of ``x`` next to the model's.
-- :func:`fit_verdict`: ``"good"`` or ``"suspicious"`` with plain reasons.
+- :func:`fit_verdict`: ``"good"`` or ``"suspicious"`` with plain reasons, and the checks that
+  passed (so that a "good" says why too).
 - :func:`diagnostics_figure`: p(x | s) over the empirical histogram at a few signal levels, and the
   std-vs-signal curve, as a matplotlib ``Figure`` (embeddable in Qt; ``save_figure`` writes a PNG).
 """
@@ -27,8 +28,12 @@ from .base import NoiseModel
 FEW_PAIRS = 50_000
 #: a signal bin needs this many pairs to count as covered
 MIN_BIN_COUNT = 50
-#: |model std / empirical std - 1| above this in a covered bin is suspicious
+#: |model std / empirical std - 1| above this in a covered bin is suspicious ...
 STD_TOLERANCE = 0.10
+#: ... and only when it is also this many standard errors of the bin's empirical std: the std of
+#: n pairs is itself uncertain by about 1 / sqrt(2 (n - 1)) (8 % for 90 pairs), and the sparse
+#: bright end of a sample would otherwise call a correct model suspicious by chance
+STD_SIGMAS = 3.0
 #: GMM held-out NLL this much above the histogram's (nats/pixel) is suspicious
 NLL_TOLERANCE = 0.05
 #: the variance floor is "dominating" where it is more than this fraction of the model variance
@@ -129,10 +134,21 @@ def binned_statistics(model: NoiseModel | None, signal, observation, n_bins: int
     return out
 
 
+def std_tolerance(count) -> np.ndarray:
+    """Largest |model std / data std - 1| accepted in a signal bin of ``count`` pairs."""
+    n = np.maximum(np.asarray(count, float), 2.0)
+    return np.maximum(STD_TOLERANCE, STD_SIGMAS / np.sqrt(2.0 * (n - 1.0)))
+
+
 def fit_verdict(model: NoiseModel, binned: dict, n_pairs: int, heldout: float | None = None,
                 heldout_histogram: float | None = None, notes=(), stopped: bool = False) -> dict:
-    """Plain verdict on a fitted noise model: ``{"verdict": "good"|"suspicious", "reasons": [...]}``."""
+    """Plain verdict on a fitted noise model.
+
+    Returns ``{"verdict": "good"|"suspicious", "reasons": [...], "checks": [...]}``: ``reasons``
+    say what is suspicious, ``checks`` what was checked and passed, with the numbers.
+    """
     reasons: list[str] = []
+    checks: list[str] = []
     finite = all(torch.isfinite(t).all() for t in model.buffers())
     std = np.array([np.nan if v is None else v for v in binned.get("model_std", [])], float)
     if not finite or (heldout is not None and not math.isfinite(heldout)):
@@ -141,17 +157,22 @@ def fit_verdict(model: NoiseModel, binned: dict, n_pairs: int, heldout: float | 
     if n_pairs < FEW_PAIRS:
         reasons.append(f"few pairs ({n_pairs:,}): the fit may be noisy; use at least {FEW_PAIRS:,} "
                        "(more frames or larger images)")
+    else:
+        checks.append(f"{n_pairs:,} pixel pairs (at least {FEW_PAIRS:,} wanted)")
     cnt = np.asarray(binned["count"])
     covered = cnt >= MIN_BIN_COUNT
     n_bins = cnt.size
+    lo, hi = binned["edges"][0], binned["edges"][-1]
     if covered.sum() < 0.5 * n_bins:
-        lo, hi = binned["edges"][0], binned["edges"][-1]
         reasons.append(
             f"the signal range is barely covered: only {int(covered.sum())} of {n_bins} signal bins "
             f"between {lo:.4g} and {hi:.4g} have {MIN_BIN_COUNT} pairs or more, so the model is "
             "mostly interpolated there; use data with intensities spread over the whole range (if "
             "a few outlier pixels, e.g. hot or saturated ones, stretch the range, crop them out)"
         )
+    else:
+        checks.append(f"{int(covered.sum())} of {n_bins} signal bins between {lo:.4g} and {hi:.4g} "
+                      f"have {MIN_BIN_COUNT} pairs or more")
     emp = np.array([np.nan if v is None else v for v in binned["empirical_std"]], float)
     sig = np.asarray(binned["signal"], float)
     good = covered & np.isfinite(emp)
@@ -166,13 +187,21 @@ def fit_verdict(model: NoiseModel, binned: dict, n_pairs: int, heldout: float | 
     if std.size and good.any():
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = std / emp - 1.0
-        rel = np.where(good, rel, 0.0)
-        k = int(np.nanargmax(np.abs(rel)))
-        if abs(rel[k]) > STD_TOLERANCE:
+        rel = np.where(good & np.isfinite(rel), rel, 0.0)
+        tol = std_tolerance(cnt)
+        k = int(np.argmax(np.abs(rel) / tol))
+        j = int(np.argmax(np.abs(rel)))
+        if abs(rel[k]) > tol[k]:
             reasons.append(
                 f"the model's noise std differs from the data's by {rel[k]:+.0%} at signal {sig[k]:.4g} "
-                f"(model {std[k]:.3g}, data {emp[k]:.3g}); try more Gaussians or a higher degree, or "
-                "the histogram model"
+                f"(model {std[k]:.3g}, data {emp[k]:.3g} from {int(cnt[k]):,} pairs, which allow "
+                f"±{tol[k]:.0%}); try more Gaussians or a higher degree, or the histogram model"
+            )
+        else:
+            checks.append(
+                f"the model's noise std matches the data's in all {int(good.sum())} covered bins: "
+                f"largest difference {rel[j]:+.0%} at signal {sig[j]:.4g}, where {int(cnt[j]):,} "
+                f"pairs allow ±{tol[j]:.0%}"
             )
     floor = getattr(model, "min_variance", None)
     if floor is not None and std.size and np.isfinite(std).any():
@@ -185,17 +214,25 @@ def fit_verdict(model: NoiseModel, binned: dict, n_pairs: int, heldout: float | 
                 f"signal {sig[k]:.4g}: the noise there is at the floor, not measured; give a smaller "
                 "min_variance"
             )
+        else:
+            checks.append(f"the variance floor is at most {frac.max():.0%} of the model's variance")
     if (heldout is not None and heldout_histogram is not None and model.kind != "histogram"
-            and heldout - heldout_histogram > NLL_TOLERANCE):
-        reasons.append(
-            f"the histogram model explains held-out pairs better ({heldout_histogram:.4f} vs "
-            f"{heldout:.4f} nats/pixel): the mixture is too simple for this noise; try more Gaussians "
-            "or a higher degree"
-        )
+            and math.isfinite(heldout) and math.isfinite(heldout_histogram)):
+        if heldout - heldout_histogram > NLL_TOLERANCE:
+            reasons.append(
+                f"the histogram model explains held-out pairs better ({heldout_histogram:.4f} vs "
+                f"{heldout:.4f} nats/pixel): the mixture is too simple for this noise; try more "
+                "Gaussians or a higher degree"
+            )
+        else:
+            checks.append(
+                f"held-out NLL {heldout:.4f} nats/pixel, the histogram model's {heldout_histogram:.4f} "
+                f"(more than {NLL_TOLERANCE} above it would be suspicious)"
+            )
     if stopped:
         reasons.append("fitting was stopped before it finished: the model may not have converged")
     reasons.extend(notes)
-    return {"verdict": "suspicious" if reasons else "good", "reasons": reasons}
+    return {"verdict": "suspicious" if reasons else "good", "reasons": reasons, "checks": checks}
 
 
 # -- figure ------------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
+from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress, SigintStop, floats, read_tiff
 
 FIT_EPILOG = """\
 data (choose one):
@@ -30,99 +29,14 @@ examples:
 """
 
 
-def _read(path: str, what: str):
-    import numpy as np
-    import tifffile
-
-    from .engine.errors import InputError
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} file not found: {p}")
-    try:
-        return np.asarray(tifffile.imread(p))
-    except Exception as exc:
-        raise InputError(f"could not read {what} {p} as a TIFF image ({exc})") from None
-
-
-def _floats(text: str, what: str, n: int | None = None) -> list[float]:
-    try:
-        vals = [float(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if not vals or (n is not None and len(vals) != n):
-        raise argparse.ArgumentTypeError(
-            f"{what}: expected {n if n else 'one or more'} comma-separated numbers, got {text!r}"
-        )
-    return vals
-
-
 def _percentiles(text: str):
     if text.lower() in ("none", "off"):
         return None
-    return tuple(_floats(text, "--clip-percentiles", 2))
+    return tuple(floats(text, "--clip-percentiles", 2))
 
 
 def _signals(text: str):
-    return _floats(text, "--signal")
-
-
-def _progress(quiet: bool):
-    """ProgressEvent callback drawing one tqdm bar per task; returns (callback, close)."""
-    from tqdm import tqdm
-
-    bars: dict = {}
-    names = {"n2v": "Noise2Void training", "noise-fit": "fitting noise model"}
-
-    def cb(ev):
-        if quiet or ev.task not in names:
-            return
-        bar = bars.get(ev.task)
-        if bar is None:
-            bar = bars[ev.task] = tqdm(total=ev.total or None, desc=names[ev.task], unit="step",
-                                       dynamic_ncols=True, file=sys.stderr)
-        bar.n = ev.step
-        m = ev.metrics
-        post = {k: f"{m[k]:.4f}" for k in ("train_loss", "val_loss", "train_nll", "val_nll")
-                if m.get(k) is not None}
-        if post:
-            bar.set_postfix(post, refresh=False)
-        if ev.kind in ("done", "stopped"):
-            bar.total = ev.step or bar.total
-            bar.refresh()
-            bar.close()
-        else:
-            bar.refresh()
-
-    def close():
-        for b in bars.values():
-            b.close()
-
-    return cb, close
-
-
-class _SigintStop:
-    """First Ctrl-C asks the engine to stop (the best fit so far is saved); a second one aborts."""
-
-    def __init__(self, flag):
-        self.flag, self.old = flag, None
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, *_):
-        if self.flag.is_set():
-            raise KeyboardInterrupt
-        print("\nstopping: the best fit so far will be saved (Ctrl-C again to abort)", file=sys.stderr)
-        self.flag.set()
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+    return floats(text, "--signal")
 
 
 def _describe_lines(desc: dict) -> list[str]:
@@ -141,6 +55,7 @@ def _describe_lines(desc: dict) -> list[str]:
     if desc.get("verdict"):
         lines.append(f"verdict: {desc['verdict']}")
         lines += [f"  - {r}" for r in desc.get("reasons", [])]
+        lines += [f"  ok: {c}" for c in desc.get("checks", [])]
     return lines
 
 
@@ -149,7 +64,7 @@ def _n2v_pseudo_clean(noisy, args, cb, stop):
     import numpy as np
     import tifffile
 
-    from .engine.noise.n2v import train_n2v
+    from ..engine.noise.n2v import train_n2v
 
     kw = {"max_steps": args.n2v_steps}
     if args.n2v_minutes:
@@ -168,8 +83,9 @@ def cmd_fit(args) -> int:
 
     import numpy as np
 
-    from .engine.events import StopFlag
-    from .engine.noise import (
+    from ..engine.errors import InputError
+    from ..engine.events import StopFlag
+    from ..engine.noise import (
         HistogramNoiseModel,
         bootstrap_pairs,
         diagnostics_figure,
@@ -178,7 +94,7 @@ def cmd_fit(args) -> int:
         pairs_from_clean,
         save_figure,
     )
-    from .engine.noise.pairs import NoiseFitWarning
+    from ..engine.noise.pairs import NoiseFitWarning
 
     p = args._parser
     if args.calibration and (args.clean or args.noisy or args.pseudo_clean or args.bootstrap):
@@ -194,35 +110,32 @@ def cmd_fit(args) -> int:
 
     out = Path(args.out)
     stop = StopFlag()
-    cb, close = _progress(args.quiet)
+    cb = Progress(args.quiet)
     fit_kw = dict(kind=args.kind, n_gaussians=args.gaussians, degree=args.degree,
                   min_variance=args.min_variance, method=args.method, iterations=args.iterations,
                   val_fraction=args.val_fraction, device=args.device, seed=args.seed,
                   callbacks=cb, stop_flag=stop)
-    with warnings.catch_warnings(record=True) as caught, _SigintStop(stop):
+    with warnings.catch_warnings(record=True) as caught, cb, \
+            SigintStop(stop, "stopping: the best fit so far will be saved"):
         warnings.simplefilter("always", NoiseFitWarning)
-        try:
-            if args.calibration:
-                pairs = pairs_from_calibration(_read(args.calibration, "calibration frames"))
-            elif args.clean:
-                pairs = pairs_from_clean(_read(args.clean, "clean image"), _read(args.noisy, "noisy image"))
-            else:
-                noisy = _read(args.noisy, "noisy image")
-                pseudo = _read(args.pseudo_clean, "pseudo-clean image") if args.pseudo_clean else None
-                if pseudo is not None and pseudo.shape != noisy.shape:
-                    from .engine.errors import InputError
-
-                    raise InputError(f"--pseudo-clean has shape {pseudo.shape} but --noisy has "
-                                     f"{noisy.shape}: they must match pixel for pixel")
-                source = "pseudo-clean"
-                if pseudo is None:
-                    pseudo = _n2v_pseudo_clean(noisy, args, cb, stop)
-                    source = "n2v"
-                pairs = bootstrap_pairs(noisy, pseudo, clip_percentiles=args.clip_percentiles,
-                                        source=source)
-            model = fit_noise_model(pairs, **fit_kw)
-        finally:
-            close()
+        if args.calibration:
+            pairs = pairs_from_calibration(read_tiff(args.calibration, "calibration frames"))
+        elif args.clean:
+            pairs = pairs_from_clean(read_tiff(args.clean, "clean image"),
+                                     read_tiff(args.noisy, "noisy image"))
+        else:
+            noisy = read_tiff(args.noisy, "noisy image")
+            pseudo = read_tiff(args.pseudo_clean, "pseudo-clean image") if args.pseudo_clean else None
+            if pseudo is not None and pseudo.shape != noisy.shape:
+                raise InputError(f"--pseudo-clean has shape {pseudo.shape} but --noisy has "
+                                 f"{noisy.shape}: they must match pixel for pixel")
+            source = "pseudo-clean"
+            if pseudo is None:
+                pseudo = _n2v_pseudo_clean(noisy, args, cb, stop)
+                source = "n2v"
+            pairs = bootstrap_pairs(noisy, pseudo, clip_percentiles=args.clip_percentiles,
+                                    source=source)
+        model = fit_noise_model(pairs, **fit_kw)
     for w in caught:
         if issubclass(w.category, NoiseFitWarning):
             print(f"warning: {w.message}", file=sys.stderr)
@@ -264,7 +177,7 @@ def cmd_describe(args) -> int:
     import numpy as np
     import torch
 
-    from .engine.noise import diagnostics_figure, load_noise_model, save_figure
+    from ..engine.noise import diagnostics_figure, load_noise_model, save_figure
 
     model = load_noise_model(args.file)
     desc = model.describe()
@@ -299,7 +212,7 @@ def cmd_describe(args) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------
-def add_noise_model_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``noise-model`` (with ``fit`` and ``describe``) to an argparse ``subparsers`` object."""
     nm = subparsers.add_parser(
         "noise-model", help="fit or inspect a pixel noise model p(x | s)",
@@ -307,7 +220,7 @@ def add_noise_model_parser(subparsers) -> argparse.ArgumentParser:
         "or the noisy data alone (bootstrap), or describe a noise-model file.",
     )
     sub = nm.add_subparsers(dest="noise_command", metavar="ACTION")
-    nm.set_defaults(func=lambda args: (nm.print_help(), 2)[1])
+    nm.set_defaults(func=lambda args: (nm.print_help(), EXIT_USAGE)[1])
 
     f = sub.add_parser(
         "fit", help="fit a noise model and write it with a diagnostics figure",

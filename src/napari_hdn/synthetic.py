@@ -1,7 +1,9 @@
-"""Built-in sample data with known ground truth, generated offline and reproducibly.
+"""Synthetic fluorescence images with known ground truth, generated offline and reproducibly.
 
 Nothing is downloaded: images are procedurally generated fluorescence-like scenes (cells, vesicles
-and filaments), corrupted with Poisson shot noise, Gaussian read noise and a camera offset.
+and filaments), corrupted with Poisson shot noise, Gaussian read noise and a camera offset. They
+feed the napari sample data (:mod:`napari_hdn.sample_data`), the demo, the benchmarks and the tests.
+(Called ``samples`` before, a word this package keeps for posterior samples.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,148 @@
+"""What every ``napari-hdn`` command shares: exit codes, user errors, TIFF input, progress bars,
+number-list options and Ctrl-C handling."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..engine.errors import HDNError
+
+#: 0 success, 1 a problem the user can fix (bad file, bad data, training diverged), 2 a usage
+#: error (bad option), 130 interrupted by Ctrl-C (what was finished is saved, and said so)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CLIError(HDNError):
+    """A user mistake detected by the command line itself (exit code 1, like the engine's)."""
+
+
+def read_tiff(path: str | Path, what: str = "input"):
+    """The image in a TIFF file as a numpy array, or a CLIError saying what is wrong."""
+    import numpy as np
+    import tifffile
+
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{what} file not found: {p}")
+    try:
+        return np.asarray(tifffile.imread(p))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem
+        raise CLIError(f"could not read {what} {p} as a TIFF image ({exc})") from None
+
+
+def parse_levels(text: str | None, option: str = "--deactivate") -> list[int]:
+    """'1,2' -> [1, 2] (latent levels, 1 = finest)."""
+    if not text:
+        return []
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise CLIError(f"{option} expects comma-separated level numbers like 1,2; got {text!r}") from None
+
+
+def floats(text: str, what: str, n: int | None = None) -> list[float]:
+    """An argparse type: comma-separated numbers (exactly ``n`` of them when given)."""
+    try:
+        vals = [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not vals or (n is not None and len(vals) != n):
+        raise argparse.ArgumentTypeError(
+            f"{what}: expected {n if n else 'one or more'} comma-separated numbers, got {text!r}"
+        )
+    return vals
+
+
+def pydantic_message(exc: Exception) -> str:
+    """The field errors of a pydantic ValidationError on one line."""
+    errs = getattr(exc, "errors", None)
+    if callable(errs):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs())
+    return str(exc)
+
+
+class Progress:
+    """Progress bars (tqdm, on stderr) drawn from the engine's ProgressEvents, one per task.
+
+    Use an instance as the ``callbacks=`` of an engine call, and as a context manager (or call
+    :meth:`close`). ``time_budget={"train": seconds}`` draws that task's bar in seconds rather than
+    steps, for runs stopped by a clock: its ETA is then the time the budget leaves.
+    """
+
+    TASKS = {"train": ("training", "step"), "predict": ("sampling", "sample"),
+             "noise-fit": ("fitting noise model", "it"), "n2v": ("Noise2Void training", "step")}
+    SHOWN = ("train_loss", "val_loss", "train_nll", "val_nll")
+
+    def __init__(self, quiet: bool = False, time_budget: dict | None = None) -> None:
+        self.quiet = quiet
+        self.time_budget = dict(time_budget or {})
+        self.bars: dict = {}
+        self.last: dict = {}
+
+    def __call__(self, ev) -> None:
+        if self.quiet or ev.task not in self.TASKS:
+            return
+        from tqdm import tqdm
+
+        budget = self.time_budget.get(ev.task)
+        bar = self.bars.get(ev.task)
+        if bar is None:
+            desc, unit = self.TASKS[ev.task]
+            total = budget if budget else (ev.total or None)
+            bar = self.bars[ev.task] = tqdm(total=total, desc=desc, unit="s" if budget else unit,
+                                            dynamic_ncols=True, file=sys.stderr)
+        post = self.last.setdefault(ev.task, {})
+        post.update({k: f"{ev.metrics[k]:.4f}" for k in self.SHOWN if ev.metrics.get(k) is not None})
+        if budget:
+            bar.n = min(round(ev.elapsed, 1), budget)
+            post["step"] = str(ev.step)
+        else:
+            if ev.total and bar.total != ev.total:
+                bar.total = ev.total
+            bar.n = ev.step
+        if post:
+            bar.set_postfix(post, refresh=False)
+        if ev.kind in ("done", "stopped"):
+            if not budget:
+                bar.total = ev.step or bar.total
+            bar.refresh()
+            bar.close()
+        else:
+            bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SigintStop:
+    """Within this block the first Ctrl-C asks the engine to stop through ``flag`` (what is done so
+    far is kept and saved); a second one aborts with KeyboardInterrupt."""
+
+    def __init__(self, flag, what: str = "stopping: what is done so far will be saved") -> None:
+        self.flag, self.what, self.old = flag, what, None
+
+    def __enter__(self) -> SigintStop:
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_) -> None:
+        if self.flag.is_set():
+            raise KeyboardInterrupt
+        print(f"\n{self.what} (Ctrl-C again to abort)", file=sys.stderr)
+        self.flag.set()
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)

@@ -1,0 +1,23 @@
+"""``napari-hdn bench``: training and prediction speed on this machine."""
+
+from __future__ import annotations
+
+from ._common import EXIT_OK
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="training and prediction speed benchmark",
+                       description="Print training steps/s, achieved fraction of the machine's "
+                       "conv2d throughput, and 100-sample prediction time (bottom-up reused vs "
+                       "recomputed).")
+    b.add_argument("--quick", action="store_true", help="small configuration only (about a minute)")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    b.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    b.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bench import run_speed_benchmark
+
+    run_speed_benchmark(quick=args.quick, device=args.device, json_out=args.json)
+    return EXIT_OK

@@ -1,0 +1,147 @@
+"""``napari-hdn train``: train an HDN on a noisy TIFF (a preset, with single fields overridden)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..engine.presets import DEFAULT_PRESET, PRESETS
+from ._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    CLIError,
+    Progress,
+    SigintStop,
+    parse_levels,
+    pydantic_message,
+    read_tiff,
+)
+
+ARCH_OPTIONS = ("levels", "z_dim", "filters", "blocks")
+TRAINING_OPTIONS = ("patch_size", "batch_size", "max_steps", "val_fraction", "device", "seed", "lr",
+                    "steps_per_epoch", "grad_clip")
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train an HDN on a noisy image or stack",
+                       description="Train an HDN on noisy data only (no clean images needed). The "
+                       "model size and training settings come from a preset (--preset); the "
+                       "options below override single values of it.")
+    t.add_argument("noisy", help="noisy TIFF: YX, or a stack of frames (TYX/SYX/ZYX)")
+    t.add_argument("--out", required=True, help="model file to write (e.g. model.hdn)")
+    nm = t.add_argument_group("noise model (one of)")
+    nm.add_argument("--noise-model", metavar="FILE", help="noise-model file from `noise-model fit`")
+    nm.add_argument("--gaussian-sigma", type=float, metavar="S",
+                    help="additive Gaussian noise of known standard deviation S (image units)")
+    nm.add_argument("--poisson-gain", type=float, metavar="G",
+                    help="Poisson-Gaussian noise: camera gain G (ADU per photon)")
+    nm.add_argument("--read-noise", type=float, default=0.0, metavar="R",
+                    help="with --poisson-gain: read-noise std R in ADU (default 0)")
+    nm.add_argument("--offset", type=float, default=0.0, metavar="O",
+                    help="with --poisson-gain: camera offset O in ADU (default 0)")
+    p = t.add_argument_group("preset")
+    lines = "; ".join(f"'{name}': {pr.description}" for name, pr in PRESETS.items())
+    p.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
+                   help=f"architecture and training settings (default '{DEFAULT_PRESET}'; with "
+                   f"--resume: the checkpoint's). {lines}")
+    a = t.add_argument_group("architecture (default: the preset's)")
+    a.add_argument("--levels", type=int, help="number of latent levels L (use 3 for tiny images)")
+    a.add_argument("--z-dim", type=int, help="latent channels per level")
+    a.add_argument("--filters", type=int, help="feature channels of every block")
+    a.add_argument("--blocks", type=int, help="residual blocks per level")
+    a.add_argument("--deactivate", metavar="LEVELS",
+                   help="train with these levels (e.g. 1,2) deactivated, as the paper's HDN_3-6")
+    o = t.add_argument_group("training (default: the preset's)")
+    o.add_argument("--axes", help="axes of the input, e.g. YX, TYX, ZYX (default: guessed)")
+    o.add_argument("--patch-size", type=int, help="square training patch side")
+    o.add_argument("--batch-size", type=int, help="patches per step")
+    o.add_argument("--max-steps", type=int, help="optimizer steps")
+    o.add_argument("--steps-per-epoch", type=int, help="steps between validations (default: auto)")
+    o.add_argument("--val-fraction", type=float, help="fraction of data held out (default 0.1)")
+    o.add_argument("--lr", type=float, help="Adamax learning rate")
+    o.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    o.add_argument("--device", help="auto (default), cpu, cuda or mps")
+    o.add_argument("--seed", type=int, help="random seed (default 0; same seed, same CPU run)")
+    o.add_argument("--checkpoint-dir", help="where best.hdn/last.hdn go (default: OUT.checkpoints)")
+    o.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. last.hdn)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=run)
+
+
+def noise_model_from_args(args):
+    from ..engine.noise import GaussianNoiseModel, PoissonGaussianNoiseModel, load_noise_model
+
+    given = [args.noise_model is not None, args.gaussian_sigma is not None,
+             args.poisson_gain is not None]
+    if sum(given) > 1:
+        raise CLIError("give only one of --noise-model, --gaussian-sigma, --poisson-gain")
+    if args.noise_model:
+        return load_noise_model(args.noise_model)
+    if args.gaussian_sigma is not None:
+        return GaussianNoiseModel(args.gaussian_sigma)
+    if args.poisson_gain is not None:
+        return PoissonGaussianNoiseModel(args.poisson_gain, args.read_noise, args.offset)
+    return None
+
+
+def configs_from_args(args):
+    """(model config or None, training config or None, training overrides) for the Trainer.
+
+    A new run takes the preset with the given options on top. A resumed run keeps the checkpoint's
+    architecture, and its training settings unless --preset is given; options still override.
+    """
+    from ..engine.presets import get_preset
+
+    arch = {k: getattr(args, k) for k in ARCH_OPTIONS if getattr(args, k) is not None}
+    if args.deactivate:
+        arch["deactivated_levels"] = parse_levels(args.deactivate)
+    explicit = {k: getattr(args, k) for k in TRAINING_OPTIONS if getattr(args, k) is not None}
+    preset = get_preset(args.preset or DEFAULT_PRESET)
+    try:
+        if args.resume:
+            if arch:
+                raise CLIError("leave the architecture options out when resuming: the checkpoint's "
+                               "architecture is used")
+            if args.preset is None:  # the checkpoint's settings, with the options on top
+                preset.training_config(**explicit)  # validate the options now
+                return None, None, explicit
+            return None, preset.training_config(**explicit), {}
+        return preset.model_config(**arch), preset.training_config(**explicit), {}
+    except ValueError as exc:
+        raise CLIError(f"invalid option: {pydantic_message(exc)}") from None
+
+
+def run(args) -> int:
+    from ..engine import StopFlag, Trainer
+
+    images = read_tiff(args.noisy, "input")
+    noise = noise_model_from_args(args)
+    if noise is None and not args.resume:
+        raise CLIError(
+            "a noise model is needed: --noise-model FILE (see `napari-hdn noise-model fit`), "
+            "--gaussian-sigma S, or --poisson-gain G --read-noise R"
+        )
+    mcfg, tcfg, overrides = configs_from_args(args)
+    out = Path(args.out)
+    ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
+    stop = StopFlag()
+    with Progress(args.quiet) as bar:
+        trainer = Trainer(images, noise, axes=args.axes, model_config=mcfg, training_config=tcfg,
+                          training_overrides=overrides, checkpoint_dir=ckdir, callbacks=bar,
+                          resume=args.resume, stop_flag=stop)
+        with SigintStop(stop, "stopping after this step: the best model so far will be saved"):
+            model = trainer.run()  # a stop ends the run within one step with the best model
+    if args.axes:
+        model.info["axes"] = args.axes.upper()
+    model.save(out)
+    info = model.info
+    best = info.get("best_val_loss")
+    best_text = f"{best:.4f}" if best is not None else "n/a"
+    if info.get("stopped_early"):
+        print(f"stopped at step {info['steps']}: the best model so far (validation loss {best_text}) "
+              f"saved to {out}; checkpoints in {ckdir} (--resume {ckdir / 'last.hdn'} continues)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"saved {out} (steps {info['steps']}, best validation loss {best_text}; "
+          f"checkpoints in {ckdir})")
+    return EXIT_OK

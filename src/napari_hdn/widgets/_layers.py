@@ -1,0 +1,123 @@
+"""Output layers: names that say what a layer is first, axis labels, placement over the input.
+
+Names read ``"HDN <what> · <input layer> · <settings>"`` (e.g. ``"HDN MMSE · striped fluorescence ·
+L1 prior-mean"``): the layer list cuts long names at the end, so what the layer is comes first.
+The full settings are in the layer's metadata under ``"hdn"``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: axis letters of the widgets' axes strings -> napari axis labels (the sliders show them)
+AXIS_LABELS = {"T": "T", "Z": "Z", "S": "frame", "C": "C", "Y": "y", "X": "x"}
+SAMPLE_AXIS = "sample"
+
+
+def output_name(source_name: str, what: str, settings: str = "") -> str:
+    return f"HDN {what} · {source_name}" + (f" · {settings}" if settings else "")
+
+
+def axis_labels(axes: str, leading: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """napari axis labels for data with ``axes`` (e.g. "ZYX") and extra ``leading`` axes."""
+    return (*leading, *(AXIS_LABELS.get(a, a) for a in axes.upper()))
+
+
+def levels_text(modes) -> str:
+    """'L1 prior-mean, L2 zero' for the levels that are not 'posterior' ('' when all are)."""
+    return ", ".join(f"L{lv + 1} {m}" for lv, m in enumerate(modes) if m != "posterior")
+
+
+def add_or_replace_image(viewer, name: str, data: np.ndarray, like, *, leading: int = 0,
+                         metadata: dict | None = None, contrast_limits=None, colormap=None,
+                         translate=None, visible: bool = True, labels: tuple | None = None):
+    """Put ``data`` in the Image layer ``name`` (replacing its data if it exists) or add one.
+
+    The layer gets the scale and translate of the input layer ``like``; ``leading`` extra leading
+    axes (e.g. the sample axis) get scale 1 and translate 0. ``labels`` are its axis labels.
+    """
+    from napari.layers import Image
+
+    scale = (1.0,) * leading + tuple(like.scale)[-(data.ndim - leading):]
+    if translate is None:
+        translate = (0.0,) * leading + tuple(like.translate)[-(data.ndim - leading):]
+    meta = dict(metadata or {})
+    if contrast_limits is None:
+        contrast_limits = robust_limits(data)
+    existing = viewer.layers[name] if name in viewer.layers else None
+    if isinstance(existing, Image) and existing.ndim == data.ndim and not existing.rgb:
+        existing.data = data
+        existing.scale = scale
+        existing.translate = translate
+        existing.metadata = meta
+        existing.contrast_limits = contrast_limits
+        existing.visible = visible
+        if labels is not None:
+            existing.axis_labels = labels
+        return existing
+    if existing is not None:
+        viewer.layers.remove(existing)
+    kwargs = {"colormap": colormap} if colormap else {}
+    if labels is not None:
+        kwargs["axis_labels"] = labels
+    return viewer.add_image(data, name=name, scale=scale, translate=translate, metadata=meta,
+                            contrast_limits=contrast_limits, visible=visible, **kwargs)
+
+
+def robust_limits(data: np.ndarray) -> tuple[float, float]:
+    flat = np.asarray(data).ravel()
+    if flat.size > 1_000_000:
+        flat = flat[:: flat.size // 1_000_000 + 1]
+    lo, hi = (float(v) for v in np.percentile(flat, [0.5, 99.5]))
+    if not hi > lo:
+        lo, hi = float(flat.min()), float(flat.max())
+        if not hi > lo:
+            hi = lo + 1.0
+    return lo, hi
+
+
+def input_limits(layer, data: np.ndarray) -> tuple[float, float]:
+    """Contrast limits for a restoration of ``layer``: the input's, so that they compare at a glance."""
+    try:
+        lo, hi = (float(v) for v in layer.contrast_limits)
+        if hi > lo:
+            return lo, hi
+    except Exception:  # noqa: BLE001 - a layer without usable limits
+        pass
+    return robust_limits(data)
+
+
+def add_result_layers(viewer, layer, res, model_name: str, axes: str, settings: str = "",
+                      extra: dict | None = None) -> list:
+    """Add (or replace) the MMSE, variance and, when present, samples layers of a prediction.
+
+    A prediction stopped early (``res.info["stopped"]``) gets its own layers, named with the
+    number of samples it averages, so that it never overwrites a finished one.
+    """
+    base = layer.name
+    stopped = bool(res.info.get("stopped"))
+    requested = int(res.info.get("n_requested", res.n_samples))
+    if stopped:
+        count = f"{res.n_samples} of {requested} samples"
+        settings = f"{settings}, {count}" if settings else count
+    meta = {"source_layer": base, "model": model_name, "axes": axes, "n_samples": res.n_samples,
+            "n_requested": requested, "stopped": stopped, "seed": res.seed,
+            "levels": list(res.levels), "tiles": res.info.get("tiles"), **(extra or {})}
+    lims = input_limits(layer, res.mmse)
+    labels = axis_labels(axes)
+    out = [
+        add_or_replace_image(viewer, output_name(base, "MMSE", settings), res.mmse, layer,
+                             metadata={"hdn": {**meta, "output": "mmse"}}, contrast_limits=lims,
+                             labels=labels),
+        add_or_replace_image(viewer, output_name(base, "variance", settings), res.variance, layer,
+                             metadata={"hdn": {**meta, "output": "variance"}}, colormap="magma",
+                             visible=False, labels=labels),
+    ]
+    if res.samples is not None:
+        out.insert(0, add_or_replace_image(
+            viewer, output_name(base, "samples", settings), res.samples, layer, leading=1,
+            metadata={"hdn": {**meta, "output": "samples"}}, contrast_limits=lims, visible=False,
+            labels=axis_labels(axes, (SAMPLE_AXIS,))))
+    # keep the MMSE selected: it is what one looks at first
+    viewer.layers.selection.active = out[-2]
+    return out
