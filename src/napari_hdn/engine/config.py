@@ -6,6 +6,8 @@ and checkpoints, and can be built from a GUI's state or the command line's optio
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LATENT_MODES: tuple[str, ...] = ("posterior", "prior-mean", "zero")
