@@ -6,9 +6,11 @@ from .run import run
 
 ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
 ap.add_argument("--quick", action="store_true", help="small images and budgets (a few minutes)")
+ap.add_argument("--profile", choices=["smoke", "quick", "core", "full"],
+                help="a named profile (benchmarks/run.py PROFILES); default full (quick with --quick)")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
 ap.add_argument("--lock", metavar="FILE", help="hold this lock file (flock) while measuring each "
                 "dataset, so that other jobs honouring it wait instead of distorting the timings")
 a = ap.parse_args()
-run("quick" if a.quick else "full", seed=a.seed, docs=not a.no_docs, lock=a.lock)
+run(a.profile or ("quick" if a.quick else "full"), seed=a.seed, docs=not a.no_docs, lock=a.lock)

@@ -58,14 +58,16 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         f"threads), numpy {m['numpy']}, scikit-image {m.get('scikit-image', '?')}, Python {m['python']}",
         f"- Images: {s['n_images']} per dataset, {s['size']}x{s['size']} pixels; seed {s['seed']}",
         f"- Training budgets: {budgets} minutes of CPU training per learned model, each run alone "
-        "on the machine. Noise2Void trains once per budget (its learning rate follows a cosine over "
+        "on the machine. Noise2Void trains once per budget "
+        f"({s.get('n2v_budgets_min') or budgets} min; its learning rate follows a cosine over "
         "the budget); HDN trains once to the largest budget and its model is taken at each budget "
         "(the weights training returns if stopped then), so its curve is what a user who presses Stop "
         "at that minute gets.",
         f"- HDN: the \"{s.get('hdn_preset', 'fast CPU')}\" preset, {s['hdn_arch']}, training "
         f"{ {k: v for k, v in s['hdn_training'].items() if k != 'max_steps'} }; MMSE of "
-        f"{s['n_samples']} samples. The bootstrapped-noise-model variant trains for "
-        f"{s['bootstrap_min']:g} min on a GMM fitted to Noise2Void's prediction.",
+        f"{s['n_samples']} samples." + (
+            f" The bootstrapped-noise-model variant trains for {s['bootstrap_min']:g} min on a GMM "
+            "fitted to Noise2Void's prediction." if s.get("bootstrap_min") else ""),
         "- PSNR uses data range = max - min of the ground truth (the paper's convention); SSIM the "
         "same range.",
         "",
@@ -93,9 +95,9 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
             lines += ["", "HDN (calibration noise model) against the others, PSNR difference:", "", *v]
         nms = d.get("noise_models")
         if nms:
-            lines += ["", "Noise models: calibration-fitted "
-                      f"{_short(nms['calibration'])}; bootstrapped from Noise2Void "
-                      f"{_short(nms['bootstrap'])}."]
+            boot = (f"; bootstrapped from Noise2Void {_short(nms['bootstrap'])}"
+                    if "bootstrap" in nms else "")
+            lines += ["", f"Noise models: calibration-fitted {_short(nms['calibration'])}{boot}."]
         lines.append("")
     lines += _why(results)
     sp = results.get("speed")

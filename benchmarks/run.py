@@ -34,6 +34,11 @@ PROFILES = {
                   bootstrap_min=0.5, isolate=True),
     "full": dict(size=256, n_images=3, budgets_min=[2.0, 5.0, 10.0, 20.0], n_samples=100,
                  speed=True, bootstrap_min=5.0, isolate=True),
+    # the full protocol on the two sets a session's time allows: one Poisson-Gaussian, one
+    # Gaussian; Noise2Void at 5 and 20 min only; no bootstrapped noise model, no speed section
+    "core": dict(size=256, n_images=3, budgets_min=[2.0, 5.0, 10.0, 20.0], n_samples=100,
+                 speed=False, bootstrap_min=None, isolate=True, datasets=["fluo100", "natural25"],
+                 n2v_budgets_min=[5.0, 20.0]),
 }
 # isolate: each timed training in a fresh process (see time_to_quality.in_fresh_process); the smoke
 # profile skips it (it measures nothing, and a spawn costs seconds)
@@ -150,22 +155,25 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
     out["budgets_min"] = budgets
     # Noise2Void: one run per budget (its learning rate follows a cosine over the budget)
     pseudo = None
-    for b in budgets:
+    for b in prof.get("n2v_budgets_min", budgets):
         (preds, n2v_steps, t_n2v), t_all = _timed(fresh, n2v_run, ds.noisy, 60.0 * b,
                                                   seed, patch)
         add(f"Noise2Void (built-in), {b:g} min", preds, t_all,
             {"train_steps": n2v_steps, "budget_min": b, "method": "Noise2Void (built-in)",
              "seconds_per_step": t_n2v / max(n2v_steps, 1)})
-        if pseudo is None or b <= prof["bootstrap_min"]:
+        if pseudo is None or b <= (prof["bootstrap_min"] or 0):
             pseudo = preds
 
+    boot = prof["bootstrap_min"] is not None
     nm_cal, t_cal = _timed(learned.calibration_noise_model, ds.calibration, seed)
-    nm_boot, t_boot = _timed(learned.bootstrap_noise_model, ds.noisy, pseudo, seed)
-    out["noise_models"] = {"calibration": learned.describe(nm_cal), "bootstrap": learned.describe(nm_boot),
-                           "fit_seconds": {"calibration": t_cal, "bootstrap": t_boot}}
+    out["noise_models"] = {"calibration": learned.describe(nm_cal), "fit_seconds": {"calibration": t_cal}}
+    if boot:
+        nm_boot, t_boot = _timed(learned.bootstrap_noise_model, ds.noisy, pseudo, seed)
+        out["noise_models"]["bootstrap"] = learned.describe(nm_boot)
+        out["noise_models"]["fit_seconds"]["bootstrap"] = t_boot
 
     runs = [("HDN MMSE, calibration noise model", nm_cal, budgets, ds.name == "stripes")]
-    if ds.name != "stripes":
+    if ds.name != "stripes" and boot:
         runs.append(("HDN MMSE, bootstrapped noise model", nm_boot, [prof["bootstrap_min"]], False))
     for label, nm, marks, stripes in runs:
         entries = fresh(hdn_curve, ds.noisy, ds.clean, nm, marks, seed, prof, stripes)
@@ -272,6 +280,8 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
         pass
     crops = {}
     for ds in make_datasets(prof["size"], prof["n_images"], seed):
+        if prof.get("datasets") and ds.name not in prof["datasets"]:
+            continue
         log(f"dataset {ds.name}: {ds.description}")
         with _CpuLock(lock):
             r = evaluate_dataset(ds, prof, seed, log)

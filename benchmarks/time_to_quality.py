@@ -40,6 +40,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "cos5e-3": (FAST_ARCH, dict(lr=5e-3, warmup_steps=100, lr_schedule="cosine")),
     "cos2e-3-b8": (FAST_ARCH, dict(lr=2e-3, warmup_steps=50, lr_schedule="cosine", batch_size=8)),
     "cos3e-3-b8": (FAST_ARCH, dict(lr=3e-3, warmup_steps=50, lr_schedule="cosine", batch_size=8)),
+    "small-lr3e-3": (SMALL_ARCH, dict(lr=3e-3, warmup_steps=50)),
     "small-cos2e-3": (SMALL_ARCH, dict(lr=2e-3, warmup_steps=50, lr_schedule="cosine")),
     "z32-cos2e-3": (dict(FAST_ARCH, z_dim=32), dict(lr=2e-3, warmup_steps=50, lr_schedule="cosine")),
 }

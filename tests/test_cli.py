@@ -111,6 +111,8 @@ def test_train_takes_the_preset_and_single_options_override_it(patched_default_p
     mcfg, tcfg, _ = configs_from_args(_train_args("--preset", "paper", "--max-steps", "9"))
     assert mcfg.filters == PRESETS["paper"].model["filters"] and tcfg.max_steps == 9
     assert tcfg.lr == PRESETS["paper"].training["lr"]
+    _, tcfg, _ = configs_from_args(_train_args("--minutes", "1.5", "--threads", "1"))
+    assert tcfg.time_budget_s == 90.0 and tcfg.threads == 1
     # resuming keeps the checkpoint's settings unless a preset is named; options still apply
     assert configs_from_args(_train_args("--resume", "c.hdn", "--max-steps", "9")) == \
         (None, None, {"max_steps": 9})
@@ -136,6 +138,7 @@ def test_demo_trains_the_default_preset_and_its_bar_counts_time(tmp_path, patche
     tc = model.info["training_config"]
     assert tc["lr"] == 0.00123 and tc["lr_patience"] == 7 and tc["batch_size"] == 4
     assert tc["max_steps"] > 1000  # the clock stops it, not the preset's 3 steps
+    assert tc["time_budget_s"] == pytest.approx(0.02 * 60)
     assert figures["preset"] == patched_default_preset.name
     assert {"train", "predict"} <= {e.task for e in events}
     assert (tmp_path / "mmse.tif").exists() and "PSNR MMSE" in capsys.readouterr().out
@@ -147,6 +150,15 @@ def test_demo_trains_the_default_preset_and_its_bar_counts_time(tmp_path, patche
                       metrics={"train_loss": 1.5}))
     b = bar.bars["train"]
     assert b.total == 180.0 and b.n == 45.0 and b.unit == "s"
+    bar.close()
+    # a run with a time budget is drawn in seconds of training without being told
+    bar = Progress()
+    bar(ProgressEvent("train", "start", step=0, total=2000, elapsed=0.0,
+                      metrics={"time_budget_s": 60.0}))
+    bar(ProgressEvent("train", "step", step=9, total=2000, elapsed=20.0,
+                      metrics={"train_seconds": 15.0, "time_budget_s": 60.0}))
+    b = bar.bars["train"]
+    assert b.total == 60.0 and b.n == 15.0 and b.unit == "s"
     bar.close()
 
 

@@ -12,8 +12,8 @@ from .engine.metrics import psnr
 from .engine.presets import DEFAULT_PRESET, get_preset
 from .synthetic import noisy_fluorescence
 
-#: settings of this run on top of the preset's training settings: the clock stops it (max_steps
-#: only bounds it), frequent validations keep the best model close to the end of the budget
+#: settings of this run on top of the preset's training settings: its time budget stops it
+#: (max_steps only bounds it), frequent validations keep the best model close to the end of it
 DEMO_RUN = dict(max_steps=1_000_000, steps_per_epoch=25, val_fraction=0.25,
                 early_stopping_patience=None)
 
@@ -28,7 +28,7 @@ def run_demo(out_dir: Path, minutes: float = 3.0, seed: int = 0, device: str = "
     """
     import tifffile
 
-    from .engine import PoissonGaussianNoiseModel, StopFlag, Trainer
+    from .engine import PoissonGaussianNoiseModel, Trainer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,18 +42,10 @@ def run_demo(out_dir: Path, minutes: float = 3.0, seed: int = 0, device: str = "
     say(f"data: 4 noisy frames of 192x192 (Poisson-Gaussian, gain {s0.gain}, read noise "
         f"{s0.read_noise}, offset {s0.offset}); noise model: {noise!r}; model: the "
         f"'{preset.name}' preset, trained for {minutes:g} min")
-    stop = StopFlag()
-    deadline = time.perf_counter() + minutes * 60
-    relay = callbacks if callable(callbacks) else (lambda ev: None)
-
-    def on_event(ev):
-        relay(ev)
-        if time.perf_counter() > deadline:
-            stop.set()
-
+    tcfg = preset.training_config(**DEMO_RUN, seed=seed, device=device, time_budget_s=minutes * 60)
     trainer = Trainer(noisy, noise, axes="SYX", model_config=preset.model_config(),
-                      training_config=preset.training_config(**DEMO_RUN, seed=seed, device=device),
-                      checkpoint_dir=out_dir / "checkpoints", callbacks=on_event, stop_flag=stop)
+                      training_config=tcfg, checkpoint_dir=out_dir / "checkpoints",
+                      callbacks=callbacks)
     t0 = time.perf_counter()
     model = trainer.run()
     train_s = time.perf_counter() - t0

@@ -70,7 +70,8 @@ class Progress:
 
     Use an instance as the ``callbacks=`` of an engine call, and as a context manager (or call
     :meth:`close`). ``time_budget={"train": seconds}`` draws that task's bar in seconds rather than
-    steps, for runs stopped by a clock: its ETA is then the time the budget leaves.
+    steps, for runs stopped by a clock: its ETA is then the time the budget leaves. A training run
+    with ``time_budget_s`` set is drawn so without being told.
     """
 
     TASKS = {"train": ("training", "step"), "predict": ("sampling", "sample"),
@@ -88,6 +89,9 @@ class Progress:
             return
         from tqdm import tqdm
 
+        metrics = ev.metrics or {}
+        if ev.task not in self.time_budget and metrics.get("time_budget_s"):
+            self.time_budget[ev.task] = metrics["time_budget_s"]  # a run with a time budget
         budget = self.time_budget.get(ev.task)
         bar = self.bars.get(ev.task)
         if bar is None:
@@ -98,7 +102,8 @@ class Progress:
         post = self.last.setdefault(ev.task, {})
         post.update({k: f"{ev.metrics[k]:.4f}" for k in self.SHOWN if ev.metrics.get(k) is not None})
         if budget:
-            bar.n = min(round(ev.elapsed, 1), budget)
+            spent = metrics.get("train_seconds", ev.elapsed)  # training time, if reported
+            bar.n = min(round(spent, 1), budget)
             post["step"] = str(ev.step)
         else:
             if ev.total and bar.total != ev.total:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
-from ._common import EXIT_INTERRUPTED, EXIT_OK, Progress, SigintStop, parse_levels, read_tiff
+from ._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    CLIError,
+    Progress,
+    SigintStop,
+    parse_levels,
+    read_tiff,
+)
 
 
 def add_parser(sub) -> None:
@@ -30,6 +39,8 @@ def add_parser(sub) -> None:
                    help="what switched-off levels use: the prior mean (default) or zeros")
     r.add_argument("--device", help="auto (default), cpu, cuda or mps")
     r.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0)")
+    r.add_argument("--threads", type=int, help="CPU threads (default: torch's, all cores); fewer "
+                   "leaves cores to other work")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=run)
 
@@ -39,13 +50,18 @@ def run(args) -> int:
     import tifffile
 
     from ..engine import StopFlag, load_model, predict_in_rounds
+    from ..engine.noise.diagnostics import cpu_threads
 
     model = load_model(args.model)
     image = read_tiff(args.noisy, "input")
     off = parse_levels(args.deactivate)
     levels = {lv: args.deactivate_mode for lv in off} if off else None
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be at least 1, not {args.threads}")
     stop = StopFlag()
-    with Progress(args.quiet) as bar, SigintStop(stop, "stopping: the samples drawn so far are kept"):
+    threads = cpu_threads(args.threads) if args.threads else contextlib.nullcontext()
+    with Progress(args.quiet) as bar, threads, \
+            SigintStop(stop, "stopping: the samples drawn so far are kept"):
         res = predict_in_rounds(model, image, n_samples=args.samples, axes=args.axes, levels=levels,
                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                                 batch_size=args.batch_size, seed=args.seed,

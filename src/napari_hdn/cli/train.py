@@ -19,7 +19,7 @@ from ._common import (
 
 ARCH_OPTIONS = ("levels", "z_dim", "filters", "blocks")
 TRAINING_OPTIONS = ("patch_size", "batch_size", "max_steps", "val_fraction", "device", "seed", "lr",
-                    "steps_per_epoch", "grad_clip")
+                    "steps_per_epoch", "grad_clip", "threads")
 
 
 def add_parser(sub) -> None:
@@ -56,11 +56,16 @@ def add_parser(sub) -> None:
     o.add_argument("--patch-size", type=int, help="square training patch side")
     o.add_argument("--batch-size", type=int, help="patches per step")
     o.add_argument("--max-steps", type=int, help="optimizer steps")
+    o.add_argument("--minutes", type=float, help="stop after this many minutes of training (a time "
+                   "budget; validation is not counted); the progress bar then counts time")
     o.add_argument("--steps-per-epoch", type=int, help="steps between validations (default: auto)")
     o.add_argument("--val-fraction", type=float, help="fraction of data held out (default 0.1)")
     o.add_argument("--lr", type=float, help="Adamax learning rate")
     o.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     o.add_argument("--device", help="auto (default), cpu, cuda or mps")
+    o.add_argument("--threads", type=int, help="CPU threads (default: all cores, fewer while "
+                   "another job keeps them busy; a number fixes the count and makes a seeded CPU "
+                   "run repeatable bit for bit)")
     o.add_argument("--seed", type=int, help="random seed (default 0; same seed, same CPU run)")
     o.add_argument("--checkpoint-dir", help="where best.hdn/last.hdn go (default: OUT.checkpoints)")
     o.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. last.hdn)")
@@ -96,6 +101,8 @@ def configs_from_args(args):
     if args.deactivate:
         arch["deactivated_levels"] = parse_levels(args.deactivate)
     explicit = {k: getattr(args, k) for k in TRAINING_OPTIONS if getattr(args, k) is not None}
+    if args.minutes is not None:
+        explicit["time_budget_s"] = args.minutes * 60
     preset = get_preset(args.preset or DEFAULT_PRESET)
     try:
         if args.resume:
