@@ -66,3 +66,12 @@ class Notes:
 
     def clear(self) -> None:
         self.items.clear()
+
+
+PLUGIN = "napari-hdn"
+WAIT = 60_000  # ms; generous upper bound, tests finish long before it
+
+
+def dock(viewer, name):
+    """Open one of the plugin's widgets (by its manifest name) and return it."""
+    return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]

@@ -36,3 +36,34 @@ def tiny_model():
         model.ladder(torch.randn(8, 1, 32, 32))
     model.ladder.eval()
     return model
+
+
+# -- widget tests (pytest-qt under Xvfb) -------------------------------------------------------------
+
+
+@pytest.fixture
+def widget_session():
+    """A clean widget session and one torch thread: the GUI thread (and llvmpipe rendering under
+    Xvfb) keep the other core, and the tests stay quick on a shared 2-core machine. Widget test
+    modules use it for every test (``pytestmark = pytest.mark.usefixtures("widget_session")``)."""
+    from napari_hdn.session import get_session
+
+    torch.set_num_threads(1)
+    get_session().clear()
+    yield
+    get_session().clear()
+
+
+@pytest.fixture
+def notes():
+    """The napari notifications shown during a test (see _widget_helpers.Notes)."""
+    from _widget_helpers import Notes
+
+    n = Notes()
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()

@@ -55,6 +55,16 @@ def test_more_cores_form_a_halving_ladder_and_one_core_does_nothing():
     assert simulate(gov, [(50, {1: 1.0})]) == [1] * 50
 
 
+def test_short_steps_keep_one_count():
+    """Steps under min_step_s (tests, tiny images) never change the count, even when they jump."""
+    torch.set_num_threads(2)
+    gov = ThreadGovernor(2)
+    jumpy = [0.001, 0.02, 0.001, 0.03, 0.002] * 40
+    for t in jumpy:
+        gov.observe(t)
+    assert gov.history == [] and torch.get_num_threads() == 2
+
+
 def test_training_reports_threads_and_restores_the_count():
     import numpy as np
 

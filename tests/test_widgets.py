@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _widget_helpers import Notes, set_tiny, tiny_model
+from _widget_helpers import PLUGIN, WAIT, dock, set_tiny, tiny_model
 
 from napari_hdn.widgets import (
     ArtefactWidget,
@@ -21,35 +21,7 @@ from napari_hdn.widgets import (
 )
 from napari_hdn.widgets._base import TaskState
 
-PLUGIN = "napari-hdn"
-WAIT = 60_000  # ms; generous upper bound, tests finish long before it
-
-
-@pytest.fixture(autouse=True)
-def _clean_session():
-    # one torch thread: the GUI thread (and llvmpipe rendering under Xvfb) keep the other core, and
-    # the tests stay quick when other processes share this 2-core machine
-    torch.set_num_threads(1)
-    get_session().clear()
-    yield
-    get_session().clear()
-
-
-@pytest.fixture
-def notes():
-    n = Notes()
-    yield n
-    n.close()
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-def dock(viewer, name):
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-    return widget
+pytestmark = pytest.mark.usefixtures("widget_session")
 
 
 def camera(viewer):

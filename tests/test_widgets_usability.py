@@ -13,38 +13,12 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from _widget_helpers import Notes, set_tiny, tiny_model
+from _widget_helpers import PLUGIN, WAIT, dock, set_tiny, tiny_model
 
 from napari_hdn.session import get_session
 from napari_hdn.widgets._base import TaskState
 
-PLUGIN = "napari-hdn"
-WAIT = 60_000
-
-
-@pytest.fixture(autouse=True)
-def _clean_session():
-    torch.set_num_threads(1)
-    get_session().clear()
-    yield
-    get_session().clear()
-
-
-@pytest.fixture
-def notes():
-    n = Notes()
-    yield n
-    n.close()
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-def dock(viewer, name):
-    return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
+pytestmark = pytest.mark.usefixtures("widget_session")
 
 
 def wait_idle(qtbot, task, timeout=WAIT):

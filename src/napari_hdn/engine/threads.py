@@ -32,17 +32,23 @@ class ThreadGovernor:
         Steps before a count is first tried (and again after it won a try).
     max_interval : int
         The longest spacing (steps) between tries of a count that keeps losing.
+    min_step_s : float
+        Steps faster than this (median) are left alone: the thread count cannot matter much there,
+        and timings that short are mostly noise. It also keeps short runs (tests, tiny images) on
+        one fixed count, so that they repeat bit for bit.
 
     Call :meth:`observe` with the duration of every step; it sets the count for the next step.
     """
 
-    def __init__(self, max_threads: int | None = None, first_probe: int = 20, max_interval: int = 320):
+    def __init__(self, max_threads: int | None = None, first_probe: int = 20, max_interval: int = 320,
+                 min_step_s: float = 0.05):
         n = max(1, int(max_threads or torch.get_num_threads()))
         ladder = [n]
         while ladder[-1] > 1:
             ladder.append(max(1, ladder[-1] // 2))
         self.ladder = ladder  # e.g. [8, 4, 2, 1] or [2, 1]
         self.first_probe, self.max_interval = first_probe, max_interval
+        self.min_step_s = min_step_s
         self.times: dict[int, deque] = {k: deque(maxlen=7) for k in ladder}
         self.interval = {k: first_probe for k in ladder}
         self.history: list[tuple[int, int]] = []  # (step, threads) at every change
@@ -82,6 +88,8 @@ class ThreadGovernor:
         t = self.times[self.current]
         base = statistics.median(t) if len(t) >= 3 else None
         t.append(seconds)
+        if base is None or base < self.min_step_s:
+            return self.current  # too few or too short steps to judge by
         # another job started (or stopped sharing): the figures no longer describe the machine
         sudden = base is not None and seconds > 2.0 * base and t[-2] > 2.0 * base
         if sudden:
