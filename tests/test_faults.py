@@ -577,3 +577,51 @@ def test_reader_probe(inputs, monkeypatch, name):
     assert [k for k, _ in shown] == ["error"], shown  # never "loaded"
     assert "Could not open" in shown[0][1]
     assert _hashes(inputs) == before
+
+
+def test_save_dialog_asks_before_replacing_the_file_it_adds_a_suffix_to(tmp_path, monkeypatch):
+    from napari_hdn.widgets import _forms
+
+    (tmp_path / "m.hdn").write_bytes(b"a colleague's model")
+    monkeypatch.setattr(_forms.QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a: (str(tmp_path / "m"), "")))
+    asked = []
+    monkeypatch.setattr(_forms.QMessageBox, "question", staticmethod(
+        lambda *a: asked.append(a[2]) or _forms.QMessageBox.StandardButton.No))
+    assert _forms.ask_save(None, "Save HDN model", "m.hdn", "*.hdn", ".hdn") is None
+    assert asked and "m.hdn already exists" in asked[0]
+    assert (tmp_path / "m.hdn").read_bytes() == b"a colleague's model"
+
+
+def test_warnings_with_numbers_before_the_work_starts(inputs, tmp_path):
+    import napari_hdn
+
+    far = _img() * 10 + 5000  # uint16-like data of another camera, into a model trained at 50 +- 30
+    with pytest.warns(HDNWarning, match=r"far from the data the model was trained on \(mean 50"):
+        napari_hdn.predict(_model(), far, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HDNWarning)
+        napari_hdn.predict(_model(), _img(), 1)  # data like the training data: no warning
+    with pytest.warns(HDNWarning, match="at or below the Poisson-Gaussian offset 100"):
+        napari_hdn.train(-_img(), PoissonGaussianNoiseModel(2.0, 3.0, 100.0), **TINY,
+                         patch_size=32, batch_size=2, max_steps=1, val_fraction=0.0, device="cpu")
+
+
+def test_kill_minus_9_mid_predict_keeps_the_previous_result(inputs, tmp_path):
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "mmse.tif").write_bytes(b"the previous result")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "napari_hdn.cli", "predict",
+                             str(inputs / "m.hdn"), str(inputs / "noisy.tif"), "--out-dir",
+                             str(out), "--samples", "100000", "--overwrite"],
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        proc.stderr.read(1)  # the progress bar has started: sampling is under way
+        assert proc.poll() is None, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (out / "mmse.tif").read_bytes() == b"the previous result"
+    assert not (out / "variance.tif").exists()

@@ -9,6 +9,7 @@ the network's receptive field. It also makes results independent of the sample b
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 
 from .data import as_float_array, check_axes
 from .device import resolve_device
-from .errors import InputError, StopRequested
+from .errors import HDNWarning, InputError, StopRequested
 from .events import Callback, Reporter, StopFlag
 from .ladder import pad_to_multiple
 from .options import check_options
@@ -240,6 +241,29 @@ def as_model(model):
     return model
 
 
+#: an image whose mean lies this many training stds from the training mean gets a warning
+FAR_FROM_TRAINING = 3.0
+
+
+def check_training_range(model, arr: np.ndarray) -> str:
+    """Warn (:class:`HDNWarning`) when ``arr`` is far from the data ``model`` was trained on: a
+    network sees only normalised data, so an image in other units gives a plausible-looking but
+    wrong result. Returns the message ("" when the data are alike)."""
+    norm = model.normalisation
+    sub = arr.ravel()[:: max(1, arr.size // 1_000_000)].astype(np.float64)
+    mean, std = float(sub.mean()), float(sub.std())
+    off = abs(mean - norm.mean) / norm.std
+    ratio = std / norm.std
+    if off <= FAR_FROM_TRAINING and ratio <= FAR_FROM_TRAINING**2:  # a calm crop is no concern
+        return ""
+    msg = (f"the image (mean {mean:.4g}, std {std:.4g}) is far from the data the model was trained "
+           f"on (mean {norm.mean:.4g}, std {norm.std:.4g}; the image's mean is {off:.1f} training "
+           "stds away): the result may look plausible and still be wrong; use a model trained on "
+           "data like this (same camera, settings and units)")
+    warnings.warn(msg, HDNWarning, stacklevel=3)
+    return msg
+
+
 def check_some_level_active(modes: list[str]) -> None:
     """Refuse switching every latent level off: the result would ignore the image."""
     if "posterior" not in modes:
@@ -349,6 +373,8 @@ def predict(
     ax = check_axes(axes, arr.shape)
     modes = model.resolve_modes(levels)
     check_some_level_active(modes)
+    if first_sample == 0:  # once, not again for each round of predict_in_rounds
+        check_training_range(model, arr)
     dev = resolve_device(device) if device is not None else model.device
     net = inference_model(model, dev)  # one copy (if any) for all tiles
     m = model.config.downscale

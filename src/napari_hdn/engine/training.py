@@ -26,7 +26,7 @@ from .data import (
     to_frames,
 )
 from .device import resolve_device
-from .errors import InputError, ModelFileError, OptionError, TrainingDivergedError
+from .errors import HDNWarning, InputError, ModelFileError, OptionError, TrainingDivergedError
 from .events import Callback, Reporter, StopFlag
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
@@ -45,6 +45,22 @@ def _noise_state(nm) -> tuple:
     params, tensors = nm.get_state()
     return (nm.kind, repr(sorted(params.items())),
             tuple((k, tuple(v.shape), float(v.double().sum())) for k, v in sorted(tensors.items())))
+
+
+def _check_shot_noise(nm, frames) -> None:
+    """Warn when a Poisson-Gaussian model meets data (almost) all at or below its offset: the shot
+    noise it models is then zero everywhere, which is rarely what the camera did."""
+    if getattr(nm, "kind", "") != "poisson-gaussian":
+        return
+    vals = np.concatenate([f.ravel()[:: max(1, f.size // 100_000)] for f in frames])
+    hi = float(np.percentile(vals, 99))
+    if hi <= nm.offset:
+        warnings.warn(
+            f"99% of the data are at or below the Poisson-Gaussian offset {nm.offset:g} (99th "
+            f"percentile {hi:.4g}): the model sees no shot noise there; check the offset (the "
+            "camera's dark level) and that the data are raw counts, not background-subtracted",
+            HDNWarning, stacklevel=4,
+        )
 
 
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
@@ -181,6 +197,7 @@ class Trainer:
             self.model.info["noise_range"] = self.noise_range
         if self.noise_range["level"] == "warning":
             warnings.warn(self.noise_range["message"], NoiseModelRangeWarning, stacklevel=3)
+        _check_shot_noise(self.model.noise_model, frames)
         self.model.to(self.device)
         self.model.ladder.set_bn_chunk(self.tcfg.bn_chunk)
         if self.tcfg.channels_last:
