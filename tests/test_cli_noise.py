@@ -139,9 +139,9 @@ def test_user_errors_exit_1_with_a_message(files, tmp_path, capsys):
         (["noise-model", "fit", "--calibration", str(tmp_path / "missing.tif"), "--out",
           str(tmp_path / "x.hdnoise")], "not found"),
         (["noise-model", "fit", "--calibration", str(files / "frames.tif"), "--gaussians", "0",
-          "--out", str(tmp_path / "x.hdnoise")], "n_gaussians"),
+          "--out", str(tmp_path / "x.hdnoise")], "--gaussians must be at least 1"),
         (["noise-model", "fit", "--calibration", str(files / "frames.tif"), "--val-fraction", "2",
-          "--out", str(tmp_path / "x.hdnoise")], "val_fraction"),
+          "--out", str(tmp_path / "x.hdnoise")], "--val-fraction must be less than 1"),
         (["noise-model", "fit", "--noisy", str(files / "noisy.tif"), "--pseudo-clean",
           str(files / "clean.tif"), "--out", str(tmp_path / "x.hdnoise")], "shape"),
     ]

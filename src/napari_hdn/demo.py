@@ -10,6 +10,7 @@ import numpy as np
 
 from .engine.metrics import psnr
 from .engine.presets import DEFAULT_PRESET, get_preset
+from .engine.safeio import atomic_write, write_tiff
 from .synthetic import noisy_fluorescence
 
 #: settings of this run on top of the preset's training settings: its time budget stops it
@@ -26,8 +27,6 @@ def run_demo(out_dir: Path, minutes: float = 3.0, seed: int = 0, device: str = "
     ``callbacks`` receive the training and prediction progress events (the command line draws its
     progress bars from them).
     """
-    import tifffile
-
     from .engine import PoissonGaussianNoiseModel, Trainer
 
     out_dir = Path(out_dir)
@@ -66,11 +65,11 @@ def run_demo(out_dir: Path, minutes: float = 3.0, seed: int = 0, device: str = "
         "n_samples": n_samples,
         "preset": preset.name,
     }
-    tifffile.imwrite(out_dir / "noisy.tif", noisy[0])
-    tifffile.imwrite(out_dir / "truth.tif", truth)
-    tifffile.imwrite(out_dir / "mmse.tif", res.mmse)
-    tifffile.imwrite(out_dir / "variance.tif", res.variance)
-    tifffile.imwrite(out_dir / "samples.tif", res.samples[:8])
+    write_tiff(out_dir / "noisy.tif", noisy[0])
+    write_tiff(out_dir / "truth.tif", truth)
+    write_tiff(out_dir / "mmse.tif", res.mmse)
+    write_tiff(out_dir / "variance.tif", res.variance)
+    write_tiff(out_dir / "samples.tif", res.samples[:8])
     save_figure(out_dir / "demo.png", noisy[0], res.samples[0], res.samples[1], res.variance,
                 res.mmse, truth, figures)
     print(f"PSNR noisy input: {figures['psnr_noisy']:.2f} dB")
@@ -104,5 +103,5 @@ def save_figure(path, noisy, s1, s2, variance, mmse, truth, figures) -> None:
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=90), "figure")
     plt.close(fig)

@@ -44,10 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    import warnings
+
     from ..engine.errors import HDNError
 
+    def show(message, category, *_args, **_kw) -> None:  # one line, without file and line number
+        print(f"napari-hdn: warning: {message}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return int(args.func(args) or 0)
     except (HDNError, CLIError) as exc:
         print(f"napari-hdn: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -20,18 +20,80 @@ class CLIError(HDNError):
     """A user mistake detected by the command line itself (exit code 1, like the engine's)."""
 
 
-def read_tiff(path: str | Path, what: str = "input"):
-    """The image in a TIFF file as a numpy array, or a CLIError saying what is wrong."""
+def read_tiff(path: str | Path, what: str = "input", with_axes: bool = False):
+    """The image in a TIFF file as a numpy array, or a CLIError saying what is wrong.
+
+    With ``with_axes``, returns ``(array, axes)`` where ``axes`` are those the file declares
+    (ImageJ or OME metadata), or None when it declares none. A declared channel axis with more than
+    one channel is refused (HDN restores one channel at a time); one of length 1 is dropped.
+    """
     import numpy as np
     import tifffile
 
     p = Path(path)
     if not p.exists():
         raise CLIError(f"{what} file not found: {p}")
+    if p.is_dir():
+        raise CLIError(f"{what} {p} is a folder, not a TIFF file")
     try:
-        return np.asarray(tifffile.imread(p))
+        with tifffile.TiffFile(p) as tif:
+            series = tif.series[0]
+            arr = np.asarray(series.asarray())
+            declared = series.axes.upper() if (tif.is_imagej or tif.is_ome) else None
     except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem
         raise CLIError(f"could not read {what} {p} as a TIFF image ({exc})") from None
+    axes = None
+    if declared and len(declared) == arr.ndim:
+        for letter in ("C", "S"):  # S: RGB samples in tifffile's naming
+            if letter in declared:
+                n = arr.shape[declared.index(letter)]
+                if n > 1:
+                    raise CLIError(
+                        f"{what} {p} declares a channel axis ({declared}, {n} "
+                        f"{'channels' if letter == 'C' else 'colour samples'}): HDN restores one "
+                        "channel at a time; save one channel as its own TIFF first")
+                arr = arr.squeeze(declared.index(letter))
+                declared = declared.replace(letter, "")
+        axes = declared if set(declared) <= set("STZYX") and declared.endswith("YX") else None
+    return (arr, axes) if with_axes else arr
+
+
+def resolve_axes(given: str | None, declared: str | None, path) -> str | None:
+    """The axes to use: those given (``--axes``), else those the file declares. A disagreement
+    is said on stderr (the given ones win)."""
+    if given and declared and given.upper() != declared:
+        print(f"napari-hdn: warning: {path} declares axes {declared}; using --axes {given.upper()}",
+              file=sys.stderr)
+    return given or declared
+
+
+def check_outputs(outputs, inputs, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that are inputs, exist (without ``--overwrite``), repeat
+    each other, or lie in folders that cannot be written; ``outputs`` is ``[(path, what)]``."""
+    from ..engine.safeio import check_output
+
+    seen: dict = {}
+    for path, what in outputs:
+        if path is None:
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise CLIError(f"the {what} and the {seen[key]} are the same file {path}: give them "
+                           "different names")
+        seen[key] = what
+        check_output(path, inputs=[i for i in inputs if i is not None], overwrite=overwrite,
+                     what=what, overwrite_hint="add --overwrite")
+
+
+def check_numbers(args, **keys) -> None:
+    """Check ``args`` attributes against the engine's option rules (``keys``: rule name -> attribute
+    name), naming the command-line options in the messages."""
+    from ..engine.options import check_option
+
+    for rule, attr in keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            check_option(rule, value, style="cli")
 
 
 def parse_levels(text: str | None, option: str = "--deactivate") -> list[int]:
@@ -59,10 +121,9 @@ def floats(text: str, what: str, n: int | None = None) -> list[float]:
 
 def pydantic_message(exc: Exception) -> str:
     """The field errors of a pydantic ValidationError on one line."""
-    errs = getattr(exc, "errors", None)
-    if callable(errs):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs())
-    return str(exc)
+    from ..engine.config import validation_message
+
+    return validation_message(exc)
 
 
 class Progress:

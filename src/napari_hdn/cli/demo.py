@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.presets import DEFAULT_PRESET
-from ._common import EXIT_OK, Progress
+from ._common import EXIT_OK, CLIError, Progress, check_numbers, check_outputs
+
+OUTPUTS = ("demo.hdn", "noisy.tif", "truth.tif", "mmse.tif", "variance.tif", "samples.tif",
+           "demo.png")
 
 
 def add_parser(sub) -> None:
@@ -17,11 +20,19 @@ def add_parser(sub) -> None:
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier demo in --out-dir")
     d.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..demo import run_demo
+
+    check_numbers(args, minutes="minutes", seed="seed")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out-dir {out} is a file, not a folder")
+    check_outputs([(out / n, n) for n in OUTPUTS], [], args.overwrite)
 
     # training stops on a clock: its bar counts seconds, so the ETA is the budget left
     with Progress(args.quiet, time_budget={"train": args.minutes * 60}) as bar:

@@ -12,7 +12,17 @@ import json
 import sys
 from pathlib import Path
 
-from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress, SigintStop, floats, read_tiff
+from ._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Progress,
+    SigintStop,
+    check_numbers,
+    check_outputs,
+    floats,
+    read_tiff,
+)
 
 FIT_EPILOG = """\
 data (choose one):
@@ -62,9 +72,9 @@ def _describe_lines(desc: dict) -> list[str]:
 # -- fit -----------------------------------------------------------------------------------------
 def _n2v_pseudo_clean(noisy, args, cb, stop):
     import numpy as np
-    import tifffile
 
     from ..engine.noise.n2v import train_n2v
+    from ..engine.safeio import write_tiff
 
     kw = {"max_steps": args.n2v_steps}
     if args.n2v_minutes:
@@ -72,9 +82,7 @@ def _n2v_pseudo_clean(noisy, args, cb, stop):
     den = train_n2v(noisy, device=args.device, seed=args.seed, callbacks=cb, stop_flag=stop, **kw)
     pseudo = den.predict(noisy, device=args.device)
     if args.save_pseudo_clean:
-        Path(args.save_pseudo_clean).parent.mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(args.save_pseudo_clean, np.asarray(pseudo, np.float32),
-                         photometric="minisblack")
+        write_tiff(args.save_pseudo_clean, np.asarray(pseudo, np.float32), photometric="minisblack")
     return pseudo
 
 
@@ -107,8 +115,17 @@ def cmd_fit(args) -> int:
         p.error("give either --pseudo-clean or --bootstrap n2v, not both")
     if not (args.calibration or args.noisy):
         p.error("give the data: --calibration FRAMES.tif, --clean C.tif --noisy N.tif, or --noisy N.tif")
+    check_numbers(args, n_gaussians="gaussians", degree="degree", min_variance="min_variance",
+                  iterations="iterations", fit_val_fraction="val_fraction", n2v_steps="n2v_steps",
+                  n2v_minutes="n2v_minutes", seed="seed")
 
     out = Path(args.out)
+    fig_path = None
+    if not args.no_figure:
+        fig_path = Path(args.figure) if args.figure else out.with_suffix(".diagnostics.png")
+    check_outputs([(out, "noise-model file (--out)"), (fig_path, "diagnostics figure"),
+                   (args.save_pseudo_clean, "pseudo-clean image (--save-pseudo-clean)")],
+                  [args.calibration, args.clean, args.noisy, args.pseudo_clean], args.overwrite)
     stop = StopFlag()
     cb = Progress(args.quiet)
     fit_kw = dict(kind=args.kind, n_gaussians=args.gaussians, degree=args.degree,
@@ -141,9 +158,7 @@ def cmd_fit(args) -> int:
             print(f"warning: {w.message}", file=sys.stderr)
     model.save(out)
     desc = model.describe()
-    fig_path = None
-    if not args.no_figure:
-        fig_path = Path(args.figure) if args.figure else out.with_suffix(".diagnostics.png")
+    if fig_path is not None:
         # at most 2 million of the pairs keep the figure quick
         n = len(pairs)
         pick = slice(None)
@@ -152,7 +167,6 @@ def cmd_fit(args) -> int:
         s, x = pairs.signal[pick], pairs.observation[pick]
         hist = HistogramNoiseModel.from_pairs(s, x) if model.kind == "gmm" else None
         fig = diagnostics_figure(model, s, x, histogram=hist)
-        fig_path.parent.mkdir(parents=True, exist_ok=True)
         save_figure(fig, fig_path)
     if args.json:
         print(json.dumps({"file": str(out), "figure": str(fig_path) if fig_path else None, **desc}))
@@ -179,6 +193,8 @@ def cmd_describe(args) -> int:
 
     from ..engine.noise import diagnostics_figure, load_noise_model, save_figure
 
+    if args.figure:
+        check_outputs([(args.figure, "figure (--figure)")], [args.file], args.overwrite)
     model = load_noise_model(args.file)
     desc = model.describe()
     rng = getattr(model, "signal_range", None)
@@ -258,6 +274,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--figure", metavar="PNG",
                    help="diagnostics figure to write (default: OUT with suffix .diagnostics.png)")
     o.add_argument("--no-figure", action="store_true", help="do not write a diagnostics figure")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace --out, the figure and --save-pseudo-clean if they exist")
     o.add_argument("--json", action="store_true",
                    help="print the fitted model's description as JSON instead of text")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -297,5 +315,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ds.add_argument("--figure", metavar="PNG",
                     help="also write a figure of the model (std vs signal with the data statistics "
                     "stored at fitting time, p(x|s) at a few levels)")
+    ds.add_argument("--overwrite", action="store_true", help="replace --figure if it exists")
     ds.set_defaults(func=cmd_describe)
     return nm

@@ -13,8 +13,11 @@ from ._common import (
     CLIError,
     Progress,
     SigintStop,
+    check_numbers,
+    check_outputs,
     parse_levels,
     read_tiff,
+    resolve_axes,
 )
 
 
@@ -25,6 +28,8 @@ def add_parser(sub) -> None:
     r.add_argument("model", help="model file from `napari-hdn train`")
     r.add_argument("noisy", help="noisy TIFF to restore (YX or a stack of frames)")
     r.add_argument("--out-dir", required=True, help="folder for the output TIFFs")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace mmse.tif, variance.tif and samples.tif in OUT_DIR if they exist")
     r.add_argument("--samples", type=int, default=100, help="posterior samples (default 100)")
     r.add_argument("--save-samples", action="store_true",
                    help="also write samples.tif (leading sample axis; memory: SAMPLES x image)")
@@ -45,39 +50,51 @@ def add_parser(sub) -> None:
     r.set_defaults(func=run)
 
 
+NUMBERS = dict(n_samples="samples", tile_size="tile_size", tile_overlap="tile_overlap",
+               batch_size="batch_size", seed="seed", threads="threads")
+
+
 def run(args) -> int:
     import numpy as np
-    import tifffile
 
-    from ..engine import StopFlag, load_model, predict_in_rounds
+    from ..engine import InputError, StopFlag, load_model, predict_in_rounds
     from ..engine.noise.diagnostics import cpu_threads
+    from ..engine.prediction import check_some_level_active
+    from ..engine.safeio import write_tiff
 
+    check_numbers(args, **NUMBERS)
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out-dir {out} is a file, not a folder")
+    names = ["mmse.tif", "variance.tif"] + (["samples.tif"] if args.save_samples else [])
+    check_outputs([(out / n, n) for n in names], [args.model, args.noisy], args.overwrite)
     model = load_model(args.model)
-    image = read_tiff(args.noisy, "input")
+    image, declared = read_tiff(args.noisy, "input", with_axes=True)
+    axes = resolve_axes(args.axes, declared, args.noisy)
     off = parse_levels(args.deactivate)
     levels = {lv: args.deactivate_mode for lv in off} if off else None
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be at least 1, not {args.threads}")
+    try:
+        check_some_level_active(model.resolve_modes(levels))
+    except InputError as exc:
+        raise CLIError(f"--deactivate {args.deactivate}: {exc}") from None
     stop = StopFlag()
     threads = cpu_threads(args.threads) if args.threads else contextlib.nullcontext()
     with Progress(args.quiet) as bar, threads, \
             SigintStop(stop, "stopping: the samples drawn so far are kept"):
-        res = predict_in_rounds(model, image, n_samples=args.samples, axes=args.axes, levels=levels,
+        res = predict_in_rounds(model, image, n_samples=args.samples, axes=axes, levels=levels,
                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                                 batch_size=args.batch_size, seed=args.seed,
                                 return_samples=args.save_samples, device=args.device, callbacks=bar,
                                 stop_flag=stop)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stopped = bool(res.info.get("stopped"))
     meta = {"levels": res.levels, "n_samples": res.n_samples, "seed": res.seed,
             "model": str(args.model), "stopped": stopped, "n_requested": args.samples}
     desc = json.dumps(meta)
-    tifffile.imwrite(out / "mmse.tif", res.mmse.astype(np.float32), description=desc)
-    tifffile.imwrite(out / "variance.tif", res.variance.astype(np.float32), description=desc)
+    write_tiff(out / "mmse.tif", res.mmse.astype(np.float32), description=desc)
+    write_tiff(out / "variance.tif", res.variance.astype(np.float32), description=desc)
     written = ["mmse.tif", "variance.tif"]
     if res.samples is not None:
-        tifffile.imwrite(out / "samples.tif", res.samples.astype(np.float32), description=desc)
+        write_tiff(out / "samples.tif", res.samples.astype(np.float32), description=desc)
         written.append("samples.tif")
     levels_text = ", ".join(f"{i + 1}={m}" for i, m in enumerate(res.levels))
     if stopped:

@@ -12,9 +12,12 @@ from ._common import (
     CLIError,
     Progress,
     SigintStop,
+    check_numbers,
+    check_outputs,
     parse_levels,
     pydantic_message,
     read_tiff,
+    resolve_axes,
 )
 
 ARCH_OPTIONS = ("levels", "z_dim", "filters", "blocks")
@@ -29,6 +32,8 @@ def add_parser(sub) -> None:
                        "options below override single values of it.")
     t.add_argument("noisy", help="noisy TIFF: YX, or a stack of frames (TYX/SYX/ZYX)")
     t.add_argument("--out", required=True, help="model file to write (e.g. model.hdn)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace --out (and the checkpoints of an earlier run) if they exist")
     nm = t.add_argument_group("noise model (one of)")
     nm.add_argument("--noise-model", metavar="FILE", help="noise-model file from `noise-model fit`")
     nm.add_argument("--gaussian-sigma", type=float, metavar="S",
@@ -118,10 +123,44 @@ def configs_from_args(args):
         raise CLIError(f"invalid option: {pydantic_message(exc)}") from None
 
 
-def run(args) -> int:
-    from ..engine import StopFlag, Trainer
+NUMBERS = dict(sigma="gaussian_sigma", gain="poisson_gain", read_noise="read_noise",
+               offset="offset", minutes="minutes", max_steps="max_steps", patch_size="patch_size",
+               batch_size="batch_size", lr="lr", grad_clip="grad_clip", val_fraction="val_fraction",
+               steps_per_epoch="steps_per_epoch", threads="threads", seed="seed")
 
-    images = read_tiff(args.noisy, "input")
+
+def check_destinations(args, out: Path, ckdir: Path) -> None:
+    """Before any work: --out is no input, is new (or --overwrite), and can be written; the
+    checkpoint folder can be written and holds no earlier run's checkpoints (unless resumed from
+    there, or --overwrite)."""
+    from ..engine.safeio import check_folder
+
+    inputs = [args.noisy, args.noise_model, args.resume]
+    check_outputs([(out, "model file (--out)")], inputs, args.overwrite)
+    if ckdir.exists() and not ckdir.is_dir():
+        raise CLIError(f"the checkpoint folder {ckdir} is a file: give --checkpoint-dir a folder")
+    check_folder(ckdir, "checkpoints")
+    resuming_here = args.resume and Path(args.resume).resolve().parent == ckdir.resolve()
+    old = [n for n in ("last.hdn", "best.hdn") if (ckdir / n).exists()]
+    if old and not (args.overwrite or resuming_here):
+        raise CLIError(f"the checkpoint folder {ckdir} holds checkpoints of an earlier run "
+                       f"({', '.join(old)}): add --overwrite to replace them, give another "
+                       f"--checkpoint-dir, or continue that run with --resume {ckdir / 'last.hdn'}")
+
+
+def run(args) -> int:
+    from ..engine import OutputError, StopFlag, Trainer
+
+    check_numbers(args, **NUMBERS)
+    if args.resume and (args.noise_model or args.gaussian_sigma is not None
+                        or args.poisson_gain is not None):
+        raise CLIError("a resumed run keeps the noise model of its checkpoint: leave --noise-model, "
+                       "--gaussian-sigma and --poisson-gain out with --resume (or start a new run)")
+    out = Path(args.out)
+    ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
+    check_destinations(args, out, ckdir)
+    images, declared = read_tiff(args.noisy, "input", with_axes=True)
+    args.axes = resolve_axes(args.axes, declared, args.noisy)
     noise = noise_model_from_args(args)
     if noise is None and not args.resume:
         raise CLIError(
@@ -129,8 +168,6 @@ def run(args) -> int:
             "--gaussian-sigma S, or --poisson-gain G --read-noise R"
         )
     mcfg, tcfg, overrides = configs_from_args(args)
-    out = Path(args.out)
-    ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
     stop = StopFlag()
     with Progress(args.quiet) as bar:
         trainer = Trainer(images, noise, axes=args.axes, model_config=mcfg, training_config=tcfg,
@@ -140,7 +177,12 @@ def run(args) -> int:
             model = trainer.run()  # a stop ends the run within one step with the best model
     if args.axes:
         model.info["axes"] = args.axes.upper()
-    model.save(out)
+    try:
+        model.save(out)
+    except OutputError as exc:
+        best = ckdir / "best.hdn"
+        kept = f"; the best model so far is in {best}" if best.exists() else ""
+        raise CLIError(f"{exc}{kept}") from None
     info = model.info
     best = info.get("best_val_loss")
     best_text = f"{best:.4f}" if best is not None else "n/a"

@@ -14,7 +14,27 @@ LATENT_MODES: tuple[str, ...] = ("posterior", "prior-mean", "zero")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def validation_message(exc: Exception) -> str:
+    """The field errors of a pydantic ValidationError on one line."""
+    errs = getattr(exc, "errors", None)
+    if callable(errs):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs())
+    return str(exc)
+
+
+def validated(cls, data: dict):
+    """``cls.model_validate(data)``, with invalid values raised as :class:`InputError`."""
+    from pydantic import ValidationError
+
+    from .errors import InputError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"invalid {cls.__name__}: {validation_message(exc)}") from None
 
 
 class ModelConfig(_Strict):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import HDNWarning, InputError
 
 FRAME_AXES = "STZ"  # leading axes treated as independent 2D frames (Z slice-wise)
+#: larger magnitudes overflow float32 when squared in the likelihood (3.4e38)
+MAX_ABS_VALUE = 1e18
+#: a guessed X axis this many times shorter than Y gets a warning (it is probably not X)
+SHORT_LAST_AXIS = 4
 
 
 def default_axes(ndim: int) -> str:
@@ -38,6 +43,14 @@ def check_axes(axes: str | None, shape: Sequence[int]) -> str:
                 f"array of shape {tuple(shape)} looks like an RGB(A) image; HDN works on one "
                 "channel: convert to grayscale or pass axes='SYX' if the last axis really is X."
             )
+        if ndim >= 3 and shape[-1] * SHORT_LAST_AXIS <= min(shape[:-1]):
+            warnings.warn(
+                f"the axes of the array of shape {tuple(shape)} were guessed as {axes}, so its last "
+                f"axis ({shape[-1]}) is read as X although it is much shorter than the others: if "
+                "it holds frames, time points or channels, give the axes (e.g. YXT is not "
+                "supported: move that axis first) or transpose the data",
+                HDNWarning, stacklevel=3,
+            )
         return axes
     ax = str(axes).upper().replace(" ", "")
     if "C" in ax:
@@ -64,13 +77,19 @@ def as_float_array(image, name: str = "image") -> np.ndarray:
         raise InputError(f"{name} has dtype {arr.dtype}; expected a numeric (integer or float) array")
     if arr.size == 0:
         raise InputError(f"{name} is empty (shape {arr.shape})")
-    arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         n = int((~np.isfinite(arr)).sum())
         raise InputError(
             f"{name} contains {n} NaN or infinite pixel(s); replace them (e.g. with the median) first"
         )
-    return arr
+    big = float(np.abs(arr).max()) if arr.dtype.kind in "fiu" else 0.0
+    if big > MAX_ABS_VALUE:
+        raise InputError(
+            f"{name} has values up to {big:.3g}, beyond what float32 arithmetic can square "
+            f"(at most {MAX_ABS_VALUE:.0e}); rescale the data first (e.g. divide it by "
+            f"{10.0 ** round(np.log10(big) - 4):.0e})"
+        )
+    return arr.astype(np.float32, copy=False)
 
 
 def to_frames(images, axes: str | None = None, name: str = "image") -> list[np.ndarray]:

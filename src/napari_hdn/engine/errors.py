@@ -13,8 +13,24 @@ class InputError(HDNError, ValueError):
     """An image, axes string or argument is not usable as given."""
 
 
-class ModelFileError(HDNError):
-    """A model or noise-model file is missing, corrupt, foreign or from an incompatible version."""
+class OptionError(HDNError, TypeError):
+    """An unknown option or a contradictory combination of options was passed to a function."""
+
+
+class HDNWarning(UserWarning):
+    """Something the user should know before the work starts (suspicious axes, data far from what
+    a model was trained on); the command line prints these as one line each."""
+
+
+class ModelFileError(HDNError, ValueError):
+    """A model or noise-model file is missing, unreadable, corrupt, foreign, edited into something
+    unusable (non-finite weights, a zero normalisation std) or from an incompatible version."""
+
+
+class OutputError(HDNError, OSError):
+    """An output cannot be written: it would replace an input, it exists (and overwriting was not
+    asked for), its folder is not writable, or the disk is full. Nothing was written, and a file
+    that was there before is unchanged."""
 
 
 class DeviceError(HDNError):

@@ -17,7 +17,7 @@ from .data import Normalisation
 from .errors import InputError, ModelFileError
 from .ladder import LadderVAE, free_bits_kl, pad_to_multiple
 from .noise.base import NoiseModel, noise_model_from_state
-from .safeio import read_file, write_file
+from .safeio import check_finite_tensors, finite_number, read_file, write_file
 
 MODEL_FILE_FORMAT = "napari-hdn-model"
 MODEL_FILE_VERSION = 1
@@ -186,15 +186,31 @@ def read_model_file(path) -> tuple[HDNModel, dict, dict]:
             f"{path} has model format version {version}; this napari-hdn reads up to "
             f"{MODEL_FILE_VERSION}. Update napari-hdn to load it."
         )
+    for key, kind in (("config", dict), ("noise_model", dict), ("normalisation", dict),
+                      ("info", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise ModelFileError(f"{path}: the model description is invalid ({key} is a "
+                                 f"{type(meta[key]).__name__}, not a {kind.__name__}); the file "
+                                 "is damaged or was edited.")
     try:
         config = ModelConfig.model_validate(meta["config"])
         nm = meta["noise_model"]
-        norm = Normalisation(**meta["normalisation"])
+        norm_meta = meta["normalisation"]
+        norm = Normalisation(finite_number(norm_meta.get("mean"), "the normalisation mean", path),
+                             finite_number(norm_meta.get("std"), "the normalisation std", path,
+                                           positive=True))
+    except ModelFileError:
+        raise
     except Exception as exc:
         raise ModelFileError(f"{path}: the model description is invalid ({exc}).") from None
+    params = nm.get("params", {})
+    if not isinstance(params, dict):
+        raise ModelFileError(f"{path}: the noise model's parameters are invalid (a "
+                             f"{type(params).__name__}, not a dict); the file is damaged or edited.")
+    check_finite_tensors(tensors, path, "model")
     noise = noise_model_from_state(
         nm.get("kind", "?"),
-        nm.get("params", {}),
+        params,
         {k[6:]: v for k, v in tensors.items() if k.startswith("noise.")},
     )
     ladder = LadderVAE(config)
@@ -207,7 +223,7 @@ def read_model_file(path) -> tuple[HDNModel, dict, dict]:
             f"{path}: weights do not match the stored architecture ({first}); the file is damaged "
             "or was edited."
         ) from None
-    model = HDNModel(config, noise, norm, ladder, meta.get("info", {}))
+    model = HDNModel(config, noise, norm, ladder, meta.get("info") or {})
     model.ladder.eval()
     return model, meta, tensors
 
@@ -218,7 +234,9 @@ def load_model(path: str | os.PathLike, device=None) -> HDNModel:
     Raises
     ------
     ModelFileError
-        If the file is missing, truncated, corrupt, not a napari-hdn model, or of a newer version.
+        If the file is missing, unreadable, truncated, corrupt, not a napari-hdn model, of a newer
+        version, or holds values no model can have (NaN or infinite weights, a normalisation std
+        that is not a positive finite number, metadata of the wrong types).
     """
     model, _, _ = read_model_file(path)
     if device is not None:

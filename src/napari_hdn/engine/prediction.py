@@ -9,6 +9,7 @@ the network's receptive field. It also makes results independent of the sample b
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,9 +18,10 @@ import torch
 
 from .data import as_float_array, check_axes
 from .device import resolve_device
-from .errors import InputError, StopRequested
+from .errors import HDNWarning, InputError, StopRequested
 from .events import Callback, Reporter, StopFlag
 from .ladder import pad_to_multiple
+from .options import check_options
 
 _NOISE_BLOCK = 32  # latent pixels per side of one independently seeded noise block
 
@@ -181,8 +183,8 @@ class PosteriorSampler:
         autograd. Sample ``k`` is the same whatever the batch size; ``first_sample`` is the index of
         the first one, so that samples drawn in several calls equal those of one call.
         """
-        if n_samples < 1:
-            raise InputError(f"n_samples must be at least 1, got {n_samples}")
+        c = check_options(n_samples=n_samples, batch_size=batch_size)
+        n_samples, batch_size = c["n_samples"], c["batch_size"]
         model = self.net
         modes = model.resolve_modes(modes)
         ladder = model.ladder
@@ -223,6 +225,62 @@ class PosteriorSampler:
                     on_batch(count)
         var = (m2 / count).float().cpu().numpy()
         return mean.float().cpu().numpy(), var, kept
+
+
+def as_model(model):
+    """An HDNModel as it is; a path is loaded (so ``napari_hdn.predict("m.hdn", image)`` works)."""
+    import os
+
+    from .model import HDNModel, load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    if not isinstance(model, HDNModel):
+        raise InputError(f"model must be an HDNModel or the path of a model file, not "
+                         f"{type(model).__name__}")
+    return model
+
+
+#: an image whose mean lies this many training stds from the training mean gets a warning
+FAR_FROM_TRAINING = 3.0
+
+
+def check_training_range(model, arr: np.ndarray) -> str:
+    """Warn (:class:`HDNWarning`) when ``arr`` is far from the data ``model`` was trained on: a
+    network sees only normalised data, so an image in other units gives a plausible-looking but
+    wrong result. Returns the message ("" when the data are alike)."""
+    norm = model.normalisation
+    sub = arr.ravel()[:: max(1, arr.size // 1_000_000)].astype(np.float64)
+    mean, std = float(sub.mean()), float(sub.std())
+    off = abs(mean - norm.mean) / norm.std
+    ratio = std / norm.std
+    if off <= FAR_FROM_TRAINING and ratio <= FAR_FROM_TRAINING**2:  # a calm crop is no concern
+        return ""
+    msg = (f"the image (mean {mean:.4g}, std {std:.4g}) is far from the data the model was trained "
+           f"on (mean {norm.mean:.4g}, std {norm.std:.4g}; the image's mean is {off:.1f} training "
+           "stds away): the result may look plausible and still be wrong; use a model trained on "
+           "data like this (same camera, settings and units)")
+    warnings.warn(msg, HDNWarning, stacklevel=3)
+    return msg
+
+
+def check_some_level_active(modes: list[str]) -> None:
+    """Refuse switching every latent level off: the result would ignore the image."""
+    if "posterior" not in modes:
+        raise InputError(
+            f"every latent level is switched off ({', '.join(modes)}): the result would not depend "
+            "on the image at all; keep at least one level (usually the top one) as 'posterior'"
+        )
+
+
+def check_finite_result(*arrays) -> None:
+    """Refuse a prediction with NaN or infinite values rather than hand it on as a result."""
+    bad = sum(int((~np.isfinite(a)).sum()) for a in arrays)
+    if bad:
+        raise InputError(
+            f"the prediction has {bad} NaN or infinite values: the model does not work on this "
+            "image (values far outside its training data, or damaged weights); nothing is returned"
+        )
 
 
 def _tile_starts(size: int, tile: int, overlap: int, m: int) -> list[int]:
@@ -296,10 +354,27 @@ def predict(
     Returns
     -------
     Prediction
+
+    Raises
+    ------
+    InputError
+        A bad image or axes, an option out of range (``n_samples``, ``batch_size``, ``tile_size``
+        and ``tile_overlap``: see :mod:`napari_hdn.engine.options`), every latent level switched
+        off, or a model that gives NaN or infinite values on this image.
+    ModelFileError
+        ``model`` is a path to a file that is not a usable model.
     """
+    model = as_model(model)
+    c = check_options(n_samples=n_samples, batch_size=batch_size, tile_size=tile_size,
+                      tile_overlap=tile_overlap, seed=seed)
+    n_samples, batch_size, tile_size, tile_overlap, seed = (
+        c["n_samples"], c["batch_size"], c["tile_size"], c["tile_overlap"], c["seed"])
     arr = as_float_array(image)
     ax = check_axes(axes, arr.shape)
     modes = model.resolve_modes(levels)
+    check_some_level_active(modes)
+    if first_sample == 0:  # once, not again for each round of predict_in_rounds
+        check_training_range(model, arr)
     dev = resolve_device(device) if device is not None else model.device
     net = inference_model(model, dev)  # one copy (if any) for all tiles
     m = model.config.downscale
@@ -349,6 +424,7 @@ def predict(
                 if samples is not None:
                     samples[:, f, ya:yb, xa:xb] = smp[(slice(None), *sl)]
     report("done", step=total, total=total)
+    check_finite_result(mmse, var)
     shape = arr.shape
     return Prediction(
         mmse=mmse.reshape(shape),
@@ -389,6 +465,8 @@ def predict_in_rounds(model, image, n_samples: int = 100, *, stop_flag: StopFlag
     ``kwargs`` are those of :func:`predict`; its ``"predict"`` progress events count samples over
     all rounds.
     """
+    model = as_model(model)
+    n_samples = check_options(n_samples=n_samples)["n_samples"]
     report = Reporter("predict", callbacks)
     device = kwargs.pop("device", None)
     model = inference_model(model, device)  # one copy (if any) for all rounds

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig, TrainingConfig
+from .config import ModelConfig, TrainingConfig, validated
 from .data import (
     Normalisation,
     PatchSampler,
@@ -26,7 +26,7 @@ from .data import (
     to_frames,
 )
 from .device import resolve_device
-from .errors import InputError, ModelFileError, TrainingDivergedError
+from .errors import HDNWarning, InputError, ModelFileError, OptionError, TrainingDivergedError
 from .events import Callback, Reporter, StopFlag
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
@@ -38,6 +38,31 @@ OPTIM_PREFIX = "optim."
 CPU_MICRO_BATCH = 16
 
 
+def _noise_state(nm) -> tuple:
+    """A comparable summary of a noise model: kind, parameters and tensors."""
+    if not isinstance(nm, NoiseModel):
+        return (type(nm).__name__,)
+    params, tensors = nm.get_state()
+    return (nm.kind, repr(sorted(params.items())),
+            tuple((k, tuple(v.shape), float(v.double().sum())) for k, v in sorted(tensors.items())))
+
+
+def _check_shot_noise(nm, frames) -> None:
+    """Warn when a Poisson-Gaussian model meets data (almost) all at or below its offset: the shot
+    noise it models is then zero everywhere, which is rarely what the camera did."""
+    if getattr(nm, "kind", "") != "poisson-gaussian":
+        return
+    vals = np.concatenate([f.ravel()[:: max(1, f.size // 100_000)] for f in frames])
+    hi = float(np.percentile(vals, 99))
+    if hi <= nm.offset:
+        warnings.warn(
+            f"99% of the data are at or below the Poisson-Gaussian offset {nm.offset:g} (99th "
+            f"percentile {hi:.4g}): the model sees no shot noise there; check the offset (the "
+            "camera's dark level) and that the data are raw counts, not background-subtracted",
+            HDNWarning, stacklevel=4,
+        )
+
+
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
     m_keys, t_keys = set(ModelConfig.model_fields), set(TrainingConfig.model_fields)
     m, t = {}, {}
@@ -47,7 +72,7 @@ def _split_overrides(overrides: dict) -> tuple[dict, dict]:
         elif k in t_keys:
             t[k] = v
         else:
-            raise TypeError(
+            raise OptionError(
                 f"unknown training option {k!r}; model options: {sorted(m_keys)}; "
                 f"training options: {sorted(t_keys)}"
             )
@@ -125,10 +150,10 @@ class Trainer:
         base = training_config
         if base is None and resumed is not None:
             saved = resumed[1].get("checkpoint", {}).get("training_config")
-            base = TrainingConfig.model_validate(saved) if saved else None
+            base = validated(TrainingConfig, saved) if saved else None
         base = base or TrainingConfig()
         if training_overrides:
-            base = TrainingConfig.model_validate({**base.model_dump(), **training_overrides})
+            base = validated(TrainingConfig, {**base.model_dump(), **training_overrides})
         self.tcfg = base
         self.stop_flag = stop_flag or StopFlag()
         self.report = Reporter("train", callbacks)
@@ -151,6 +176,12 @@ class Trainer:
                     "the architecture options differ from the checkpoint being resumed; leave them "
                     "out when resuming (the checkpoint's architecture is used)"
                 )
+            if noise_model is not None and _noise_state(noise_model) != _noise_state(model.noise_model):
+                raise InputError(
+                    f"a resumed run keeps the noise model it was trained with "
+                    f"({model.noise_model!r}); leave the noise model out when resuming, or start a "
+                    f"new run to train with {noise_model!r}"
+                )
             self.model = model
         else:
             if not isinstance(noise_model, NoiseModel):
@@ -166,6 +197,7 @@ class Trainer:
             self.model.info["noise_range"] = self.noise_range
         if self.noise_range["level"] == "warning":
             warnings.warn(self.noise_range["message"], NoiseModelRangeWarning, stacklevel=3)
+        _check_shot_noise(self.model.noise_model, frames)
         self.model.to(self.device)
         self.model.ladder.set_bn_chunk(self.tcfg.bn_chunk)
         if self.tcfg.channels_last:
@@ -585,13 +617,12 @@ def train(
     for new, old, name in ((model_config, config, "model_config"),
                            (training_config, training, "training_config")):
         if new is not None and old is not None:
-            raise TypeError(f"give {name}= or its older name, not both")
+            raise OptionError(f"give {name}= or its older name, not both")
     config = model_config if model_config is not None else config
     training = training_config if training_config is not None else training
     m_over, t_over = _split_overrides(options)
     if m_over:
-        config = (config or ModelConfig()).model_copy(update=m_over)
-        config = ModelConfig.model_validate(config.model_dump())
+        config = validated(ModelConfig, {**(config or ModelConfig()).model_dump(), **m_over})
     trainer = Trainer(
         images,
         noise_model,

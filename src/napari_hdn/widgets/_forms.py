@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QFrame,
     QLabel,
+    QMessageBox,
     QScrollArea,
     QSizePolicy,
     QSpinBox,
@@ -167,10 +168,29 @@ def ask_open(parent, title: str, filters: str, path=None) -> Path | None:
 
 
 def ask_save(parent, title: str, default_name: str, filters: str, suffix: str, path=None) -> Path | None:
-    """A path to save to, ending in ``suffix`` (asked for when ``path`` is None)."""
-    if path is None:
+    """A path to save to, ending in ``suffix`` (asked for when ``path`` is None).
+
+    The dialog asks before replacing the file the user chose; when ``suffix`` had to be added, the
+    file with the suffix is another one, so replacing that one is asked here.
+    """
+    asked = path is None
+    if asked:
         path, _ = QFileDialog.getSaveFileName(parent, title, default_name, filters)
         if not path:
             return None
     path = Path(path)
-    return path if path.suffix == suffix else path.with_name(path.name + suffix)
+    if path.suffix == suffix:
+        return path
+    path = path.with_name(path.name + suffix)
+    if asked and path.exists() and not confirm_replace(parent, title, path):
+        return None
+    return path
+
+
+def confirm_replace(parent, title: str, path: Path) -> bool:
+    """Ask whether to replace the existing file ``path``."""
+    answer = QMessageBox.question(parent, title, f"{path.name} already exists in {path.parent}.\n"
+                                  "Do you want to replace it?",
+                                  QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                  QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes

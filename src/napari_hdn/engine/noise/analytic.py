@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..options import check_option, check_options
 from .base import NoiseModel, gaussian_log_pdf, register_noise_model
 
 
@@ -15,9 +16,7 @@ class GaussianNoiseModel(NoiseModel):
 
     def __init__(self, sigma: float):
         super().__init__()
-        sigma = float(sigma)
-        if not sigma > 0 or sigma != sigma or sigma == float("inf"):
-            raise ValueError(f"Gaussian noise sigma must be a positive finite number, got {sigma}")
+        sigma = check_option("sigma", sigma)
         self.sigma = sigma
 
     def log_likelihood(self, x, s):
@@ -55,13 +54,8 @@ class PoissonGaussianNoiseModel(NoiseModel):
 
     def __init__(self, gain: float, read_noise: float, offset: float = 0.0):
         super().__init__()
-        gain, read_noise, offset = float(gain), float(read_noise), float(offset)
-        if not gain > 0 or gain == float("inf"):
-            raise ValueError(f"gain must be a positive finite number, got {gain}")
-        if not read_noise >= 0 or read_noise == float("inf"):
-            raise ValueError(f"read_noise must be a finite number >= 0, got {read_noise}")
-        if offset != offset or abs(offset) == float("inf"):
-            raise ValueError(f"offset must be finite, got {offset}")
+        c = check_options(gain=gain, read_noise=read_noise, offset=offset)
+        gain, read_noise, offset = c["gain"], c["read_noise"], c["offset"]
         self.gain, self.read_noise, self.offset = gain, read_noise, offset
 
     def _var(self, s):

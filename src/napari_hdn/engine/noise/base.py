@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError
-from ..safeio import read_file, write_file
+from ..safeio import check_finite_tensors, read_file, write_file
 
 NOISE_FILE_FORMAT = "napari-hdn-noise-model"
 EXTRAPOLATION_MODES = ("linear", "clamp")
@@ -108,7 +108,7 @@ def noise_model_from_state(kind: str, params: dict, tensors: dict) -> NoiseModel
         )
     try:
         return _REGISTRY[kind].from_state(params, tensors)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelFileError(f"noise model parameters for kind {kind!r} are invalid: {exc}") from None
 
 
@@ -127,7 +127,12 @@ def load_noise_model(path: str | os.PathLike) -> NoiseModel:
             f"{path} has noise-model format version {version}, this napari-hdn reads up to "
             f"{NOISE_FILE_VERSION}: update napari-hdn."
         )
-    return noise_model_from_state(meta.get("kind", "?"), meta.get("params", {}), tensors)
+    params = meta.get("params", {})
+    if not isinstance(params, dict):
+        raise ModelFileError(f"{path}: the noise model's parameters are invalid (a "
+                             f"{type(params).__name__}, not a dict); the file is damaged or edited.")
+    check_finite_tensors(tensors, path, "noise model")
+    return noise_model_from_state(str(meta.get("kind", "?")), params, tensors)
 
 
 LOG_2PI = math.log(2.0 * math.pi)

@@ -1,0 +1,96 @@
+"""The rules every numeric option obeys, in one place, for the command line, the API and the GUI.
+
+:func:`check_options` checks values against :data:`RULES` and names the offending option the way
+the caller's user wrote it: ``--batch-size`` on the command line (``style="cli"``), ``batch_size=``
+in Python. The engine's functions call it with the API style; the command line calls it with its
+own style before any work starts, so both refuse exactly the same values.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An integer or a real number, at least (or, ``strict``, above) ``minimum``, at most
+    ``maximum``; ``flag`` is the command-line option of the same value."""
+
+    kind: type
+    flag: str
+    minimum: float | None = None
+    strict: bool = False
+    maximum: float | None = None
+    max_strict: bool = False
+
+
+RULES: dict[str, Rule] = {
+    # prediction
+    "n_samples": Rule(int, "--samples", 1),
+    "batch_size": Rule(int, "--batch-size", 1),
+    "tile_size": Rule(int, "--tile-size", 16),
+    "tile_overlap": Rule(int, "--tile-overlap", 0),
+    "threads": Rule(int, "--threads", 1),
+    "seed": Rule(int, "--seed", 0),
+    # noise models with known parameters
+    "sigma": Rule(float, "--gaussian-sigma", 0.0, strict=True),
+    "gain": Rule(float, "--poisson-gain", 0.0, strict=True),
+    "read_noise": Rule(float, "--read-noise", 0.0),
+    "offset": Rule(float, "--offset"),
+    # training
+    "minutes": Rule(float, "--minutes", 0.0, strict=True),
+    "max_steps": Rule(int, "--max-steps", 1),
+    "patch_size": Rule(int, "--patch-size", 8),
+    "lr": Rule(float, "--lr", 0.0, strict=True),
+    "grad_clip": Rule(float, "--grad-clip", 0.0, strict=True),
+    "val_fraction": Rule(float, "--val-fraction", 0.0, maximum=0.9, max_strict=True),
+    "steps_per_epoch": Rule(int, "--steps-per-epoch", 1),
+    # noise-model fitting
+    "n_gaussians": Rule(int, "--gaussians", 1, maximum=20),
+    "degree": Rule(int, "--degree", 0, maximum=6),
+    "min_variance": Rule(float, "--min-variance", 0.0, strict=True),
+    "iterations": Rule(int, "--iterations", 1),
+    "fit_val_fraction": Rule(float, "--val-fraction", 0.0, maximum=1.0, max_strict=True),
+    "n2v_steps": Rule(int, "--n2v-steps", 1),
+    "n2v_minutes": Rule(float, "--n2v-minutes", 0.0, strict=True),
+}
+
+
+def _name(key: str, style: str) -> str:
+    if style == "cli":
+        return RULES[key].flag
+    return f"{'val_fraction' if key == 'fit_val_fraction' else key}="
+
+
+def check_option(key: str, value, style: str = "api"):
+    """``value`` checked against ``RULES[key]`` (an int or a float), or :class:`InputError`."""
+    rule = RULES[key]
+    name = _name(key, style)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            rule.kind is int and not float(value).is_integer()):
+        what = "a whole number" if rule.kind is int else "a number"
+        raise InputError(f"{name} must be {what}, not {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, not {value!r}")
+    value = rule.kind(value)
+    lo, hi = rule.minimum, rule.maximum
+    if lo is not None and (value <= lo if rule.strict else value < lo):
+        need = f"greater than {lo:g}" if rule.strict else f"at least {lo:g}"
+        raise InputError(f"{name} must be {need}, not {value:g}")
+    if hi is not None and (value >= hi if rule.max_strict else value > hi):
+        need = f"less than {hi:g}" if rule.max_strict else f"at most {hi:g}"
+        raise InputError(f"{name} must be {need}, not {value:g}")
+    return value
+
+
+def check_options(style: str = "api", **values) -> dict:
+    """Check every given (not None) value against its rule; return them converted.
+
+    >>> check_options(batch_size=4, tile_size=None)
+    {'batch_size': 4, 'tile_size': None}
+    """
+    return {k: (None if v is None else check_option(k, v, style)) for k, v in values.items()}
