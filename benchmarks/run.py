@@ -84,6 +84,8 @@ def hdn_curve(noisy, clean, noise_model, budgets_min, seed: int, prof: dict, str
     for k, snap in enumerate(snaps):
         last = k == len(snaps) - 1
         for suffix, levels in (STRIPE_LEVELS if (last and stripes) else (("", None),)):
+            if levels and len(levels) >= snap["model"].config.levels:
+                continue  # every level off: refused (the result would ignore the image)
             t = time.perf_counter()
             res = [snap["model"].predict(x, n_samples=n, seed=seed, levels=levels,
                                          return_samples=last) for x in noisy]

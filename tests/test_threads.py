@@ -48,6 +48,14 @@ def test_competing_job_is_met_with_fewer_threads_and_left_when_it_ends():
     assert used[700 + gov.max_interval + 5:].count(2) > 0.95 * len(used[700 + gov.max_interval + 5:])
 
 
+def test_a_machine_busy_from_the_start_is_met_within_a_minute():
+    gov = ThreadGovernor(2)
+    used = simulate(gov, [(40, BUSY)])
+    first_one = used.index(1)
+    assert sum(BUSY[k] for k in used[:first_one]) <= gov.max_wait_s + BUSY[2]  # not 20 slow steps
+    assert used[first_one:].count(1) >= len(used[first_one:]) - 1
+
+
 def test_more_cores_form_a_halving_ladder_and_one_core_does_nothing():
     assert ThreadGovernor(8).ladder == [8, 4, 2, 1]
     gov = ThreadGovernor(1)

@@ -32,6 +32,11 @@ class ThreadGovernor:
         Steps before a count is first tried (and again after it won a try).
     max_interval : int
         The longest spacing (steps) between tries of a count that keeps losing.
+    max_wait_s : float
+        The longest time (seconds of steps) before the first try, however slow the steps: a
+        machine that is busy from the start makes every step slow, and counting steps alone would
+        then wait minutes. (Later tries are spaced by steps: a try of a count that loses costs a
+        slow step, and on a busy machine the count that loses is very slow.)
     min_step_s : float
         Steps faster than this (median) are left alone: the thread count cannot matter much there,
         and timings that short are mostly noise. It also keeps short runs (tests, tiny images) on
@@ -41,14 +46,16 @@ class ThreadGovernor:
     """
 
     def __init__(self, max_threads: int | None = None, first_probe: int = 20, max_interval: int = 320,
-                 min_step_s: float = 0.05):
+                 min_step_s: float = 0.05, max_wait_s: float = 20.0):
         n = max(1, int(max_threads or torch.get_num_threads()))
         ladder = [n]
         while ladder[-1] > 1:
             ladder.append(max(1, ladder[-1] // 2))
         self.ladder = ladder  # e.g. [8, 4, 2, 1] or [2, 1]
         self.first_probe, self.max_interval = first_probe, max_interval
-        self.min_step_s = min_step_s
+        self.min_step_s, self.max_wait_s = min_step_s, max_wait_s
+        self.waited_s = 0.0  # seconds of steps since the last change of count
+        self.tries = 0
         self.times: dict[int, deque] = {k: deque(maxlen=7) for k in ladder}
         self.interval = {k: first_probe for k in ladder}
         self.history: list[tuple[int, int]] = []  # (step, threads) at every change
@@ -69,6 +76,7 @@ class ThreadGovernor:
             self.history.append((self._step, k))
         self.current = k
         self.since_change = 0
+        self.waited_s = 0.0
 
     def _neighbour(self) -> int:
         """The count to try next: fewer threads first (the remedy for a busy machine)."""
@@ -79,6 +87,7 @@ class ThreadGovernor:
         """Record the duration of the step just run; set the count for the next one. Returns it."""
         self._step += 1
         self.since_change += 1
+        self.waited_s += seconds
         if not self.active:
             return self.current
         if self._probe is not None:
@@ -88,17 +97,20 @@ class ThreadGovernor:
         t = self.times[self.current]
         base = statistics.median(t) if len(t) >= 3 else None
         t.append(seconds)
-        if base is None or base < self.min_step_s:
-            return self.current  # too few or too short steps to judge by
+        if (base if base is not None else seconds) < self.min_step_s:
+            return self.current  # steps too short to matter (or to time reliably)
         # another job started (or stopped sharing): the figures no longer describe the machine
         sudden = base is not None and seconds > 2.0 * base and t[-2] > 2.0 * base
         if sudden:
             for d in self.times.values():
                 d.clear()
             t.append(seconds)
-        if sudden or self.since_change >= self.interval[self._neighbour()]:
+        due = self.since_change >= self.interval[self._neighbour()] or (
+            self.tries == 0 and self.waited_s >= self.max_wait_s and self.since_change >= 2)
+        if sudden or due:
             self._back = self.current
             self._probe = []
+            self.tries += 1
             self._set(self._neighbour())
         return self.current
 
@@ -113,7 +125,7 @@ class ThreadGovernor:
         if ref is not None and min(times) < 0.9 * ref:
             self.interval[back] = min(2 * self.interval[back], self.max_interval)
             self.interval[k] = self.first_probe
-            self.since_change = 0  # stay with k
+            self.since_change, self.waited_s = 0, 0.0  # stay with k
         else:
             self.interval[k] = min(2 * self.interval[k], self.max_interval)
             self._set(back)
