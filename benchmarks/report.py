@@ -156,6 +156,7 @@ def _curves_figure(results: dict, path: Path) -> None:
         budgets = results["settings"]["budgets_min"]
         ax.set_xticks(budgets)
         ax.set_xticklabels([f"{b:g}" for b in budgets])
+        ax.set_xticks([], minor=True)  # no log-scale minor labels between the budgets
         ax.set_xlabel("training minutes (CPU)")
         ax.set_ylabel("PSNR (dB)")
         ax.set_title(name, fontsize=10)

@@ -28,7 +28,7 @@ PROFILES = {
     # size, images per dataset, training budgets (minutes) of each learned model, HDN samples
     # smoke: exercises every code path in seconds (tiny networks); its numbers mean nothing
     "smoke": dict(size=64, n_images=1, budgets_min=[0.005, 0.01], n_samples=3, speed=False,
-                  hdn_arch=dict(levels=2, z_dim=2, filters=8, blocks=1, dropout=0.0), patch=32,
+                  hdn_arch=dict(levels=3, z_dim=2, filters=8, blocks=1, dropout=0.0), patch=32,
                   bootstrap_min=0.01, isolate=False),
     "quick": dict(size=96, n_images=2, budgets_min=[0.5, 1.0], n_samples=20, speed=True,
                   bootstrap_min=0.5, isolate=True),
