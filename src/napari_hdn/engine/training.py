@@ -472,6 +472,7 @@ class Trainer:
                 break
             if budget is not None and self.train_seconds >= budget:
                 break
+            threads = torch.get_num_threads() if self.device.type == "cpu" else None
             out = self.train_step()
             now = time.perf_counter()
             self.train_seconds += now - t_last
@@ -500,7 +501,7 @@ class Trainer:
                 metrics={"train_loss": loss, "reconstruction": recon, "kl_per_level": kl,
                          "train_seconds": self.train_seconds, "time_budget_s": budget,
                          "lr": self.optimizer.param_groups[0]["lr"],
-                         "threads": torch.get_num_threads() if self.device.type == "cpu" else None},
+                         "threads": threads},  # the count this step ran with
             )
             out_of_time = budget is not None and self.train_seconds >= budget
             if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps or out_of_time:
