@@ -120,6 +120,54 @@ def stripes(size: int, n: int, seed: int, strength: float = 4.0, length: float =
                    {"stripe_std": strength, "stripe_length": length})
 
 
+def _stripe_field(shape, rng, axis: int, length: float) -> np.ndarray:
+    """Unit-std white noise smoothed over ~``length`` pixels along ``axis``: stripes along it."""
+    corr = ndi.gaussian_filter1d(rng.normal(0, 1, shape), length / 2.0, axis=axis)
+    return corr / corr.std()
+
+
+def _scan_lines(shape, rng, amplitude: float, density: float = 0.08) -> np.ndarray:
+    """Line artefacts of a scanning microscope: horizontal segments 1-2 rows thick and 16-96 px
+    long, each offset by a random amount (std ``amplitude`` ADU), covering ~``density`` of the
+    pixels (a line scan that jumped, a laser flicker for part of a line)."""
+    h, w = shape
+    out = np.zeros(shape)
+    covered = 0
+    while covered < density * h * w:
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        length, thick = int(rng.integers(16, 97)), int(rng.integers(1, 3))
+        out[y : y + thick, x : x + length] += rng.normal(0, amplitude)
+        covered += thick * min(length, w - x)
+    return out
+
+
+#: structured-noise sets (issue 9): name -> (what, stripe direction: the axis the artefact runs along)
+STRUCTURED = {
+    "stripes-x": ("row-correlated noise (std {s:g} ADU, ~10 px along x)", 1),
+    "stripes-y": ("column-correlated noise (std {s:g} ADU, ~10 px along y)", 0),
+    "lines": ("scan-line artefacts (segments 16-96 px long, 1-2 rows, offsets of std {s2:g} ADU)", 1),
+}
+
+
+def structured(kind: str, size: int, n: int, seed: int, strength: float = 8.0) -> Dataset:
+    """``fluo100`` images plus structured noise the pixel noise model cannot explain (see
+    :data:`STRUCTURED`); ``extra["axis"]`` is the direction the artefact runs along (for the
+    stripe score)."""
+    what, axis = STRUCTURED[kind]
+    base = fluo(100.0, size, n, seed)
+    rng = np.random.default_rng(seed + 11)
+    noisy = []
+    for x in base.noisy:
+        if kind == "lines":
+            art = _scan_lines(x.shape, rng, 2.0 * strength)
+        else:
+            art = strength * _stripe_field(x.shape, rng, axis, 10.0)
+        noisy.append((x + art).astype(np.float32))
+    return Dataset(kind, noisy, base.clean, base.calibration, base.noise,
+                   "fluo100 plus " + what.format(s=strength, s2=2 * strength),
+                   {"axis": axis, "strength": strength})
+
+
 def make_datasets(size: int, n: int, seed: int) -> list[Dataset]:
     return [fluo(20.0, size, n, seed), fluo(100.0, size, n, seed + 1),
             natural25(size, n, seed + 2), stripes(size, n, seed + 3)]

@@ -165,7 +165,7 @@ def test_training_time_deactivated_levels():
     _, noisy = _data()
     model = napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=2,
                              deactivated_levels=[1])
-    assert model.default_modes() == ["prior-mean", "posterior"]
+    assert model.default_modes() == ["prior-sample", "posterior"]
     with pytest.raises(InputError, match="deactivated during training"):
         model.predict(noisy[0], n_samples=1, levels=["posterior", "posterior"])
 

@@ -1,6 +1,6 @@
 """The headless HDN engine: no Qt, no napari. Importable on any server."""
 
-from .config import LATENT_MODES, ModelConfig, TrainingConfig
+from .config import LATENT_MODES, OFF_MODES, ModelConfig, TrainingConfig
 from .data import Normalisation, to_frames
 from .device import available_devices, resolve_device
 from .errors import (
@@ -17,6 +17,7 @@ from .errors import (
 )
 from .events import ProgressEvent, StopFlag
 from .ladder import LadderVAE
+from .levels import LevelReport, describe_levels
 from .model import HDNModel, load_model
 from .noise import (
     GaussianNoiseModel,
@@ -26,10 +27,12 @@ from .noise import (
     load_noise_model,
 )
 from .prediction import PosteriorSampler, Prediction, predict, predict_in_rounds
-from .training import Trainer, train
+from .training import Trainer, fine_tune, train
 
 __all__ = [
     "LATENT_MODES",
+    "OFF_MODES",
+    "LevelReport",
     "DeviceError",
     "GaussianNoiseModel",
     "HDNError",
@@ -55,6 +58,8 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingStopped",
     "available_devices",
+    "describe_levels",
+    "fine_tune",
     "load_model",
     "load_noise_model",
     "predict",

@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-LATENT_MODES: tuple[str, ...] = ("posterior", "prior-mean", "zero")
+LATENT_MODES: tuple[str, ...] = ("posterior", "prior-sample", "prior-mean", "zero")
+#: modes in which the image does not reach a level (what "switching a level off" means)
+OFF_MODES: tuple[str, ...] = LATENT_MODES[1:]
 
 
 class _Strict(BaseModel):
@@ -56,6 +58,12 @@ class ModelConfig(_Strict):
     deactivated_levels: list[int] = Field(
         default_factory=list,
         description="Levels (1..L) trained with z from the top-down side only (paper's HDN_3-6).",
+    )
+    withheld_mode: Literal["prior-sample", "prior-mean"] = Field(
+        "prior-sample",
+        description="Where z of a deactivated level comes from, in training and by default in "
+        "prediction: drawn from the prior p(z_i | z_>i) (the reference's training) or its mean "
+        "(files written before this option existed were trained with the mean).",
     )
 
     @model_validator(mode="after")

@@ -105,7 +105,7 @@ class LatentLevel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (features for the level below, KL per sample or None)."""
         kl = None
-        need_prior = mode == "prior-mean" or (mode == "posterior" and compute_kl)
+        need_prior = mode in ("prior-mean", "prior-sample") or (mode == "posterior" and compute_kl)
         if need_prior:
             mu_p, logvar_p = self.prior(h, bu)
         if mode == "posterior":
@@ -117,6 +117,12 @@ class LatentLevel(nn.Module):
                 kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p).sum(dim=(1, 2, 3))
         elif mode == "prior-mean":
             z = mu_p
+        elif mode == "prior-sample":
+            # the image does not reach this level; z is drawn from p(z_i | z_>i), so the level stays
+            # in the distribution the decoder was trained on (the mean alone is atypically smooth)
+            if eps is None:
+                eps = torch.randn_like(mu_p)
+            z = mu_p + torch.exp(0.5 * logvar_p) * eps
         elif mode == "zero":
             shape = (bu.shape[0], self.posterior_head.out_channels // 2, *bu.shape[2:])
             z = torch.zeros(shape, dtype=bu.dtype, device=bu.device)
@@ -177,7 +183,8 @@ class LadderVAE(nn.Module):
         Parameters
         ----------
         bu : list of bottom-up features (index 0 = level 1), batch already matching the samples.
-        modes : one of "posterior", "prior-mean", "zero" per level (index 0 = level 1).
+        modes : one of "posterior", "prior-sample", "prior-mean", "zero" per level (index 0 =
+            level 1).
         noise : optional provider of the standard-normal eps per level (used for position-keyed,
             reproducible sampling in prediction); torch's RNG when None.
 
@@ -193,7 +200,7 @@ class LadderVAE(nn.Module):
         for i in reversed(range(L)):
             level = self.levels[i]
             eps = None
-            if modes[i] == "posterior" and noise is not None:
+            if modes[i] in ("posterior", "prior-sample") and noise is not None:
                 shape = (bu[i].shape[0], self.cfg.z_dim, *bu[i].shape[2:])
                 eps = noise(i + 1, shape)
             h, kls[i] = level(h, bu[i], modes[i], eps, compute_kl)

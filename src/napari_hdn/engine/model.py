@@ -84,10 +84,9 @@ class HDNModel:
 
     def default_modes(self) -> list[str]:
         """Per-level modes used when none are given: levels deactivated in training stay off."""
-        return [
-            "prior-mean" if (i + 1) in self.config.deactivated_levels else "posterior"
-            for i in range(self.levels)
-        ]
+        off = self.config.withheld_mode
+        return [off if (i + 1) in self.config.deactivated_levels else "posterior"
+                for i in range(self.levels)]
 
     def resolve_modes(self, modes) -> list[str]:
         """Validate per-level modes (list of L, or dict {level: mode}; None = default)."""
@@ -99,7 +98,7 @@ class HDNModel:
             if out[lv - 1] == "posterior":
                 raise InputError(
                     f"level {lv} was deactivated during training, so its posterior was never "
-                    "trained: use 'prior-mean' or 'zero' for it"
+                    "trained: use 'prior-sample', 'prior-mean' or 'zero' for it"
                 )
         return out
 
@@ -193,7 +192,10 @@ def read_model_file(path) -> tuple[HDNModel, dict, dict]:
                                  f"{type(meta[key]).__name__}, not a {kind.__name__}); the file "
                                  "is damaged or was edited.")
     try:
-        config = ModelConfig.model_validate(meta["config"])
+        cfg = meta["config"]
+        if isinstance(cfg, dict) and "withheld_mode" not in cfg:  # written before the option
+            cfg = {**cfg, "withheld_mode": "prior-mean"}  # and trained that way
+        config = ModelConfig.model_validate(cfg)
         nm = meta["noise_model"]
         norm_meta = meta["normalisation"]
         norm = Normalisation(finite_number(norm_meta.get("mean"), "the normalisation mean", path),
