@@ -204,7 +204,7 @@ def cmd_report(args) -> dict:
     for name, r in data.items():
         ev = r.get("eval", {})
         print(f"\n{name}: {r.get('train', {}).get('steps', '?')} training steps")
-        print(f"| setting | PSNR | SSIM | stripe score |\n|---|---|---|---|")
+        print("| setting | PSNR | SSIM | stripe score |\n|---|---|---|---|")
         for label, s in ev.items():
             if isinstance(s, dict) and "psnr" in s:
                 print(f"| {label} | {s['psnr']:.2f} | {s['ssim']:.3f} | {s['stripe']:+.2f} |")
