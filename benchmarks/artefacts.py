@@ -9,9 +9,10 @@ set's calibration stack (pixel noise only, as a user would have it).
 Phases (each one process; results and trained models are kept in ``--cache``, so a phase can be
 rerun alone and the slow training is done once)::
 
-    python -m benchmarks.artefacts train --set stripes-x --minutes 8   # the HDN all levels on
+    python -m benchmarks.artefacts train --set stripes-x --steps 400   # the HDN, every level on
     python -m benchmarks.artefacts finetune --set stripes-x --levels 1,2 --steps 200
     python -m benchmarks.artefacts eval --set stripes-x                # every setting, scores
+    python -m benchmarks.artefacts baselines --set stripes-x           # NL-means, TV, BM3D
     python -m benchmarks.artefacts report                              # the table of all sets
 
 Scores: PSNR and SSIM against the ground truth; the stripe score is the correlation of the error
@@ -82,13 +83,14 @@ def cmd_train(args) -> dict:
     nm = _noise_model(ds, args.cache)
     p = get_preset("fast CPU")
     t = time.perf_counter()
+    # a step count, not a time budget: the same model whatever else runs on the machine
     trainer = Trainer(ds.noisy, nm, model_config=p.model_config(),
-                      training_config=p.training_config(time_budget_s=args.minutes * 60,
-                                                        max_steps=10**6, device="cpu", seed=SEED,
-                                                        threads=args.threads))
+                      training_config=p.training_config(max_steps=args.steps, device="cpu",
+                                                        seed=SEED, threads=args.threads))
     model = trainer.run()
     model.save(args.cache / f"{ds.name}.hdn")
-    out = {"steps": trainer.step, "seconds": time.perf_counter() - t, "minutes": args.minutes}
+    out = {"steps": trainer.step, "seconds": time.perf_counter() - t,
+           "s_per_step": (time.perf_counter() - t) / max(trainer.step, 1)}
     print(f"{ds.name}: trained {trainer.step} steps in {out['seconds']:.0f} s", flush=True)
     return {"train": out}
 
@@ -114,10 +116,10 @@ def cmd_finetune(args) -> dict:
 
 
 def _settings(levels: int, modes) -> list[dict]:
-    """Level settings to score: each low level alone and the lowest k levels together."""
+    """Level settings to score: the lowest k levels off (the top level always stays)."""
     out: list[dict] = [{}]
     for mode in modes:
-        for off in ([1], [2], [1, 2], [1, 2, 3])[: max(1, 2 * (levels - 1))]:
+        for off in ([1], [1, 2], [1, 2, 3]):
             if max(off) < levels:
                 out.append({lv: mode for lv in off})
     return out
@@ -134,8 +136,6 @@ def cmd_eval(args) -> dict:
 
     from napari_hdn.engine import describe_levels, load_model
 
-    from .baselines import bm3d, bm3d_available, nl_means, total_variation
-
     torch.set_num_threads(args.threads)
     ds = dataset(args.set)
     res: dict = {"noisy": scores(ds.noisy, ds)}
@@ -151,6 +151,10 @@ def cmd_eval(args) -> dict:
         print(f"{ds.name:<10} {label:<36} PSNR {r['psnr']:6.2f}  SSIM {r['ssim']:.3f}  stripe "
               f"{r['stripe']:+.2f}", flush=True)
 
+    for path in sorted(args.cache.glob(f"{ds.name}.ft*.hdn")):
+        run(load_model(path), {}, "fine-tuned " + path.stem.split(".", 1)[1])
+    if args.only_finetuned:
+        return {"eval": res}
     for setting in _settings(model.levels, args.modes.split(",")):
         run(model, setting, _label(setting))
     t = time.perf_counter()
@@ -162,8 +166,16 @@ def cmd_eval(args) -> dict:
     chosen = max(picks, key=picks.count)
     run(model, dict(enumerate(chosen, start=1)) if chosen else {}, "suggested")
     res["suggested"]["setting"] = list(chosen)
-    for path in sorted(args.cache.glob(f"{ds.name}.ft*.hdn")):
-        run(load_model(path), {}, "fine-tuned " + path.stem.split(".", 1)[1])
+    return {"eval": res}
+
+
+def cmd_baselines(args) -> dict:
+    """NL-means, TV and BM3D with the rule's noise level (the pixel noise) and, as an oracle that
+    favours them, the best of 1.5x, 2x and 3x stronger settings chosen on the ground truth."""
+    from .baselines import bm3d, bm3d_available, nl_means, total_variation
+
+    ds = dataset(args.set)
+    res: dict = {"noisy": scores(ds.noisy, ds)}
     for name, fn in (("NL-means", nl_means), ("TV", total_variation), ("BM3D", bm3d)):
         if name == "BM3D" and not bm3d_available():
             continue
@@ -180,7 +192,7 @@ def cmd_eval(args) -> dict:
         res[name + " (oracle strength)"] = best
         print(f"{ds.name:<10} {name:<36} PSNR {res[name]['psnr']:6.2f}  oracle {best['psnr']:6.2f} "
               f"(x{best['strength']:g})", flush=True)
-    return {"eval": res}
+    return {"baselines": res}
 
 
 def _scaled(fn, x, noise, k: float):
@@ -192,40 +204,95 @@ def _scaled(fn, x, noise, k: float):
     return inv(fn(z, g).astype(np.float64)).astype(np.float32)
 
 
+def cmd_diagnose(args) -> dict:
+    """Why switching levels off can collapse the image: the spread of each level's latent z and of
+    the features it hands down, per setting, relative to every level on."""
+    import torch
+
+    from napari_hdn.engine import load_model
+    from napari_hdn.engine.prediction import LatentNoise, inference_model
+
+    torch.set_num_threads(args.threads)
+    ds = dataset(args.set)
+    model = inference_model(load_model(args.cache / f"{ds.name}.hdn"))
+    ladder = model.ladder
+    x = torch.from_numpy(model.normalisation.forward(ds.noisy[0]))[None, None]
+    seen: dict = {}
+    hooks = []
+    for i, level in enumerate(ladder.levels):
+        hooks.append(level.z_to_features.register_forward_pre_hook(
+            lambda mod, inp, i=i: seen.setdefault(("z", i + 1), inp[0].detach().clone())))
+        hooks.append(level.register_forward_hook(
+            lambda mod, inp, out, i=i: seen.setdefault(("h", i + 1), out[0].detach().clone())))
+    n = 8
+    out = {}
+    with torch.inference_mode():
+        bu = [b.expand(n, -1, -1, -1) for b in ladder.bottom_up(x)]
+        noise = LatentNoise(SEED)
+        for label, modes in (("all on", None), ("1,2 prior-mean", {1: "prior-mean", 2: "prior-mean"}),
+                             ("1,2 prior-sample", {1: "prior-sample", 2: "prior-sample"}),
+                             ("1 prior-mean", {1: "prior-mean"})):
+            seen.clear()
+            ladder.top_down(bu, model.resolve_modes(modes),
+                            lambda lv, shape: noise.region(lv, 0, shape, (0, 0)), compute_kl=False)
+            # spread over pixels (within a sample), averaged over channels and samples
+            out[label] = {f"{k}{lv}": float(v.std(dim=(2, 3)).mean()) for (k, lv), v in seen.items()}
+    for h in hooks:
+        h.remove()
+    ref = out["all on"]
+    for label, r in out.items():
+        print(f"{label:<18} " + "  ".join(f"{k} {v / ref[k]:.2f}" for k, v in sorted(r.items())))
+    return {"diagnose": out}
+
+
 def _store(name: str, part: dict) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data.setdefault(name, {}).update(part)
+    entry = data.setdefault(name, {})
+    for key, value in part.items():  # a phase adds to what earlier phases stored
+        entry.setdefault(key, {}).update(value)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def cmd_report(args) -> dict:
+    """Markdown tables of everything measured (from benchmarks/results/artefacts.json)."""
     data = json.loads(RESULTS.read_text())
     for name, r in data.items():
-        ev = r.get("eval", {})
-        print(f"\n{name}: {r.get('train', {}).get('steps', '?')} training steps")
+        tr = r.get("train", {})
+        print(f"\n**{name}** ({tr.get('steps', '?')} training steps)\n")
         print("| setting | PSNR | SSIM | stripe score |\n|---|---|---|---|")
-        for label, s in ev.items():
+        rows = {**r.get("baselines", {}), **r.get("eval", {})}
+        for label, s in rows.items():
             if isinstance(s, dict) and "psnr" in s:
-                print(f"| {label} | {s['psnr']:.2f} | {s['ssim']:.3f} | {s['stripe']:+.2f} |")
+                extra = f" (x{s['strength']:g})" if "oracle" in label else ""
+                if label == "suggested":
+                    extra = f" ({', '.join(s.get('setting', [])) or 'all on'})"
+                print(f"| {label}{extra} | {s['psnr']:.2f} | {s['ssim']:.3f} | {s['stripe']:+.2f} |")
     return {}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=["train", "finetune", "eval", "report"])
+    ap.add_argument("phase", choices=["train", "finetune", "eval", "baselines", "diagnose",
+                                      "report"])
     ap.add_argument("--set", default="stripes-x", help="stripes-x, stripes-y or lines")
-    ap.add_argument("--minutes", type=float, default=8.0, help="training budget (train)")
     ap.add_argument("--levels", default="1,2", help="levels withheld (finetune)")
-    ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps (finetune)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps (train: default 400) or fine-tuning steps (finetune: 200)")
     ap.add_argument("--samples", type=int, default=30, help="posterior samples per MMSE (eval)")
     ap.add_argument("--suggest-samples", type=int, default=8)
     ap.add_argument("--modes", default="prior-sample,prior-mean")
+    ap.add_argument("--only-finetuned", action="store_true",
+                    help="eval: score only the fine-tuned models (the rest is kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/hdn-artefacts"))
     args = ap.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
-    fn = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "report": cmd_report}
+    if args.steps is None:
+        args.steps = 200 if args.phase == "finetune" else 400
+    fn = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "baselines": cmd_baselines,
+          "diagnose": cmd_diagnose,
+          "report": cmd_report}
     part = fn[args.phase](args)
     if part:
         _store(args.set, part)

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     model = trainer.run()
     print(f"trained {args.steps} steps in {time.perf_counter() - t:.0f} s")
     print(f"{'input (noisy)':<34} PSNR {psnr(s.noisy, s.clean):6.2f} dB")
-    settings = [None, {1: "prior-mean"}, {2: "prior-mean"}, {1: "prior-mean", 2: "prior-mean"},
+    settings = [None, {1: "prior-sample"}, {1: "prior-sample", 2: "prior-sample"},
+                {1: "prior-mean"}, {2: "prior-mean"}, {1: "prior-mean", 2: "prior-mean"},
                 {1: "zero"}, {1: "zero", 2: "zero"}]
     for modes in settings:
         r = model.predict(s.noisy, n_samples=args.samples, levels=modes)

@@ -204,3 +204,42 @@ def test_ctrl_c_stops_training_and_saves_the_best_model(tmp_path, noisy_tif):
     m = load_model(model)
     assert m.info["stopped_early"] is True and 0 < m.info["steps"] < 100000
     assert m.info["axes"] == "TYX"
+
+
+def test_levels_suggest_and_fine_tune(tmp_path, noisy_tif, capsys):
+    """`levels` describes each level and prints the commands; `predict --suggest-levels` uses the
+    suggestion; `train --fine-tune` trains a model on with levels withheld."""
+    import json
+
+    from napari_hdn.engine import load_model
+
+    model = tmp_path / "m.hdn"
+    assert main(["train", str(noisy_tif), "--gaussian-sigma", "10", "--out", str(model),
+                 "--max-steps", "2", "--axes", "TYX", *TINY_ARGS]) == 0
+    capsys.readouterr()
+    assert main(["levels", str(model), str(noisy_tif), "--samples", "2", "--crop", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "level 1: removes" in out and "suggested:" in out and "crop 32x32" in out
+    assert main(["levels", str(model), str(noisy_tif), "--samples", "2", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["mode"] == "prior-sample" and len(rep["suggested"]) == 2
+    assert [s["level"] for s in rep["steps"]] == [1]
+    rc = main(["predict", str(model), str(noisy_tif), "--out-dir", str(tmp_path / "p"),
+               "--samples", "2", "--suggest-levels", "--quiet"])
+    assert rc == 0 and "levels: suggested:" in capsys.readouterr().err
+    rc = main(["predict", str(model), str(noisy_tif), "--out-dir", str(tmp_path / "p2"),
+               "--samples", "2", "--suggest-levels", "--deactivate", "1", "--quiet"])
+    assert rc == 1 and "not both" in capsys.readouterr().err
+    tuned = tmp_path / "t.hdn"
+    rc = main(["train", str(noisy_tif), "--fine-tune", str(model), "--deactivate", "1",
+               "--max-steps", "2", "--batch-size", "4", "--out", str(tuned), "--quiet"])
+    assert rc == 0 and "fine-tuned for 2 steps with levels 1 withheld" in capsys.readouterr().out
+    t = load_model(tuned)
+    assert t.config.deactivated_levels == [1] and t.info["fine_tuned"]["levels"] == [1]
+    for extra, msg in ((["--deactivate", "1,2"], "at least one level must stay active"),
+                       ([], "needs --deactivate"),
+                       (["--deactivate", "1", "--gaussian-sigma", "3"], "keeps the model's"),
+                       (["--deactivate", "1", "--resume", str(model)], "give one of them")):
+        rc = main(["train", str(noisy_tif), "--fine-tune", str(model), "--out",
+                   str(tmp_path / "x.hdn"), "--quiet", *extra])
+        assert rc == 1 and msg in capsys.readouterr().err, extra

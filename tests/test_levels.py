@@ -108,6 +108,8 @@ def test_fine_tune_withholds_levels_and_leaves_the_model_alone():
         fine_tune(model, noisy, [1, 2], steps=1)
     with pytest.raises(InputError, match="level numbers"):
         fine_tune(model, noisy, ["a"], steps=1)
+    with pytest.raises(InputError, match="no levels to withhold"):
+        fine_tune(model, noisy, [], steps=1)
 
 
 def test_structure_correlation_tells_artefacts_from_lost_detail():

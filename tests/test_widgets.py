@@ -440,3 +440,48 @@ def test_bad_inputs_give_notifications(viewer, qtbot, notes, monkeypatch):
     pw.layer_combo.set_layer("seg")
     ok, errs = _errors_after(notes, pw.run_prediction)
     assert not ok and "Labels layer" in errs[0]
+
+
+def test_suggest_selects_levels_and_fine_tune_adds_a_model(viewer, qtbot, notes, striped):
+    """Suggest describes each level beside it and selects the suggestion; a level whose removal
+    reads as image detail raises the warning; Fine-tune adds a model with the levels withheld and
+    keeps the prediction-time preview for comparison."""
+    from napari_hdn.engine.levels import LevelReport, LevelStep
+
+    layer, entry = striped
+    aw = dock(viewer, "Artefact removal")
+    aw.layer_combo.set_layer(layer.name)
+    aw.region.setCurrentText("crop")
+    aw.crop_size.setValue(64)
+    assert aw.suggest()
+    qtbot.waitUntil(lambda: aw.level_report is not None, timeout=WAIT)
+    rep = aw.level_report
+    assert [s.level for s in rep.steps] == [1] and aw.level_modes() == rep.suggested
+    assert aw.status.text().startswith("Suggested:")
+    assert aw.cost_labels[1].text() != ""  # the verdict shows beside the level
+    # a report saying level 1 carries image detail: switching it off warns
+    aw.level_report = LevelReport("prior-sample", [LevelStep(1, 0.5, 0.6, -0.1, "signal")],
+                                  ["posterior", "posterior"], (0, 0, 64, 64), 8)
+    aw.set_level_mode(1, "prior-sample")
+    assert not aw.warning.isHidden() and "real detail" in aw.warning.text()
+    assert "image detail" in aw.cost_labels[1].text()
+    aw.set_level_mode(1, "posterior")
+    assert aw.warning.isHidden()
+    # fine-tune with level 1 withheld
+    aw.set_level_mode(1, "prior-sample")
+    qtbot.waitUntil(lambda: not aw.preview_task.running and aw.previews_done >= 1, timeout=WAIT)
+    aw.tune_steps.setValue(10)
+    assert aw.fine_tune()
+    wait_idle(qtbot, aw.apply_task)
+    assert aw.state == TaskState.DONE, notes.errors
+    tuned = get_session().model(aw.model_combo.currentText())
+    assert tuned is aw.tuned_entry and tuned.name == "tiny · L1 withheld"
+    assert tuned.model.config.deactivated_levels == [1]
+    assert aw.level_modes() == ["prior-sample", "posterior"]
+    assert "HDN preview · striped fluorescence · tiny · L1 off at prediction" in viewer.layers
+    qtbot.waitUntil(lambda: "HDN preview · striped fluorescence" in viewer.layers, timeout=WAIT)
+    # nothing to withhold: a clear message, no job
+    aw.model_combo.setCurrentText("tiny")
+    assert not aw.fine_tune()
+    assert "switch off the levels to withhold first" in aw.status.text()
+    assert notes.errors[-1:] and "switch off the levels" in notes.errors[-1]

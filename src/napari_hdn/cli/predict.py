@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .levels import MODE_CHOICES
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -40,8 +41,12 @@ def add_parser(sub) -> None:
     r.add_argument("--batch-size", type=int, help="samples per pass (default: from image size)")
     r.add_argument("--deactivate", metavar="LEVELS",
                    help="latent levels to switch off, e.g. 1,2 (1 = finest); removes structured noise")
-    r.add_argument("--deactivate-mode", choices=["prior-mean", "zero"], default="prior-mean",
-                   help="what switched-off levels use: the prior mean (default) or zeros")
+    r.add_argument("--deactivate-mode", choices=MODE_CHOICES, default="prior-sample",
+                   help="what switched-off levels use: samples of the prior given the levels above "
+                   "(default; the MMSE averages over them), the prior mean, or zeros")
+    r.add_argument("--suggest-levels", action="store_true",
+                   help="switch off the levels `napari-hdn levels` suggests (the bottom levels "
+                   "whose removal looks like an artefact, not like detail of the image)")
     r.add_argument("--device", help="auto (default), cpu, cuda or mps")
     r.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0)")
     r.add_argument("--threads", type=int, help="CPU threads (default: torch's, all cores); fewer "
@@ -52,6 +57,31 @@ def add_parser(sub) -> None:
 
 NUMBERS = dict(n_samples="samples", tile_size="tile_size", tile_overlap="tile_overlap",
                batch_size="batch_size", seed="seed", threads="threads")
+
+
+def check_levels(args, model, image, axes, off: list[int]):
+    """Describe the levels on a crop: the suggested setting (``--suggest-levels``), or a warning
+    when a level of ``--deactivate`` removes what looks like detail of the image."""
+    from types import SimpleNamespace
+
+    from .levels import describe
+
+    quick = SimpleNamespace(level_samples=8 if args.suggest_levels else 4,
+                            level_crop=256 if args.suggest_levels else 128, level_frame=None,
+                            deactivate_mode=args.deactivate_mode, seed=args.seed,
+                            device=args.device)
+    rep = describe(quick, model, image, axes)
+    if args.suggest_levels:
+        for line in rep.lines():
+            print(f"levels: {line}", file=sys.stderr)
+        return {lv: rep.mode for lv in rep.levels_off} or None
+    signal = [s.level for s in rep.steps if s.level in off and s.verdict == "signal"]
+    if signal:
+        print(f"napari-hdn: warning: switching off level(s) {', '.join(map(str, signal))} removes "
+              "what looks like detail of the image, not an artefact (where the image has "
+              "structure); the MMSE may lose real structure. `napari-hdn levels` shows the "
+              "figures; --suggest-levels picks a safer setting", file=sys.stderr)
+    return {lv: args.deactivate_mode for lv in off}
 
 
 def run(args) -> int:
@@ -72,11 +102,15 @@ def run(args) -> int:
     image, declared = read_tiff(args.noisy, "input", with_axes=True)
     axes = resolve_axes(args.axes, declared, args.noisy)
     off = parse_levels(args.deactivate)
+    if off and args.suggest_levels:
+        raise CLIError("give --deactivate LEVELS or --suggest-levels, not both")
     levels = {lv: args.deactivate_mode for lv in off} if off else None
     try:
         check_some_level_active(model.resolve_modes(levels))
     except InputError as exc:
         raise CLIError(f"--deactivate {args.deactivate}: {exc}") from None
+    if off or args.suggest_levels:
+        levels = check_levels(args, model, image, axes, off)
     stop = StopFlag()
     threads = cpu_threads(args.threads) if args.threads else contextlib.nullcontext()
     with Progress(args.quiet) as bar, threads, \

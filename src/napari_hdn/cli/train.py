@@ -74,6 +74,11 @@ def add_parser(sub) -> None:
     o.add_argument("--seed", type=int, help="random seed (default 0; same seed, same CPU run)")
     o.add_argument("--checkpoint-dir", help="where best.hdn/last.hdn go (default: OUT.checkpoints)")
     o.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. last.hdn)")
+    o.add_argument("--fine-tune", metavar="MODEL",
+                   help="start from this trained model and train it on with the levels of "
+                   "--deactivate withheld from the image (the paper's recipe for line artefacts, "
+                   "warm-started: a few hundred --max-steps instead of a new training; default "
+                   "300 steps at lr 1e-3). See `napari-hdn levels` for which levels")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=run)
 
@@ -148,10 +153,34 @@ def check_destinations(args, out: Path, ckdir: Path) -> None:
                        f"--checkpoint-dir, or continue that run with --resume {ckdir / 'last.hdn'}")
 
 
+FINE_TUNE_STEPS = 300
+
+
+def fine_tune_options(args) -> tuple[list[int], dict]:
+    """(levels to withhold, training options) of ``--fine-tune``; usage errors before any work."""
+    if args.resume:
+        raise CLIError("--fine-tune starts a new run from a trained model; --resume continues an "
+                       "interrupted one: give one of them")
+    if (args.noise_model or args.gaussian_sigma is not None or args.poisson_gain is not None
+            or args.preset or any(getattr(args, k) is not None for k in ARCH_OPTIONS)):
+        raise CLIError("--fine-tune keeps the model's architecture and noise model: leave --preset, "
+                       "the architecture options and the noise-model options out")
+    if not args.deactivate:
+        raise CLIError("--fine-tune needs --deactivate LEVELS: the levels to withhold from the "
+                       "image (e.g. 1 or 1,2; `napari-hdn levels MODEL NOISY` suggests them)")
+    opts = {k: getattr(args, k) for k in TRAINING_OPTIONS if getattr(args, k) is not None}
+    opts["steps"] = opts.pop("max_steps", FINE_TUNE_STEPS)
+    if args.minutes is not None:
+        opts["time_budget_s"] = args.minutes * 60
+    return parse_levels(args.deactivate), opts
+
+
 def run(args) -> int:
     from ..engine import OutputError, StopFlag, Trainer
 
     check_numbers(args, **NUMBERS)
+    if args.fine_tune:
+        return run_fine_tune(args)
     if args.resume and (args.noise_model or args.gaussian_sigma is not None
                         or args.poisson_gain is not None):
         raise CLIError("a resumed run keeps the noise model of its checkpoint: leave --noise-model, "
@@ -194,3 +223,38 @@ def run(args) -> int:
     print(f"saved {out} (steps {info['steps']}, best validation loss {best_text}; "
           f"checkpoints in {ckdir})")
     return EXIT_OK
+
+
+def run_fine_tune(args) -> int:
+    from ..engine import InputError, ModelConfig, StopFlag, fine_tune, load_model
+    from ..engine.config import validated
+
+    levels, opts = fine_tune_options(args)
+    out = Path(args.out)
+    ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
+    args.noise_model = args.fine_tune  # an input that --out must not replace
+    check_destinations(args, out, ckdir)
+    model = load_model(args.fine_tune)
+    try:
+        validated(ModelConfig, {**model.config.model_dump(), "deactivated_levels": sorted(
+            set(model.config.deactivated_levels) | set(levels))})
+    except InputError as exc:
+        raise CLIError(f"--deactivate {args.deactivate}: {exc}") from None
+    images, declared = read_tiff(args.noisy, "input", with_axes=True)
+    axes = resolve_axes(args.axes, declared, args.noisy)
+    stop = StopFlag()
+    with Progress(args.quiet) as bar, SigintStop(stop, "stopping after this step: the best model "
+                                                  "so far will be saved"):
+        try:
+            tuned = fine_tune(model, images, levels, axes=axes, checkpoint_dir=ckdir, callbacks=bar,
+                              stop_flag=stop, **opts)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"invalid option: {pydantic_message(exc)}") from None
+    if axes:
+        tuned.info["axes"] = axes.upper()
+    tuned.save(out)
+    off = ", ".join(map(str, tuned.config.deactivated_levels))
+    print(f"saved {out}: {args.fine_tune} fine-tuned for {tuned.info['fine_tuned']['steps']} steps "
+          f"with levels {off} withheld ({tuned.config.withheld_mode}); predict with it as with any "
+          "model (those levels stay off)")
+    return EXIT_INTERRUPTED if tuned.info.get("stopped_early") else EXIT_OK

@@ -123,8 +123,11 @@ def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-samp
     crop : largest side of the centre crop analysed (the cost is ``levels * n_samples`` top-down
         passes of the crop)
     """
+    from .options import check_options
     from .prediction import PosteriorSampler, check_finite_result
 
+    c = check_options(n_samples=n_samples, crop=crop, seed=seed)
+    n_samples, crop, seed = c["n_samples"], c["crop"], c["seed"]
     if mode not in OFF_MODES:
         raise InputError(f"mode must be one of {', '.join(OFF_MODES)}, not {mode!r}")
     arr = as_float_array(image)

@@ -36,6 +36,7 @@ RULES: dict[str, Rule] = {
     "tile_overlap": Rule(int, "--tile-overlap", 0),
     "threads": Rule(int, "--threads", 1),
     "seed": Rule(int, "--seed", 0),
+    "crop": Rule(int, "--crop", 16),
     # noise models with known parameters
     "sigma": Rule(float, "--gaussian-sigma", 0.0, strict=True),
     "gain": Rule(float, "--poisson-gain", 0.0, strict=True),

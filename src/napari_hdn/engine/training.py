@@ -661,7 +661,7 @@ def fine_tune(
     images,
     levels,
     *,
-    steps: int = 200,
+    steps: int = 300,
     axes: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     callbacks: Callback | list[Callback] | None = None,
@@ -700,6 +700,9 @@ def fine_tune(
         new = sorted({int(v) for v in levels})
     except (TypeError, ValueError):
         raise InputError(f"levels must be level numbers such as [1, 2], not {levels!r}") from None
+    if not new:
+        raise InputError("no levels to withhold: give the levels to switch off, e.g. [1] or [1, 2] "
+                         "(describe_levels suggests them)")
     cfg = validated(ModelConfig, {**model.config.model_dump(), "deactivated_levels": sorted(
         set(model.config.deactivated_levels) | set(new))})
     saved = model.info.get("training_config") or {}

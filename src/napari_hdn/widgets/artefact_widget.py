@@ -24,7 +24,8 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QStandardItemModel
 from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
-from ..engine import LATENT_MODES, InputError, predict_in_rounds
+from ..engine import LATENT_MODES, InputError, describe_levels, fine_tune, predict_in_rounds
+from ..engine.levels import STRUCTURE_LIMIT
 from ..engine.prediction import inference_model
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, combo, form, scroll_body, set_message, spin, status_label
@@ -41,11 +42,17 @@ from ._workers import EngineTask, Outcome, user_message
 
 MODE_HELP = {
     "posterior": "normal: z drawn from the posterior, i.e. the image reaches this level",
+    "prior-sample": "the image does not reach this level: z is drawn from the prior given the "
+                    "levels above (removes structure of this scale that the coarser levels do not "
+                    "explain; the MMSE averages over the draws)",
     "prior-mean": "the image does not reach this level: z is the mean predicted from the levels "
                   "above (removes structure of this scale that the coarser levels do not explain)",
     "zero": "z = 0 at this level (switches the level off entirely; harsher than prior-mean)",
 }
 MAX_CACHED_SAMPLERS = 3
+#: posterior samples per setting when the widget suggests levels
+SUGGEST_SAMPLES = 8
+VERDICT_TEXT = {"artefact": "artefact-like", "signal": "image detail ⚠", "nothing": "removes little"}
 COST_TIP = (
     "Switching level {lv} alone to '{mode}' removes {energy:.1%} of the energy of the preview with "
     "all levels on (sum of squared changes / sum of squared deviations from its mean), and changes "
@@ -151,6 +158,10 @@ class ArtefactWidget(EngineWidget):
         super().__init__(napari_viewer, parent)
         self.apply_task = self.task
         self.preview_task = EngineTask(self, lambda ev: None, self._on_preview_done, poll_ms=200)
+        self.suggest_task = EngineTask(self, lambda ev: None, self._on_suggest_done, poll_ms=200)
+        self.level_report = None  # the last LevelReport, with the key of its crop
+        self._report_meta: dict = {}
+        self.tuned_entry = None
         self._samplers: OrderedDict = OrderedDict()
         self._net: tuple | None = None  # (model, its inference copy): one copy per model
         self._references: dict = {}  # (sampler key, n, seed) -> (all-on preview, its log-likelihood)
@@ -182,9 +193,19 @@ class ArtefactWidget(EngineWidget):
         lay.addWidget(self.levels_box)
         self.cost_summary = status_label()
         lay.addWidget(self.cost_summary)
+        self.warning = status_label()
+        self.warning.setVisible(False)
+        lay.addWidget(self.warning)
         row = QHBoxLayout()
+        self.suggest_btn = QPushButton("Suggest")
+        self.suggest_btn.setToolTip(
+            "Switch off the bottom 1, 2, ... levels in turn on the preview crop (prior-sample, "
+            f"{SUGGEST_SAMPLES} samples each) and judge what each removes: an artefact is "
+            "independent of the image, real detail is strongest where the image has structure. "
+            "Selects the deepest run of bottom levels whose removal looks like an artefact.")
         self.reset_btn = QPushButton("All on")
         self.reset_btn.setToolTip("Set every level back to 'posterior'")
+        row.addWidget(self.suggest_btn)
         row.addWidget(self.reset_btn)
         row.addStretch(1)
         lay.addLayout(row)
@@ -222,6 +243,21 @@ class ArtefactWidget(EngineWidget):
         row.addWidget(self.preview_btn)
         lay.addLayout(row)
 
+        box = QGroupBox("Fine-tune with the levels off withheld")
+        box.setToolTip("The paper's recipe for line artefacts is a model trained with the bottom "
+                       "levels withheld from the image. Fine-tuning starts from this model: a few "
+                       "hundred steps instead of a new training. The tuned model is added to the "
+                       "models, and the preview shows it next to the prediction-time setting.")
+        self.tune_steps = spin(10, 100000, 300, 50, "Training steps of the fine-tuning (about a "
+                               "second each for the fast CPU preset on a laptop CPU)")
+        self.tune_btn = QPushButton("Fine-tune")
+        self.tune_btn.setToolTip("Train this model on, on the image layer, with the levels that are "
+                                 "off withheld (Stop keeps the best model so far)")
+        f = form([("Steps", self.tune_steps)])
+        f.addRow("", self.tune_btn)
+        box.setLayout(f)
+        lay.addWidget(box)
+
         box = QGroupBox("Apply to the whole layer")
         self.apply_samples = spin(1, 10000, 50, 10, "Posterior samples averaged for the MMSE")
         inner = form([("Samples", self.apply_samples)])
@@ -229,7 +265,8 @@ class ArtefactWidget(EngineWidget):
         lay.addWidget(box)
         self.apply_btn, self.apply_stop = self.run_btn, self.stop_btn
         self.add_run_row(lay, "Apply", progress_format="%v / %m samples",
-                         idle_text="Choose a model and an image layer; change a level to preview.")
+                         idle_text="Choose a model and an image layer; change a level to preview, "
+                         "or press Suggest.")
         lay.addStretch(1)
 
         self.model_combo.currentIndexChanged.connect(self._rebuild_levels)
@@ -242,6 +279,8 @@ class ArtefactWidget(EngineWidget):
             w.valueChanged.connect(lambda *_: self._changed())
         self.preview_btn.clicked.connect(lambda: self.request_preview())
         self.reset_btn.clicked.connect(self.reset_levels)
+        self.suggest_btn.clicked.connect(lambda: self.suggest())
+        self.tune_btn.clicked.connect(lambda: self.fine_tune())
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         self.destroyed.connect(lambda *_, ev=napari_viewer.layers.events.removed,
                                f=self._on_layer_removed: _disconnect(ev, f))
@@ -259,6 +298,7 @@ class ArtefactWidget(EngineWidget):
             if item.widget() is not None:
                 item.widget().deleteLater()
         self.mode_boxes, self.cost_labels = {}, {}
+        self.level_report = None
         self._samplers.clear()
         self._net = None
         self._references.clear()
@@ -430,7 +470,8 @@ class ArtefactWidget(EngineWidget):
         ref_key = (key, n, seed)
         reference = self._references.get(ref_key)
         known = {k[-2:]: v for k, v in self._costs.items() if k[:-2] == ref_key}
-        all_on = ["posterior"] * len(modes)
+        # costs are against the model's own setting (levels withheld in training stay off)
+        base = model.default_modes()
 
         def job(report, stop):
             t0 = time.perf_counter()
@@ -442,11 +483,11 @@ class ArtefactWidget(EngineWidget):
             out = {"sampler": s, "net": ready, "mmse": mmse, "bottom_up_s": t1 - t0, "top_down_s": t2 - t1,
                    "cached": sampler is not None}
             # the cost of each level that is off, against all levels on (cached per crop)
-            off = [(lv + 1, m) for lv, m in enumerate(modes) if m != "posterior"]
+            off = [(lv + 1, m) for lv, m in enumerate(modes) if m != base[lv]]
             ll = lambda img: _mean_log_likelihood(model.noise_model, crop, img)  # noqa: E731
             ref = reference
             if ref is None and (not off or any(o not in known for o in off)):
-                ref_img = mmse if not off else s.sample(n, all_on, seed=seed, stop_flag=stop)[0]
+                ref_img = mmse if not off else s.sample(n, base, seed=seed, stop_flag=stop)[0]
                 ref = (ref_img, ll(ref_img))
             out["reference"] = ref
             costs = {}
@@ -455,7 +496,7 @@ class ArtefactWidget(EngineWidget):
                     costs[(lv, m)] = known[(lv, m)]
                     continue
                 alone = mmse if len(off) == 1 else s.sample(
-                    n, [m if i + 1 == lv else "posterior" for i in range(len(modes))], seed=seed,
+                    n, [m if i + 1 == lv else base[i] for i in range(len(modes))], seed=seed,
                     stop_flag=stop)[0]
                 costs[(lv, m)] = level_cost(ref[0], alone, ref[1], ll(alone))
             out["costs"] = costs
@@ -531,24 +572,35 @@ class ArtefactWidget(EngineWidget):
         meta = self._preview_meta
         ref_key = (meta.get("key"), meta.get("n"), meta.get("seed"))
         modes = self.level_modes() if self.mode_boxes else []
+        model = self._model()
+        base = model.default_modes() if model is not None else ["posterior"] * len(modes)
         for lv, label in self.cost_labels.items():
             mode = modes[lv - 1]
-            c = self._costs.get((*ref_key, lv, mode)) if mode != "posterior" else None
-            if mode == "posterior":
-                label.setText("")
-                label.setToolTip("")
+            as_trained = mode == base[lv - 1]  # no cost: the model's own setting
+            c = self._costs.get((*ref_key, lv, mode)) if not as_trained else None
+            v = self._verdict(lv)
+            verdict = f" · {VERDICT_TEXT[v.verdict]}" if v is not None else ""
+            vtip = (f"\n\nSuggest (bottom levels switched off in turn): level {lv} removes "
+                    f"{v.energy:.3f} x the pixel noise variance; correlation of where it removes "
+                    f"with where the image has structure {v.structure:+.2f} (above "
+                    f"{STRUCTURE_LIMIT} reads as image detail); log-likelihood {v.dll:+.4f} "
+                    "nats/px." if v is not None else "")
+            if as_trained:
+                label.setText(verdict[3:] if mode == "posterior" else "withheld in training")
+                label.setToolTip(vtip.strip())
             elif c is None:
-                label.setText("…")
-                label.setToolTip("computed with the next preview")
+                label.setText("…" + verdict)
+                label.setToolTip("computed with the next preview" + vtip)
             else:
-                label.setText(f"−{c['energy']:.1%} energy")
-                label.setToolTip(COST_TIP.format(lv=lv, mode=mode, **c))
+                label.setText(f"−{c['energy']:.1%} energy{verdict}")
+                label.setToolTip(COST_TIP.format(lv=lv, mode=mode, **c) + vtip)
+        self._show_warning(modes)
         if total is not None:
             self.cost_summary.setText(
                 f"This setting removes {total['energy']:.1%} of the preview's energy; the noisy "
                 f"data's log-likelihood changes by {total['dll']:+.4f} nats/px (on the preview crop, "
-                "against all levels on).")
-        elif not any(m != "posterior" for m in modes):
+                "against the model's own setting).")
+        elif modes == base:
             self.cost_summary.setText("")
 
     def _on_layer_removed(self, event) -> None:
@@ -578,6 +630,121 @@ class ArtefactWidget(EngineWidget):
         """Restore the whole layer with the current level settings (MMSE and variance layers)."""
         return self.start()
 
+    def on_start(self, meta: dict) -> None:
+        super().on_start(meta)
+        self.progress.setFormat("%v / %m steps" if meta.get("kind") == "fine-tune"
+                                else "%v / %m samples")
+
+    # -- suggestion ---------------------------------------------------------------------------------
+    def suggest(self) -> bool:
+        """Describe the levels on the preview crop (in the background) and select the suggestion."""
+        if self.suggest_task.running:
+            return False
+        prep = self.guard("Suggest", self._prepare_suggest)
+        if prep is None:
+            return False
+        job, meta = prep
+        self._report_meta = meta
+        self.show_status("Suggest: switching off the bottom levels in turn on the preview crop…")
+        self.suggest_task.start(job, name="napari-hdn suggest levels")
+        self.update_controls()
+        return True
+
+    def _prepare_suggest(self):
+        entry, layer, arr, model, _ = self._checked_inputs()
+        reg = self.preview_region(layer, arr, model)
+        crop = np.ascontiguousarray(arr[reg.frame][reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w])
+        seed = self.seed.value()
+
+        def job(report, stop):
+            return describe_levels(model, crop, n_samples=SUGGEST_SAMPLES, seed=seed,
+                                   crop=max(crop.shape), stop_flag=stop)
+
+        return job, {"model": model, "layer": layer.name, "region": reg}
+
+    def _on_suggest_done(self, out: Outcome) -> None:
+        meta = self._report_meta
+        self.update_controls()
+        if not out.ok:
+            msg, _ = user_message(out.error, "Suggest")
+            self.show_error(msg)
+            return
+        if out.value is None or self._model() is not meta.get("model"):
+            self.show_status("Suggest stopped (or the model changed): no setting was chosen.")
+            return
+        rep = out.value
+        self.level_report = rep
+        off = rep.levels_off
+        self.set_level_modes(dict(enumerate(rep.suggested, start=1)))
+        reg = meta["region"]
+        where = f"on the {reg.h}x{reg.w} crop at ({reg.y0}, {reg.x0})"
+        self.show_status(
+            (f"Suggested: levels {', '.join(map(str, off))} {rep.mode} " if off else
+             "Suggested: every level on (no level's removal looks like an artefact) ")
+            + f"{where}. " + " ".join(f"Level {st.level}: {VERDICT_TEXT[st.verdict]}."
+                                      for st in rep.steps))
+
+    def _verdict(self, level: int):
+        rep = self.level_report
+        return rep.step(level) if rep is not None else None
+
+    def _show_warning(self, modes: list[str]) -> None:
+        """Warn when a level that is off removes what looks like detail of the image."""
+        bad = [lv for lv, m in enumerate(modes, start=1)
+               if m != "posterior" and (v := self._verdict(lv)) is not None and v.verdict == "signal"]
+        if bad:
+            text = (f"Level{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: what switching "
+                    "off removes looks like real detail (it is strongest where the image has "
+                    "structure), not like an artefact: the result may lose real structure. "
+                    "Suggest picks a safer setting.")
+            set_message(self.warning, text, error=True)
+        self.warning.setVisible(bool(bad))
+
+    # -- fine-tuning --------------------------------------------------------------------------------
+    def fine_tune(self) -> bool:
+        """Train the model on with the levels that are off withheld; adds the tuned model."""
+        return self.start(self._prepare_fine_tune, what="Fine-tuning")
+
+    def _prepare_fine_tune(self):
+        entry, layer, arr, model, modes = self._checked_inputs()
+        off = [lv for lv, m in enumerate(modes, start=1)
+               if m != "posterior" and lv not in model.config.deactivated_levels]
+        if not off:
+            raise InputError("switch off the levels to withhold first (or press Suggest): with "
+                             "every level as trained there is nothing to fine-tune for")
+        steps = self.tune_steps.value()
+        axes = {2: "YX", 3: "SYX", 4: "STYX"}[arr.ndim]
+
+        def job(report, stop):
+            return fine_tune(model, arr, off, steps=steps, axes=axes, callbacks=report,
+                             stop_flag=stop, device=str(model.device))
+
+        return job, {"kind": "fine-tune", "entry": entry, "layer": layer.name, "levels": off,
+                     "total": steps, "modes": modes}
+
+    def _on_tuned(self, out) -> TaskState:
+        meta = self.meta
+        tuned = out.value
+        entry = meta["entry"]
+        steps = tuned.info["fine_tuned"]["steps"]
+        levels = ",".join(map(str, meta["levels"]))
+        # keep the prediction-time preview for comparison, under its own name
+        layer = meta["layer"]
+        old = output_name(layer, "preview")
+        if old in self.viewer.layers:
+            before = self.viewer.layers[old]
+            before.name = output_name(layer, "preview", f"{entry.name} · L{levels} off at prediction")
+        self.tuned_entry = self.session.add_model(
+            tuned, f"{entry.name} · L{levels} withheld", f"fine-tuned from {entry.name} for {steps} "
+            f"steps on '{layer}' with levels {levels} withheld ({tuned.config.withheld_mode})",
+            layer_name=layer, axes=entry.axes)
+        self.model_combo.setCurrentText(self.tuned_entry.name)  # rebuilds the levels, previews
+        self.request_preview(quiet=True)
+        self.show_status(f"Fine-tuned for {steps} steps with levels {levels} withheld: added the "
+                         f"model '{self.tuned_entry.name}' and previewed it; the preview of the "
+                         "prediction-time setting is kept for comparison.")
+        return TaskState.STOPPED if tuned.info.get("stopped_early") else TaskState.DONE
+
     def prepare(self):
         entry, layer, arr, model, modes = self._checked_inputs()
         n = self.apply_samples.value()
@@ -593,6 +760,8 @@ class ArtefactWidget(EngineWidget):
 
     def on_result(self, out) -> TaskState:
         meta = self.meta
+        if meta.get("kind") == "fine-tune" and out.value is not None:
+            return self._on_tuned(out)
         if out.value is None:
             self.show_status("Apply stopped before any sample was finished; no layers were changed.")
             return TaskState.STOPPED
@@ -606,7 +775,9 @@ class ArtefactWidget(EngineWidget):
         self.last_layers = add_result_layers(
             self.viewer, layer, out.value, meta["model"], meta["axes"], levels_text(modes),
             extra={"levels_off": sorted(off), "level_modes": {str(k): v for k, v in off.items()}})
-        self.show_status("Added " + ", ".join(ly.name for ly in self.last_layers if ly.visible))
+        note = f" {self.warning.text()}" if not self.warning.isHidden() else ""
+        self.show_status("Added " + ", ".join(ly.name for ly in self.last_layers if ly.visible)
+                         + note)
         return TaskState.STOPPED if out.value.info.get("stopped") else TaskState.DONE
 
     def update_controls(self, *_) -> None:
@@ -614,6 +785,10 @@ class ArtefactWidget(EngineWidget):
         has = bool(self.mode_boxes)
         self.preview_btn.setEnabled(has)
         self.reset_btn.setEnabled(has)
+        if hasattr(self, "suggest_task"):
+            self.suggest_btn.setEnabled(has and not self.suggest_task.running)
+        if hasattr(self, "tune_btn"):
+            self.tune_btn.setEnabled(has and not self.busy and not self.blocker())
 
 
 def _remove_layer(viewer, name: str) -> None:
