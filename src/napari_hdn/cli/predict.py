@@ -42,6 +42,12 @@ def add_parser(sub) -> None:
                    help="latent levels to switch off, e.g. 1,2 (1 = finest); removes structured noise")
     r.add_argument("--deactivate-mode", choices=["prior-mean", "zero"], default="prior-mean",
                    help="what switched-off levels use: the prior mean (default) or zeros")
+    r.add_argument("--sampling", choices=["antithetic", "stratified", "independent"],
+                   help="latent-noise scheme (default antithetic: samples in pairs with opposite "
+                   "latent noise; 32 such samples give the MMSE quality of 100 independent ones)")
+    r.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over the 8 flips/rotations (8x the work; "
+                   "not with --save-samples)")
     r.add_argument("--device", help="auto (default), cpu, cuda or mps")
     r.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0)")
     r.add_argument("--threads", type=int, help="CPU threads (default: torch's, all cores); fewer "
@@ -63,6 +69,9 @@ def run(args) -> int:
     from ..engine.safeio import write_tiff
 
     check_numbers(args, **NUMBERS)
+    if args.tta and args.save_samples:
+        raise CLIError("--tta averages over 8 orientations and keeps no samples: drop --tta or "
+                       "--save-samples")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} is a file, not a folder")
@@ -85,9 +94,10 @@ def run(args) -> int:
                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                                 batch_size=args.batch_size, seed=args.seed,
                                 return_samples=args.save_samples, device=args.device, callbacks=bar,
-                                stop_flag=stop)
+                                stop_flag=stop, sampling=args.sampling, tta=args.tta)
     stopped = bool(res.info.get("stopped"))
     meta = {"levels": res.levels, "n_samples": res.n_samples, "seed": res.seed,
+            "sampling": res.info.get("sampling"), "tta": bool(args.tta),
             "model": str(args.model), "stopped": stopped, "n_requested": args.samples}
     desc = json.dumps(meta)
     write_tiff(out / "mmse.tif", res.mmse.astype(np.float32), description=desc)
