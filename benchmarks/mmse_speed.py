@@ -166,6 +166,8 @@ def main(argv=None) -> None:
                   f"new 100 samples {t_new100:.1f} s, new {a.n_eq} samples {t_new:.1f} s -> "
                   f"{t_ref / t_new:.2f}x the reference (target 4x: "
                   f"{'met' if t_ref / t_new >= 4 else 'NOT met'}), {t_old / t_new:.2f}x old")
+            print(f"  whole-stack throughput ({size}x{size} frames per minute, untiled): reference "
+                  f"{60 / t_ref:.2f}, old {60 / t_old:.2f}, new {60 / t_new:.2f}")
             print(f"  conv2d throughput reached by sampling: {frac:.0%} "
                   f"({n['conv_flops'] / 1e9:.1f} GFLOP per sample; conv2d fwd "
                   f"{n['conv2d_gflops']:.0f} GFLOP/s); peak RSS reference {peak['reference']:.0f} "

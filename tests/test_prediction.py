@@ -211,3 +211,25 @@ def test_test_time_augmentation(tiny_model):
         assert np.array_equal(inv(fwd(img)), img)
     with pytest.raises(InputError, match="keeps no samples"):
         tiny_model.predict(img, n_samples=2, tta=True, return_samples=True)
+
+
+def test_fused_block_in_stripes_equals_whole():
+    from napari_hdn.engine.blocks import GatedResBlock
+    from napari_hdn.engine.fastpath import FusedGatedResBlock
+
+    torch.manual_seed(0)
+    block = GatedResBlock(4, 0.0, True, True).eval()
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    fused = FusedGatedResBlock(block)
+    x = torch.randn(2, 4, 37, 20)
+    with torch.no_grad():
+        ref = block(x)
+        fused.stripe_bytes = None
+        whole = fused(x)
+        fused.stripe_bytes = 2 * 4 * 20 * 4 * 5  # stripes of 5 rows
+        striped = fused(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(striped, ref, rtol=1e-5, atol=1e-5)
