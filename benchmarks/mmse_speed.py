@@ -40,7 +40,7 @@ CONFIGS = {
 }
 #: samples of the default scheme that give the MMSE quality of 100 independent samples (measured:
 #: docs/benchmarks.md, "MMSE speed"; benchmarks/mmse_quality.py prints it)
-N_EQ = 32
+N_EQ = 8
 
 _CHILD = r"""
 import json, sys, time, resource, statistics

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
                    help="what switched-off levels use: the prior mean (default) or zeros")
     r.add_argument("--sampling", choices=["antithetic", "stratified", "independent"],
                    help="latent-noise scheme (default antithetic: samples in pairs with opposite "
-                   "latent noise; 32 such samples give the MMSE quality of 100 independent ones)")
+                   "latent noise: an MMSE as good with far fewer samples; docs/benchmarks.md)")
     r.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the 8 flips/rotations (8x the work; "
                    "not with --save-samples)")

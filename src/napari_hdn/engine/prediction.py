@@ -398,8 +398,9 @@ def predict(
         Noisy image: YX, or frames (SYX/TYX/ZYX, ...) each restored independently.
     n_samples : int
         Posterior samples per image (paper: 100). The MMSE is their mean. With the default
-        antithetic sampling, 32 samples give an MMSE as close to the exact one as 100 independent
-        samples (docs/benchmarks.md, "MMSE speed").
+        antithetic sampling, 8 samples gave an MMSE closer to the exact one than 100 independent
+        samples on the models measured (docs/benchmarks.md, "MMSE speed"); the variance (the
+        per-pixel uncertainty) gains less from it and still wants many samples.
     axes : str, optional
         Axes of ``image`` when ambiguous.
     levels : list or dict, optional
