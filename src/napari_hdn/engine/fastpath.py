@@ -81,7 +81,8 @@ class FusedGatedResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         limit = self.stripe_bytes
-        if limit is None or x.numel() * x.element_size() <= limit or h < 4 * _HALO:
+        if (limit is None or x.device.type != "cpu" or x.numel() * x.element_size() <= limit
+                or h < 4 * _HALO):  # stripes are for CPU caches
             return self._forward(x)
         # The block's elementwise work (ELU, gate, residual) streams whole feature maps through
         # memory; maps larger than the caches make it memory-bound. Stripes of rows, with the
