@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from .levels import MODE_CHOICES
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -20,6 +19,7 @@ from ._common import (
     read_tiff,
     resolve_axes,
 )
+from .levels import MODE_CHOICES
 
 
 def add_parser(sub) -> None:
@@ -47,6 +47,12 @@ def add_parser(sub) -> None:
     r.add_argument("--suggest-levels", action="store_true",
                    help="switch off the levels `napari-hdn levels` suggests (the bottom levels "
                    "whose removal looks like an artefact, not like detail of the image)")
+    r.add_argument("--sampling", choices=["antithetic", "stratified", "independent"],
+                   help="latent-noise scheme (default antithetic: samples in pairs with opposite "
+                   "latent noise: an MMSE as good with far fewer samples; docs/benchmarks.md)")
+    r.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over the 8 flips/rotations (8x the work; "
+                   "not with --save-samples)")
     r.add_argument("--device", help="auto (default), cpu, cuda or mps")
     r.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0)")
     r.add_argument("--threads", type=int, help="CPU threads (default: torch's, all cores); fewer "
@@ -93,6 +99,9 @@ def run(args) -> int:
     from ..engine.safeio import write_tiff
 
     check_numbers(args, **NUMBERS)
+    if args.tta and args.save_samples:
+        raise CLIError("--tta averages over 8 orientations and keeps no samples: drop --tta or "
+                       "--save-samples")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} is a file, not a folder")
@@ -119,9 +128,10 @@ def run(args) -> int:
                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                                 batch_size=args.batch_size, seed=args.seed,
                                 return_samples=args.save_samples, device=args.device, callbacks=bar,
-                                stop_flag=stop)
+                                stop_flag=stop, sampling=args.sampling, tta=args.tta)
     stopped = bool(res.info.get("stopped"))
     meta = {"levels": res.levels, "n_samples": res.n_samples, "seed": res.seed,
+            "sampling": res.info.get("sampling"), "tta": bool(args.tta),
             "model": str(args.model), "stopped": stopped, "n_requested": args.samples}
     desc = json.dumps(meta)
     write_tiff(out / "mmse.tif", res.mmse.astype(np.float32), description=desc)
