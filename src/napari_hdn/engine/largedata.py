@@ -520,6 +520,7 @@ def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool 
                     "(overwrite=True) to start again, or choose another output")
             done = np.asarray(g["done"][...])
             return done, True
+    _GROUPS.pop(str(p.resolve()), None)
     try:
         g = zarr.open_group(str(p), mode="w-")
         lead = [1] * (len(spec.shape) - 2)
