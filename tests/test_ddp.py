@@ -51,7 +51,7 @@ def test_two_ranks_train_like_one_process_resume_and_survive_a_dead_rank(tmp_pat
     s = np.std(np.diff(one)) / np.sqrt(2)
     tol = 4 * s * np.sqrt(2 / 10)
     assert abs(np.mean(ddp) - np.mean(one)) < tol, (np.mean(ddp), np.mean(one), tol)
-    assert tol < 0.1 * np.mean(one)  # the tolerance is not vacuous (a wrong gradient scale fails)
+    assert tol < 0.1 * np.mean(one)  # and the tolerance is a few percent of the loss, not more
     # 3. rank 0 alone wrote the checkpoints; resume from them (to 20 steps) while rank 1 is killed
     # (SIGKILL) at step 17: torchrun ends the run, and the checkpoint of step 15 is intact
     last = tmp_path / "a" / "ck" / "last.hdn"
