@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -83,15 +82,18 @@ def make_stack(path: Path, frames: int, size: int, chunk: int = 1024) -> Path:
     return path
 
 
+_WRAP = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
 def _peak_rss_child(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in MB, wall seconds) of a fresh child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(peak RSS in MB, wall seconds) of ``cmd`` in a fresh process. A fresh wrapper process runs
+    it, so that the peak is this command's alone (RUSAGE_CHILDREN keeps the largest child ever)."""
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env())
+    out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], check=True, env=env(),
+                         capture_output=True, text=True)
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the largest of any child so far: run the small stack first
-    return max(peak, before) / 1024, wall
+    return int(out.stdout.strip().splitlines()[-1]) / 1024, wall
 
 
 def predict_cmd(model, src, out, samples, tile, extra=()) -> list[str]:
@@ -102,7 +104,7 @@ def predict_cmd(model, src, out, samples, tile, extra=()) -> list[str]:
 
 def part_memory(work: Path, model: Path, frames: int, size: int, samples: int, tile: int) -> dict:
     res = {}
-    for n in (max(1, frames // 4), frames):  # smaller first (children's peak RSS only grows)
+    for n in (max(1, frames // 4), frames):
         src = make_stack(work / f"stack{n}.zarr", n, size)
         gib = n * size * size * 4 / 2**30
         peak, wall = _peak_rss_child(predict_cmd(model, src, work / f"out{n}.zarr", samples, tile))
