@@ -125,8 +125,8 @@ def test_cli_zarr_in_process_and_local_cluster(model_file, tmp_path, capsys):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        res = L.predict_to_zarr(model_file, src, tmp_path / "b.zarr", axes="TYX", scheduler=client,
-                                **KW)
+        res = L.predict_to_zarr(model_file, src, tmp_path / "b.zarr", axes="TYX",
+                                scheduler=cluster.scheduler_address, **KW)  # as --scheduler ADDRESS
         loads = client.run(lambda: L.LOADS["count"])
         with pytest.raises(InputError, match="save it first"):
             L.predict_to_zarr(L.ModelRef(model_file).get(), src, tmp_path / "c.zarr", axes="TYX",
