@@ -219,11 +219,14 @@ def cmd_diagnose(args) -> dict:
     x = torch.from_numpy(model.normalisation.forward(ds.noisy[0]))[None, None]
     seen: dict = {}
     hooks = []
+    def keep(key, t) -> None:  # hooks must return None (a value would replace the tensor)
+        seen.setdefault(key, t.detach().clone())
+
     for i, level in enumerate(ladder.levels):
         hooks.append(level.z_to_features.register_forward_pre_hook(
-            lambda mod, inp, i=i: seen.setdefault(("z", i + 1), inp[0].detach().clone())))
+            lambda mod, inp, i=i: keep(("z", i + 1), inp[0])))
         hooks.append(level.register_forward_hook(
-            lambda mod, inp, out, i=i: seen.setdefault(("h", i + 1), out[0].detach().clone())))
+            lambda mod, inp, out, i=i: keep(("h", i + 1), out[0])))
     n = 8
     out = {}
     with torch.inference_mode():

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -37,6 +38,14 @@ def test_train_then_predict(tmp_path, noisy_tif, capsys):
     assert tifffile.imread(out / "variance.tif").shape == (2, 64, 64)
     assert tifffile.imread(out / "samples.tif").shape == (3, 2, 64, 64)
     assert "1=zero" in capsys.readouterr().out
+    rc = main(["predict", str(model), str(noisy_tif), "--out-dir", str(tmp_path / "tta"),
+               "--samples", "2", "--tta", "--sampling", "stratified", "--quiet"])
+    assert rc == 0 and tifffile.imread(tmp_path / "tta" / "mmse.tif").shape == (2, 64, 64)
+    meta = json.loads(tifffile.TiffFile(tmp_path / "tta" / "mmse.tif").pages[0].description)
+    assert meta["tta"] is True and meta["sampling"] == "stratified"
+    rc = main(["predict", str(model), str(noisy_tif), "--out-dir", str(tmp_path / "tta2"),
+               "--samples", "2", "--tta", "--save-samples", "--quiet"])
+    assert rc == 1 and "--tta" in capsys.readouterr().err
     # resume continues from the checkpoint
     rc = main(["train", str(noisy_tif), "--out", str(tmp_path / "m2.hdn"), "--max-steps", "5",
                "--resume", str(tmp_path / "m.checkpoints" / "last.hdn"), "--quiet"])

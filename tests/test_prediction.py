@@ -127,3 +127,109 @@ def test_bad_modes_and_inputs(tiny_model):
         tiny_model.predict(img, n_samples=0)
     with pytest.raises(InputError, match="overlap"):
         tiny_model.predict(img, n_samples=1, tile_size=16, tile_overlap=16)
+
+
+def test_fused_inference_network_gives_the_unfused_numbers(tiny_model):
+    from napari_hdn.engine.fastpath import FusedGatedResBlock
+    from napari_hdn.engine.prediction import inference_model
+
+    net = inference_model(tiny_model)
+    assert any(isinstance(m, FusedGatedResBlock) for m in net.ladder.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.ladder.modules())
+    assert inference_model(net) is net  # no second copy
+    x = torch.from_numpy(tiny_model.normalisation.forward(_noisy((32, 48))))[None, None]
+    noise = LatentNoise(seed=2, scheme="independent")
+
+    def eps(level, shape):
+        return noise.region(level, 0, shape, (0, 0))
+
+    with torch.no_grad():
+        ref, _ = tiny_model.ladder.top_down(tiny_model.ladder.bottom_up(x.expand(3, -1, -1, -1)),
+                                            None, eps, compute_kl=False)
+        out, _ = net.ladder.top_down(net.ladder.bottom_up(x.expand(3, -1, -1, -1)), None, eps,
+                                     compute_kl=False)
+    assert ref.abs().mean() > 0.01
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["independent", "antithetic", "stratified"])
+def test_every_sampling_scheme_is_keyed_by_position_and_sample(scheme):
+    noise = LatentNoise(seed=5, block=8, scheme=scheme)
+    whole = noise.region(1, 0, (16, 3, 20, 24), (0, 0))
+    for first, n in ((0, 16), (3, 6), (7, 1), (9, 5)):  # batches starting mid pair / mid group
+        part = noise.region(1, first, (n, 3, 9, 10), (7, 11))
+        assert torch.equal(part, whole[first:first + n, :, 7:16, 11:21])
+    # each sample is standard normal
+    big = LatentNoise(seed=1, scheme=scheme).region(1, 0, (8, 16, 64, 64), (0, 0))
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01
+    assert abs(float(big[5].std()) - 1) < 0.02
+    if scheme == "antithetic":
+        assert torch.equal(whole[1], -whole[0]) and torch.equal(whole[5], -whole[4])
+        assert torch.equal(whole[0], LatentNoise(5, 8).region(1, 0, (1, 3, 20, 24), (0, 0))[0])
+    if scheme == "stratified":  # a group of 8 takes one draw from each eighth, mirrored
+        assert float(whole[:8].sum(0).abs().max()) < 1e-4
+        q = torch.special.ndtr(whole[:8])
+        strata = (q * 8).floor().sort(0).values
+        assert torch.equal(strata, torch.arange(8.0).view(8, 1, 1, 1).expand_as(strata))
+
+
+def test_sampling_option(tiny_model):
+    img = _noisy()
+    a = tiny_model.predict(img, n_samples=4, seed=1, return_samples=True)
+    assert a.info["sampling"] == "antithetic"
+    b = tiny_model.predict(img, n_samples=4, seed=1, return_samples=True, sampling="independent")
+    np.testing.assert_allclose(a.samples[0], b.samples[0], atol=1e-5)  # pair j starts as 2j
+    assert not np.allclose(a.samples[1], b.samples[1])
+    big = _noisy((96, 88), seed=2)
+    st = tiny_model.predict(big, n_samples=8, seed=1, sampling="stratified", batch_size=3)
+    st2 = tiny_model.predict(big, n_samples=8, seed=1, sampling="stratified", tile_size=48,
+                             tile_overlap=32)
+    np.testing.assert_allclose(st.mmse, st2.mmse, rtol=1e-4, atol=1e-3)
+    with pytest.raises(InputError, match="sampling scheme"):
+        tiny_model.predict(img, n_samples=2, sampling="sobol")
+
+
+def test_test_time_augmentation(tiny_model):
+    from napari_hdn.engine.prediction import _orientations
+
+    img = _noisy((40, 56))
+    res = tiny_model.predict(img, n_samples=4, seed=3, tta=True)
+    assert res.mmse.shape == res.variance.shape == img.shape and res.info["tta"] == 8
+    seeds = res.info["tta_seeds"]
+    assert seeds[0] == 3 and len(set(seeds)) == 8
+    mus, vs = [], []
+    for (fwd, inv), s in zip(_orientations(), seeds):
+        r = tiny_model.predict(fwd(img), n_samples=4, seed=s)
+        assert r.mmse.shape == fwd(img).shape
+        mus.append(inv(r.mmse))
+        vs.append(inv(r.variance))
+    mus, vs = np.array(mus, np.float64), np.array(vs, np.float64)
+    np.testing.assert_allclose(res.mmse, mus.mean(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(res.variance, vs.mean(0) + mus.var(0), rtol=1e-4, atol=1e-3)
+    # each orientation's inverse brings the image back
+    for fwd, inv in _orientations():
+        assert np.array_equal(inv(fwd(img)), img)
+    with pytest.raises(InputError, match="keeps no samples"):
+        tiny_model.predict(img, n_samples=2, tta=True, return_samples=True)
+
+
+def test_fused_block_in_stripes_equals_whole():
+    from napari_hdn.engine.blocks import GatedResBlock
+    from napari_hdn.engine.fastpath import FusedGatedResBlock
+
+    torch.manual_seed(0)
+    block = GatedResBlock(4, 0.0, True, True).eval()
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    fused = FusedGatedResBlock(block)
+    x = torch.randn(2, 4, 37, 20)
+    with torch.no_grad():
+        ref = block(x)
+        fused.stripe_bytes = None
+        whole = fused(x)
+        fused.stripe_bytes = 2 * 4 * 20 * 4 * 5  # stripes of 5 rows
+        striped = fused(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(striped, ref, rtol=1e-5, atol=1e-5)

@@ -57,6 +57,9 @@ def run_chunked(args) -> int:
         raise CLIError(f"--out {args.out}: the output is a zarr store; give it a name ending in .zarr")
     if Path(args.noisy).exists() is False:
         raise CLIError(f"input not found: {args.noisy}")
+    if getattr(args, "tta", False) or getattr(args, "sampling", None):
+        raise CLIError("--tta and --sampling are not available with a zarr output yet: leave them out "
+                       "(the default sampling is used) or write TIFFs with --out-dir")
     if getattr(args, "suggest_levels", False):
         raise CLIError("--suggest-levels reads the whole image: run `napari-hdn levels MODEL CROP.tif` "
                        "on a crop, then give --deactivate LEVELS with --out")

@@ -52,6 +52,12 @@ def add_parser(sub) -> None:
     r.add_argument("--suggest-levels", action="store_true",
                    help="switch off the levels `napari-hdn levels` suggests (the bottom levels "
                    "whose removal looks like an artefact, not like detail of the image)")
+    r.add_argument("--sampling", choices=["antithetic", "stratified", "independent"],
+                   help="latent-noise scheme (default antithetic: samples in pairs with opposite "
+                   "latent noise: an MMSE as good with far fewer samples; docs/benchmarks.md)")
+    r.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over the 8 flips/rotations (8x the work; "
+                   "not with --save-samples)")
     r.add_argument("--device", help="auto (default), cpu, cuda or mps")
     r.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0)")
     r.add_argument("--threads", type=int, help="CPU threads (default: torch's, all cores); fewer "
@@ -103,6 +109,9 @@ def run(args) -> int:
     if not args.out_dir:
         raise CLIError("give --out-dir FOLDER (TIFF outputs) or --out OUT.zarr (a zarr store "
                        "written chunk by chunk)")
+    if args.tta and args.save_samples:
+        raise CLIError("--tta averages over 8 orientations and keeps no samples: drop --tta or "
+                       "--save-samples")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} is a file, not a folder")
@@ -129,9 +138,10 @@ def run(args) -> int:
                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                                 batch_size=args.batch_size, seed=args.seed,
                                 return_samples=args.save_samples, device=args.device, callbacks=bar,
-                                stop_flag=stop)
+                                stop_flag=stop, sampling=args.sampling, tta=args.tta)
     stopped = bool(res.info.get("stopped"))
     meta = {"levels": res.levels, "n_samples": res.n_samples, "seed": res.seed,
+            "sampling": res.info.get("sampling"), "tta": bool(args.tta),
             "model": str(args.model), "stopped": stopped, "n_requested": args.samples}
     desc = json.dumps(meta)
     write_tiff(out / "mmse.tif", res.mmse.astype(np.float32), description=desc)

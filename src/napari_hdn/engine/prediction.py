@@ -20,6 +20,7 @@ from .data import as_float_array, check_axes
 from .device import resolve_device
 from .errors import HDNWarning, InputError, StopRequested
 from .events import Callback, Reporter, StopFlag
+from .fastpath import fuse_for_inference
 from .ladder import pad_to_multiple
 from .options import check_options
 
@@ -37,32 +38,82 @@ def _mix(*vals: int) -> int:
     return h
 
 
-class LatentNoise:
-    """Standard-normal latent noise keyed by (seed, sample, level, latent position)."""
+#: latent-noise schemes (see :class:`LatentNoise`); the default is the measured best
+SAMPLING_SCHEMES = ("independent", "antithetic", "stratified")
+DEFAULT_SAMPLING = "antithetic"
+_STRATA = 8  # samples per stratified group
 
-    def __init__(self, seed: int, block: int = _NOISE_BLOCK):
+
+class LatentNoise:
+    """Standard-normal latent noise keyed by (seed, sample, level, latent position).
+
+    Every sample's noise is exactly standard normal and independent across latent positions,
+    channels and levels, whatever the scheme; the schemes differ in how samples relate to each
+    other (variance reduction of their mean, the MMSE):
+
+    - ``"independent"``: plain Monte Carlo, samples independent.
+    - ``"antithetic"``: samples come in pairs (2j, 2j+1) with opposite noise, eps and -eps; the
+      part of the output that is odd in the noise (its linear part first) cancels in the mean.
+    - ``"stratified"``: groups of 8 samples form a symmetric Latin hypercube per latent variable:
+      the 8 draws of one variable fall one in each eighth of the normal distribution (randomly
+      assigned to the samples, independently per variable), mirrored pairwise, so the group's draws
+      are also antithetic.
+
+    The draws of sample ``k`` depend on (seed, k, level, block of latent position) only, never on
+    the sample batch or on the image's extent, so tiles and crops draw what the whole image would.
+    """
+
+    def __init__(self, seed: int, block: int = _NOISE_BLOCK, scheme: str = "independent"):
+        if scheme not in SAMPLING_SCHEMES:
+            raise InputError(f"unknown sampling scheme {scheme!r}: use one of "
+                             f"{', '.join(SAMPLING_SCHEMES)}")
         self.seed = int(seed)
         self.block = block
+        self.scheme = scheme
+        self.group = {"independent": 1, "antithetic": 2, "stratified": _STRATA}[scheme]
         self._gen = torch.Generator()
+
+    def _unit(self, level: int, unit: int, by: int, bx: int, z: int) -> torch.Tensor:
+        """The draws of one group of samples in one noise block: (group, z, b, b)."""
+        b, g = self.block, self.group
+        gen = self._gen
+        if self.scheme == "independent":
+            gen.manual_seed(_mix(self.seed, unit, level, by, bx))
+            return torch.randn(1, z, b, b, generator=gen)
+        if self.scheme == "antithetic":
+            # the pair's first sample draws what independent sampling's sample 2j would
+            gen.manual_seed(_mix(self.seed, 2 * unit, level, by, bx))
+            e = torch.randn(1, z, b, b, generator=gen)
+            return torch.cat([e, -e])
+        gen.manual_seed(_mix(self.seed, 0x5EED, unit, level, by, bx))
+        # a random assignment of strata to samples per variable, and a position within each
+        # stratum, mirrored: stratum r and g-1-r use v and 1-v
+        keys = torch.rand(g, z, b, b, generator=gen)
+        v = torch.rand(g // 2, z, b, b, generator=gen)
+        lower = torch.arange(g // 2, dtype=v.dtype).view(-1, 1, 1, 1)
+        e = torch.special.ndtri(((lower + v) / g).clamp_(min=torch.finfo(v.dtype).tiny))
+        e = torch.cat([e, -e.flip(0)])  # draws of strata 0..g-1; exact mirror images
+        return e.gather(0, keys.argsort(dim=0))
 
     def region(self, level: int, first_sample: int, shape: Sequence[int], origin: tuple[int, int]):
         """Noise of shape (n, z, h, w) for samples first_sample.. at latent origin (y0, x0)."""
         n, z, h, w = shape
         y0, x0 = origin
-        b = self.block
+        b, g = self.block, self.group
         out = torch.empty(n, z, h, w)
         by0, by1 = y0 // b, (y0 + h - 1) // b
         bx0, bx1 = x0 // b, (x0 + w - 1) // b
-        for k in range(n):
-            for by in range(by0, by1 + 1):
-                for bx in range(bx0, bx1 + 1):
-                    self._gen.manual_seed(_mix(self.seed, first_sample + k, level, by, bx))
-                    blk = torch.randn(z, b, b, generator=self._gen)
-                    ya, yb = max(y0, by * b), min(y0 + h, (by + 1) * b)
-                    xa, xb = max(x0, bx * b), min(x0 + w, (bx + 1) * b)
-                    out[k, :, ya - y0 : yb - y0, xa - x0 : xb - x0] = blk[
-                        :, ya - by * b : yb - by * b, xa - bx * b : xb - bx * b
-                    ]
+        u0, u1 = first_sample // g, (first_sample + n - 1) // g
+        for by in range(by0, by1 + 1):
+            ya, yb = max(y0, by * b), min(y0 + h, (by + 1) * b)
+            for bx in range(bx0, bx1 + 1):
+                xa, xb = max(x0, bx * b), min(x0 + w, (bx + 1) * b)
+                for unit in range(u0, u1 + 1):
+                    blk = self._unit(level, unit, by, bx, z)
+                    ka, kb = max(first_sample, unit * g), min(first_sample + n, (unit + 1) * g)
+                    out[ka - first_sample : kb - first_sample, :, ya - y0 : yb - y0,
+                        xa - x0 : xb - x0] = blk[ka - unit * g : kb - unit * g, :,
+                                                 ya - by * b : yb - by * b, xa - bx * b : xb - bx * b]
         return out
 
 
@@ -111,25 +162,20 @@ def _auto_sample_batch(filters: int, h: int, w: int, device: torch.device) -> in
 def inference_model(model, device=None):
     """The model to sample with on ``device``, leaving the caller's model exactly as it was.
 
-    Sampling wants the network on ``device``, in eval mode and, on a CPU, channels-last (NHWC
-    convolutions are ~1.35x faster for inference with oneDNN, measured). The caller's model is used
-    as it is when it is already so; otherwise a copy of the network is made (40 ms for the "fast
-    CPU" preset, 0.17 s for the paper's architecture, on one CPU thread). Passing the result to
-    :func:`predict` or :class:`PosteriorSampler` again makes no further copy.
+    Sampling wants the network on ``device``, in eval mode, with its BatchNorms folded into the
+    convolutions (:mod:`.fastpath`: the same numbers with less work) and, on a CPU, channels-last
+    (NHWC convolutions are ~1.35x faster for inference with oneDNN, measured). A copy of the
+    network is made for that (40 ms for the "fast CPU" preset, 0.2 s for the paper's architecture,
+    on one CPU thread); passing the result to :func:`predict` or :class:`PosteriorSampler` again
+    makes no further copy.
     """
     device = resolve_device(device) if device is not None else model.device
     ladder = model.ladder
-    channels_last = device.type == "cpu"
-    ready = model.device == device and not ladder.training and (
-        not channels_last
-        or all(p.is_contiguous(memory_format=torch.channels_last)
-               for p in ladder.parameters() if p.dim() == 4)
-    )
-    if ready:
+    if model.device == device and getattr(ladder, "fused_for_inference", False):
         return model
     net = copy.copy(model)  # shares config, noise model, normalisation and info
-    net.ladder = copy.deepcopy(ladder).to(device).eval()
-    if channels_last:
+    net.ladder = fuse_for_inference(ladder).to(device)
+    if device.type == "cpu":
         net.ladder.to(memory_format=torch.channels_last)
     return net
 
@@ -176,12 +222,15 @@ class PosteriorSampler:
         stop_flag: StopFlag | None = None,
         on_batch=None,
         first_sample: int = 0,
+        sampling: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Draw ``n_samples`` posterior samples; return (mmse, variance, samples or None).
 
         The cached bottom-up pass is reused; samples are drawn ``batch_size`` at a time without
         autograd. Sample ``k`` is the same whatever the batch size; ``first_sample`` is the index of
         the first one, so that samples drawn in several calls equal those of one call.
+        ``sampling`` is the latent-noise scheme (:data:`SAMPLING_SCHEMES`, default
+        :data:`DEFAULT_SAMPLING`; see :class:`LatentNoise`).
         """
         c = check_options(n_samples=n_samples, batch_size=batch_size)
         n_samples, batch_size = c["n_samples"], c["batch_size"]
@@ -190,7 +239,7 @@ class PosteriorSampler:
         ladder = model.ladder
         h, w = self.shape
         bs = batch_size or _auto_sample_batch(model.config.filters, *self.x.shape[-2:], self.device)
-        noise = LatentNoise(seed)
+        noise = LatentNoise(seed, scheme=sampling or DEFAULT_SAMPLING)
         acc = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         mean = torch.zeros(h, w, dtype=acc, device=self.device)
         m2 = torch.zeros_like(mean)
@@ -304,6 +353,23 @@ def _valid_ranges(starts: list[int], tile: int, size: int) -> list[tuple[int, in
     return out
 
 
+def _orientations():
+    """The 8 flips/rotations of the last two axes: (forward, inverse) pairs; the first is identity."""
+    out = []
+    for t in range(8):
+        k, flip = t % 4, t >= 4
+
+        def fwd(a, k=k, flip=flip):
+            return np.ascontiguousarray(np.rot90(a[..., ::-1] if flip else a, k, axes=(-2, -1)))
+
+        def inv(a, k=k, flip=flip):
+            b = np.rot90(a, -k, axes=(-2, -1))
+            return np.ascontiguousarray(b[..., ::-1] if flip else b)
+
+        out.append((fwd, inv))
+    return out
+
+
 def predict(
     model,
     image,
@@ -320,6 +386,8 @@ def predict(
     callbacks: Callback | list[Callback] | None = None,
     stop_flag: StopFlag | None = None,
     first_sample: int = 0,
+    sampling: str | None = None,
+    tta: bool = False,
 ) -> Prediction:
     """Draw posterior samples of a trained HDN and summarise them.
 
@@ -329,7 +397,10 @@ def predict(
     image : ndarray
         Noisy image: YX, or frames (SYX/TYX/ZYX, ...) each restored independently.
     n_samples : int
-        Posterior samples per image (paper: 100). The MMSE is their mean.
+        Posterior samples per image (paper: 100). The MMSE is their mean. With the default
+        antithetic sampling, 8 samples gave an MMSE closer to the exact one than 100 independent
+        samples on the models measured (docs/benchmarks.md, "MMSE speed"); the variance (the
+        per-pixel uncertainty) gains less from it and still wants many samples.
     axes : str, optional
         Axes of ``image`` when ambiguous.
     levels : list or dict, optional
@@ -350,6 +421,16 @@ def predict(
     first_sample : int
         Index of the first sample drawn: samples ``first_sample .. first_sample + n_samples - 1``
         are those a single call with more samples would draw (see :func:`predict_in_rounds`).
+    sampling : str, optional
+        Latent-noise scheme: ``"antithetic"`` (default: samples in pairs with opposite latent
+        noise), ``"stratified"`` or ``"independent"`` (plain Monte Carlo). Every sample is an exact
+        posterior sample whatever the scheme; see :class:`LatentNoise`.
+    tta : bool
+        Test-time augmentation: predict each of the 8 flips/rotations of the image (``n_samples``
+        each, so 8 times the work) and average; the variance is that of all 8 x ``n_samples``
+        samples. Orientation t (rotation by t % 4 quarter turns after a left-right flip when t >= 4)
+        samples with seed ``info["tta_seeds"][t]`` (the first is ``seed``). Not with
+        ``return_samples``.
 
     Returns
     -------
@@ -360,7 +441,7 @@ def predict(
     InputError
         A bad image or axes, an option out of range (``n_samples``, ``batch_size``, ``tile_size``
         and ``tile_overlap``: see :mod:`napari_hdn.engine.options`), every latent level switched
-        off, or a model that gives NaN or infinite values on this image.
+        off, an unknown sampling scheme, or a model that gives NaN or infinite values on this image.
     ModelFileError
         ``model`` is a path to a file that is not a usable model.
     """
@@ -369,6 +450,13 @@ def predict(
                       tile_overlap=tile_overlap, seed=seed)
     n_samples, batch_size, tile_size, tile_overlap, seed = (
         c["n_samples"], c["batch_size"], c["tile_size"], c["tile_overlap"], c["seed"])
+    sampling = sampling or DEFAULT_SAMPLING
+    if sampling not in SAMPLING_SCHEMES:
+        raise InputError(f"unknown sampling scheme {sampling!r}: use one of "
+                         f"{', '.join(SAMPLING_SCHEMES)}")
+    if tta and return_samples:
+        raise InputError("test-time augmentation averages over 8 orientations and keeps no "
+                         "samples: use tta=False to keep samples, or return_samples=False")
     arr = as_float_array(image)
     ax = check_axes(axes, arr.shape)
     modes = model.resolve_modes(levels)
@@ -379,7 +467,56 @@ def predict(
     net = inference_model(model, dev)  # one copy (if any) for all tiles
     m = model.config.downscale
     frames = arr.reshape(-1, *arr.shape[-2:])
-    H, W = frames.shape[-2:]
+    views = _orientations() if tta else [(lambda a: a, lambda a: a)]
+    tiling = None
+    seeds = [seed if t == 0 else _mix(seed, 0x77A, t) & 0x7FFFFFFF for t in range(len(views))]
+    report = Reporter("predict", callbacks)
+    units = 0
+    plans = []
+    for fwd, _ in views:
+        H, W = fwd(frames[:1]).shape[-2:]
+        plan = _tile_plan(H, W, tile_size, tile_overlap, m)
+        plans.append(plan)
+        units += len(frames) * len(plan[0]) * len(plan[1])
+    total = units * n_samples
+    report("start", total=total)
+    mmse = np.zeros(frames.shape, np.float64 if tta else np.float32)
+    var = np.zeros_like(mmse)
+    samples = np.empty((n_samples, *frames.shape), np.float32) if return_samples else None
+    done = 0
+    for t, ((fwd, inv), plan) in enumerate(zip(views, plans)):
+        mu, v, smp, done = _predict_frames(
+            net, fwd(frames), plan, n_samples, modes, seeds[t], batch_size, return_samples, dev,
+            stop_flag, first_sample, sampling, report, done, total)
+        mu, v = inv(mu), inv(v)
+        if not tta:
+            mmse, var, samples = mu, v, smp
+        else:  # mixture of the orientations: mean of means; mean variance + variance of means
+            mmse += mu
+            var += v + mu.astype(np.float64) ** 2
+        tiling = plan
+    if tta:
+        mmse /= len(views)
+        var = np.maximum(var / len(views) - mmse**2, 0.0)
+        mmse, var = mmse.astype(np.float32), var.astype(np.float32)
+    report("done", step=total, total=total)
+    check_finite_result(mmse, var)
+    shape = arr.shape
+    tile, ys, xs = tiling[2], tiling[0], tiling[1]
+    return Prediction(
+        mmse=mmse.reshape(shape),
+        variance=var.reshape(shape),
+        samples=None if samples is None else samples.reshape(n_samples, *shape),
+        levels=modes,
+        n_samples=n_samples,
+        seed=seed,
+        info={"axes": ax, "tile_size": tile, "tiles": len(ys) * len(xs), "sampling": sampling,
+              "tta": len(views), **({"tta_seeds": seeds} if tta else {})},
+    )
+
+
+def _tile_plan(H: int, W: int, tile_size, tile_overlap, m: int):
+    """(y starts, x starts, tile, y ranges, x ranges) of an H x W frame."""
     if tile_size is None and H * W > 1024 * 1024:
         tile_size = 512
     tile, ov = None, 0
@@ -395,13 +532,17 @@ def predict(
     xs = _tile_starts(W, tile, ov, m) if tile else [0]
     yr = _valid_ranges(ys, tile, H) if tile else [(0, H)]
     xr = _valid_ranges(xs, tile, W) if tile else [(0, W)]
-    total = len(frames) * len(ys) * len(xs) * n_samples
-    report = Reporter("predict", callbacks)
-    report("start", total=total)
+    return ys, xs, tile, yr, xr
+
+
+def _predict_frames(net, frames, plan, n_samples, modes, seed, batch_size, return_samples, dev,
+                    stop_flag, first_sample, sampling, report, done, total):
+    """MMSE, variance and samples (or None) of each frame, tile by tile; returns the count done."""
+    ys, xs, tile, yr, xr = plan
+    H, W = frames.shape[-2:]
     mmse = np.empty(frames.shape, np.float32)
     var = np.empty(frames.shape, np.float32)
     samples = np.empty((n_samples, *frames.shape), np.float32) if return_samples else None
-    done = 0
     for f, frame in enumerate(frames):
         for y0, (ya, yb) in zip(ys, yr):
             for x0, (xa, xb) in zip(xs, xr):
@@ -415,7 +556,7 @@ def predict(
 
                 mu, v, smp = sampler.sample(
                     n_samples, modes, seed, batch_size, return_samples, stop_flag=stop_flag,
-                    on_batch=progress, first_sample=first_sample,
+                    on_batch=progress, first_sample=first_sample, sampling=sampling,
                 )
                 done += n_samples
                 sl = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
@@ -423,26 +564,15 @@ def predict(
                 var[f, ya:yb, xa:xb] = v[sl]
                 if samples is not None:
                     samples[:, f, ya:yb, xa:xb] = smp[(slice(None), *sl)]
-    report("done", step=total, total=total)
-    check_finite_result(mmse, var)
-    shape = arr.shape
-    return Prediction(
-        mmse=mmse.reshape(shape),
-        variance=var.reshape(shape),
-        samples=None if samples is None else samples.reshape(n_samples, *shape),
-        levels=modes,
-        n_samples=n_samples,
-        seed=seed,
-        info={"axes": ax, "tile_size": tile, "tiles": len(ys) * len(xs)},
-    )
+    return mmse, var, samples, done
 
 
 def _round_sizes(n_samples: int, first: int = 8):
-    """Samples per round: ``first`` a few times, then half of what is done (at most 7 rounds for
-    100 samples), the last round taking a small remainder along."""
+    """Samples per round: ``first`` a few times, then half of what is done rounded up to even (at
+    most 7 rounds for 100 samples), the last round taking a small remainder along."""
     done = 0
     while done < n_samples:
-        k = max(first, done // 2)
+        k = max(first, done // 2 + done // 2 % 2)  # even: antithetic pairs stay within a round
         left = n_samples - done
         if left - k < first:
             k = left
