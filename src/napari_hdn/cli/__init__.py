@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``napari-hdn``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for commands that relaunch
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

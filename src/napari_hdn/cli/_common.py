@@ -136,6 +136,7 @@ class Progress:
     """
 
     TASKS = {"train": ("training", "step"), "predict": ("sampling", "sample"),
+             "predict-chunks": ("predicting chunks", "chunk"),
              "noise-fit": ("fitting noise model", "it"), "n2v": ("Noise2Void training", "step")}
     SHOWN = ("train_loss", "val_loss", "train_nll", "val_nll")
 

@@ -1,4 +1,6 @@
-"""``napari-hdn predict``: posterior samples, MMSE and variance of a noisy TIFF, as TIFFs."""
+"""``napari-hdn predict``: posterior samples, MMSE and variance of a noisy TIFF, as TIFFs; or of
+data larger than memory, chunk by chunk into a zarr store (``--out OUT.zarr``, see
+:mod:`._chunked`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from ._chunked import add_chunked_arguments, run_chunked, wants_chunked
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -27,8 +30,10 @@ def add_parser(sub) -> None:
                        description="Write mmse.tif and variance.tif (and samples.tif) to OUT_DIR. "
                        "Ctrl-C stops and writes the MMSE and variance of the samples drawn so far.")
     r.add_argument("model", help="model file from `napari-hdn train`")
-    r.add_argument("noisy", help="noisy TIFF to restore (YX or a stack of frames)")
-    r.add_argument("--out-dir", required=True, help="folder for the output TIFFs")
+    r.add_argument("noisy", help="noisy TIFF to restore (YX or a stack of frames), or a zarr / "
+                   "OME-Zarr store (predicted chunk by chunk into --out)")
+    r.add_argument("--out-dir", help="folder for the output TIFFs")
+    add_chunked_arguments(r)
     r.add_argument("--overwrite", action="store_true",
                    help="replace mmse.tif, variance.tif and samples.tif in OUT_DIR if they exist")
     r.add_argument("--samples", type=int, default=100, help="posterior samples (default 100)")
@@ -99,6 +104,11 @@ def run(args) -> int:
     from ..engine.safeio import write_tiff
 
     check_numbers(args, **NUMBERS)
+    if wants_chunked(args):
+        return run_chunked(args)
+    if not args.out_dir:
+        raise CLIError("give --out-dir FOLDER (TIFF outputs) or --out OUT.zarr (a zarr store "
+                       "written chunk by chunk)")
     if args.tta and args.save_samples:
         raise CLIError("--tta averages over 8 orientations and keeps no samples: drop --tta or "
                        "--save-samples")

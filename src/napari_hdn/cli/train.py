@@ -80,6 +80,10 @@ def add_parser(sub) -> None:
                    "warm-started: a few hundred --max-steps instead of a new training; default "
                    "300 steps at lr 1e-3). See `napari-hdn levels` for which levels")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--ddp", type=int, metavar="N",
+                   help="train data-parallel in N processes (one per GPU; gloo on CPUs) launched by "
+                   "torchrun: the batch is split over them, rank 0 validates and writes checkpoints "
+                   "(the same as `torchrun --nproc-per-node N -m napari_hdn.cli train ...`)")
     t.set_defaults(func=run)
 
 
@@ -175,11 +179,44 @@ def fine_tune_options(args) -> tuple[list[int], dict]:
     return parse_levels(args.deactivate), opts
 
 
+def run_torchrun(args, ckdir: Path) -> int:
+    """``--ddp N``: this same command in N processes under torchrun; a failure is said in one line
+    that names the last checkpoint."""
+    import subprocess
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--ddp":
+            skip = True
+            continue
+        if not a.startswith("--ddp="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.ddp}", "-m", "napari_hdn.cli", *rest]
+    rc = subprocess.call(cmd)
+    if rc == 0:
+        return EXIT_OK
+    last = ckdir / "last.hdn"
+    kept = (f"the last checkpoint {last} is intact: continue with --resume {last}" if last.exists()
+            else "no checkpoint had been written yet")
+    raise CLIError(f"the {args.ddp}-process training run failed (torchrun exit code {rc}; the "
+                   f"first failure is reported above); {kept}")
+
+
 def run(args) -> int:
     from ..engine import OutputError, StopFlag, Trainer
+    from ..engine.ddp import DDPTrainer, init_process_group, launched_by_torchrun, world
 
     check_numbers(args, **NUMBERS)
+    if args.ddp is not None and args.ddp < 1:
+        raise CLIError("--ddp must be at least 1 (the number of training processes)")
     if args.fine_tune:
+        if args.ddp:
+            raise CLIError("--ddp trains a new or resumed run; it does not apply to --fine-tune")
         return run_fine_tune(args)
     if args.resume and (args.noise_model or args.gaussian_sigma is not None
                         or args.poisson_gain is not None):
@@ -187,6 +224,18 @@ def run(args) -> int:
                        "--gaussian-sigma and --poisson-gain out with --resume (or start a new run)")
     out = Path(args.out)
     ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
+    if args.ddp:
+        if launched_by_torchrun():
+            raise CLIError("--ddp starts torchrun itself: leave it out when launching with torchrun")
+        check_destinations(args, out, ckdir)
+        return run_torchrun(args, ckdir)
+    parallel = launched_by_torchrun()
+    if parallel:  # one rank of a torchrun launch
+        from ..engine.device import resolve_device
+
+        init_process_group(resolve_device(args.device or "auto"))
+        Trainer = DDPTrainer  # noqa: N806 - the class this rank trains with
+    rank = world()[0]
     check_destinations(args, out, ckdir)
     images, declared = read_tiff(args.noisy, "input", with_axes=True)
     args.axes = resolve_axes(args.axes, declared, args.noisy)
@@ -198,7 +247,7 @@ def run(args) -> int:
         )
     mcfg, tcfg, overrides = configs_from_args(args)
     stop = StopFlag()
-    with Progress(args.quiet) as bar:
+    with Progress(args.quiet or rank != 0) as bar:
         trainer = Trainer(images, noise, axes=args.axes, model_config=mcfg, training_config=tcfg,
                           training_overrides=overrides, checkpoint_dir=ckdir, callbacks=bar,
                           resume=args.resume, stop_flag=stop)
@@ -206,6 +255,8 @@ def run(args) -> int:
             model = trainer.run()  # a stop ends the run within one step with the best model
     if args.axes:
         model.info["axes"] = args.axes.upper()
+    if rank != 0:  # rank 0 writes the model and reports
+        return EXIT_INTERRUPTED if model.info.get("stopped_early") else EXIT_OK
     try:
         model.save(out)
     except OutputError as exc:

@@ -278,6 +278,7 @@ class Trainer:
         extra = dict(opt_tensors)
         extra["rng.patches"] = self.gen.get_state()
         extra["rng.torch"] = torch.get_rng_state()
+        extra.update(self._checkpoint_extra(name))
         if self.best_state is not None and name == "last":
             extra.update({f"best.{k}": v for k, v in self.best_state.items()})
         if self.ema is not None and name == "last":
@@ -300,6 +301,17 @@ class Trainer:
             model.ladder.load_state_dict(state)
         self._update_info()
         return model.save(self.checkpoint_dir / f"{name}.hdn", extra, {"checkpoint": ck})
+
+    def _checkpoint_extra(self, name: str) -> dict[str, torch.Tensor]:
+        """Hook: more tensors for checkpoint ``name`` (multi-process training adds each
+        process's random state, see :mod:`.ddp`)."""
+        return {}
+
+    def _agree(self, flag: bool) -> bool:
+        """Hook: a decision every process of a run takes together (stop, time budget); one
+        process decides alone. Multi-process training (:mod:`.ddp`) returns True on all processes
+        when any says True, so that none waits for the others in a collective."""
+        return flag
 
     def _update_info(self) -> None:
         self.model.info.update(
@@ -480,10 +492,10 @@ class Trainer:
         budget = cfg.time_budget_s
         t_last = time.perf_counter()
         while self.step < cfg.max_steps:
-            if self.stop_flag.is_set():
+            if self._agree(self.stop_flag.is_set()):
                 stopped = True
                 break
-            if budget is not None and self.train_seconds >= budget:
+            if budget is not None and self._agree(self.train_seconds >= budget):
                 break
             threads = torch.get_num_threads() if self.device.type == "cpu" else None
             out = self.train_step()
@@ -516,7 +528,7 @@ class Trainer:
                          "lr": self.optimizer.param_groups[0]["lr"],
                          "threads": threads},  # the count this step ran with
             )
-            out_of_time = budget is not None and self.train_seconds >= budget
+            out_of_time = budget is not None and self._agree(self.train_seconds >= budget)
             if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps or out_of_time:
                 if self._end_epoch(float(np.mean(window))):
                     break

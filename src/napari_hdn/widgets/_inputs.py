@@ -266,6 +266,18 @@ def check_image_layer(layer, role: str = "image") -> np.ndarray:
 NO_MODEL = "no model: train one in the Training widget or load a .hdn file (Load…, or File > Open)"
 
 
+def lazy_layer_data(layer):
+    """The data of an image layer backed by dask or zarr (e.g. an OME-Zarr opened by a zarr
+    reader; a pyramid's full-resolution level), which prediction must not load whole; else None."""
+    from napari.layers import Image
+
+    if not isinstance(layer, Image) or layer.rgb:
+        return None
+    data = layer.data[0] if layer.multiscale else layer.data
+    module = type(data).__module__.split(".")[0]
+    return data if module in ("dask", "zarr") else None
+
+
 def chosen_model_and_image(model_chooser: SessionChooser, layer_chooser: LayerChooser,
                            no_model: str = NO_MODEL):
     """(model entry, image layer, its data) chosen in two boxes; InputError saying what is missing."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+from pathlib import Path
+
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
 from ..engine import InputError, predict_in_rounds, resolve_device
@@ -15,6 +19,7 @@ from ._inputs import (
     check_model_fits,
     chosen_model_and_image,
     device_chooser,
+    lazy_layer_data,
 )
 from ._layers import add_result_layers
 
@@ -110,6 +115,10 @@ class PredictWidget(EngineWidget):
         return self.start()
 
     def prepare(self):
+        layer = self.layer_combo.current_layer()
+        lazy = lazy_layer_data(layer)
+        if lazy is not None:
+            return self._prepare_lazy(layer, lazy)
         entry, layer, arr = chosen_model_and_image(self.model_combo, self.layer_combo)
         axes = self.axes_combo.axes_for(arr)
         device = self.device.currentData()
@@ -134,13 +143,40 @@ class PredictWidget(EngineWidget):
         return job, {"layer": layer.name, "model": entry.name, "axes": axes, "n": n, "seed": seed,
                      "total": n}
 
+    def _prepare_lazy(self, layer, data):
+        """A dask- or zarr-backed layer (e.g. an OME-Zarr): predicted chunk by chunk into a zarr
+        store in the temporary folder, never loaded whole; the results are opened lazily."""
+        from ..engine.largedata import model_fingerprint, predict_to_zarr
+
+        entry = self.model_combo.current_entry()
+        if entry is None:
+            raise InputError(NO_MODEL)
+        axes = self.axes_combo.axes_for(data)
+        device = self.device.currentData()
+        resolve_device(device)
+        check_model_fits(entry.model, data, layer.name)
+        n, seed, tile = self.n_samples.value(), self.seed.value(), self.tile.value() or None
+        model = entry.model
+        key = hashlib.sha1(repr((layer.name, tuple(data.shape), axes, n, seed, tile,
+                                 model_fingerprint(model))).encode()).hexdigest()[:10]
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer.name)[:40]
+        store = Path(tempfile.gettempdir()) / "napari-hdn-predictions" / f"{safe}-{key}.zarr"
+
+        def job(report, stop):
+            return predict_to_zarr(model, data, store, n, axes=axes, tile_size=tile, seed=seed,
+                                   device=device, callbacks=report, stop_flag=stop)
+
+        return job, {"layer": layer.name, "model": entry.name, "axes": axes, "n": n, "seed": seed,
+                     "total": 0, "lazy": True, "store": str(store)}
+
     def on_start(self, meta: dict) -> None:
         super().on_start(meta)
         self.show_status("Computing…")
 
     def on_events(self, events) -> None:
         super().on_events(events)
-        self.show_status(f"Sampling… {self.progress.value()} / {self.progress.maximum()}")
+        unit = "chunks" if self.meta.get("lazy") else ""
+        self.show_status(f"Sampling… {self.progress.value()} / {self.progress.maximum()} {unit}")
 
     def on_result(self, out) -> TaskState:
         meta = self.meta
@@ -154,6 +190,8 @@ class PredictWidget(EngineWidget):
                             "results not added.")
             return TaskState.FAILED
         layer = self.viewer.layers[meta["layer"]]
+        if meta.get("lazy"):
+            return self._lazy_result(layer, res)
         self.last_layers = add_result_layers(self.viewer, layer, res, meta["model"], meta["axes"])
         names = ", ".join(ly.name for ly in self.last_layers)
         if res.info.get("stopped"):
@@ -163,6 +201,19 @@ class PredictWidget(EngineWidget):
             notify_info(f"Prediction stopped; kept the {res.n_samples} samples drawn.")
             return TaskState.STOPPED
         self.show_status(f"Done in {self.elapsed():.1f} s: {names}.")
+        return TaskState.DONE
+
+    def _lazy_result(self, layer, res) -> TaskState:
+        info = res.info
+        if info["stopped"]:
+            self.show_status(f"Stopped: {info['chunks_done']} of {info['chunks']} chunks are in "
+                             f"{info['store']}; Predict again (same settings) computes the others.")
+            notify_info("Prediction stopped; the chunks written are kept.")
+            return TaskState.STOPPED
+        self.last_layers = add_result_layers(self.viewer, layer, res, self.meta["model"],
+                                             self.meta["axes"], extra={"store": info["store"]})
+        self.show_status(f"Done in {self.elapsed():.1f} s: {info['chunks_run']} of {info['chunks']} "
+                         f"chunks computed; results read lazily from {info['store']}.")
         return TaskState.DONE
 
     def update_controls(self, *_) -> None:

@@ -1,0 +1,277 @@
+"""Data-parallel training over several processes (GPUs, or CPU processes with gloo).
+
+Launch with torch's own launcher, one process per GPU::
+
+    torchrun --nproc-per-node 4 -m napari_hdn.cli train noisy.tif --gaussian-sigma 10 --out m.hdn
+
+(``napari-hdn train --ddp 4 ...`` runs that command). :class:`DDPTrainer` is the
+:class:`~napari_hdn.engine.training.Trainer` with these differences:
+
+* the global batch (``batch_size``) is split evenly over the ranks; each rank draws its own
+  patches (its own generator, seeded from the seed and the rank) and processes them in BatchNorm
+  chunks of ``bn_chunk`` as one process would: BatchNorm statistics stay per chunk of 8 patches,
+  which is why no SyncBatchNorm is needed (the batch must split into whole chunks per rank);
+* after the backward pass the gradients are averaged over the ranks in one ``all_reduce`` of a
+  flat buffer (what DistributedDataParallel does, without its module wrapper: the trainer
+  accumulates micro-batches and calls ``model.loss``, and the model file keeps its parameter
+  names). The same buffer carries the losses for the progress reports and a "non-finite loss"
+  vote, so every rank skips a bad batch together. All ranks therefore step with the same gradient
+  and hold identical weights; BatchNorm running statistics are averaged at each epoch end;
+* rank 0 alone validates (the loss is broadcast, so the schedule and early stopping agree) and
+  writes checkpoints, which hold every rank's random state: a resumed run with the same number of
+  processes continues exactly;
+* stop requests and the time budget are decided together (:meth:`Trainer._agree`);
+* a rank that dies makes the others fail in their next collective (gloo/NCCL report the closed
+  connection; ``timeout_s`` bounds a hang): they raise :class:`DistributedRunError` naming the last
+  checkpoint, which is intact because checkpoints are written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .data import augment_batch
+from .errors import HDNError, InputError
+from .training import Trainer
+
+#: seconds a collective waits for the other ranks before the run is declared dead
+DEFAULT_TIMEOUT_S = 600
+
+
+#: what gloo and NCCL say when a peer process is gone
+_PEER_LOST = ("Connection closed", "Connection reset", "connection", "Broken pipe", "gloo", "NCCL",
+              "timed out", "Timed out")
+
+
+class DistributedRunError(HDNError):
+    """A process of a multi-process training run died or stopped answering; the run ended."""
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: from torch.distributed when initialised, else from the
+    environment torchrun sets (RANK, WORLD_SIZE), else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
+
+
+def init_process_group(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the process group torchrun described in the environment (NCCL for CUDA, else gloo);
+    each rank uses the GPU of its LOCAL_RANK."""
+    if dist.is_initialized():
+        return
+    if not dist.is_available():
+        raise InputError("this torch build has no torch.distributed: multi-process training is "
+                         "not possible with it")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _rank_seed(seed: int | None, rank: int, step: int = 0) -> int:
+    base = 0 if seed is None else int(seed)
+    return (base * 1_000_003 + 7919 * rank + 104_729 * step) % (2**63 - 1)
+
+
+class DDPTrainer(Trainer):
+    """:class:`Trainer` for one rank of a data-parallel run (see the module docstring). Takes the
+    Trainer's arguments; the process group must be initialised (:func:`init_process_group`)."""
+
+    def __init__(self, *args, **kwargs):
+        if not dist.is_initialized():
+            raise InputError("DDPTrainer needs torch.distributed initialised: launch with torchrun "
+                             "(or call napari_hdn.engine.ddp.init_process_group)")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        super().__init__(*args, **kwargs)
+        cfg = self.tcfg
+        if self.device.type == "cuda" and self.world > 1:
+            local = int(os.environ.get("LOCAL_RANK", self.rank))
+            if self.device.index is None or self.device.index != local:
+                self.device = torch.device("cuda", local)
+                self.model.to(self.device)
+        if cfg.batch_size % self.world:
+            raise InputError(f"the batch size {cfg.batch_size} does not split evenly over "
+                             f"{self.world} processes: use a multiple of {self.world}")
+        self.local_batch = cfg.batch_size // self.world
+        if self.local_batch % cfg.bn_chunk and self.local_batch > cfg.bn_chunk:
+            raise InputError(
+                f"each of the {self.world} processes gets {self.local_batch} patches, not whole "
+                f"BatchNorm chunks of {cfg.bn_chunk}: use a batch size that is a multiple of "
+                f"{self.world * cfg.bn_chunk}")
+        # the same initial weights everywhere (they are when seeded; a fresh seed per rank is not)
+        for t in self._sync_tensors():
+            dist.broadcast(t, 0)
+        saved_world = self._resume_tensors.get("ddp.world_size")
+        resumed = saved_world is not None and int(saved_world[0]) == self.world
+        if resumed:
+            self.gen.set_state(self._resume_tensors[f"rng.patches.rank{self.rank}"])
+            torch.set_rng_state(self._resume_tensors[f"rng.torch.rank{self.rank}"])
+        else:  # each rank its own patches and latent noise, different from every other rank's
+            self.gen.manual_seed(_rank_seed(cfg.seed, self.rank, self.step))
+            torch.manual_seed(_rank_seed(cfg.seed, self.rank, self.step) + 1)
+        self._resume_tensors = {}
+        self.last_checkpoint: Path | None = None
+
+    # -- what all ranks share ------------------------------------------------------------------
+    def _sync_tensors(self) -> list[torch.Tensor]:
+        return [t.data for t in self.model.ladder.state_dict(keep_vars=True).values()]
+
+    def _agree(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _next_batch(self) -> torch.Tensor:
+        """This rank's share of the global batch (as :meth:`Trainer._next_batch`)."""
+        x = self.sampler.sample(self.local_batch)
+        if self.tcfg.augment:
+            x = augment_batch(x, self.gen)
+        x = x.to(self.device, non_blocking=True)
+        if self.tcfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_step(self):
+        """One optimiser step on the global batch: local micro-batches, then one all_reduce of the
+        gradients, the losses and a non-finite vote."""
+        x = self._next_batch()
+        n = x.shape[0]
+        self._warmup_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, recon_sum, kl_sum, bad = 0.0, 0.0, None, False
+        for xb in x.split(self._micro_batch()):
+            loss, recon, kl = self.model.loss(xb)
+            if not torch.isfinite(loss):
+                bad = True
+                break
+            w = xb.shape[0] / n
+            (loss * w).backward()
+            loss_sum += float(loss.detach()) * w
+            recon_sum += float(recon) * w
+            kl_sum = kl.detach() * w if kl_sum is None else kl_sum + kl.detach() * w
+        params = [p for p in self.model.ladder.parameters() if p.requires_grad]
+        dev = self._comm_device()
+        levels = self.model.config.levels
+        if kl_sum is None:
+            kl_sum = torch.zeros(levels)
+        stats = torch.tensor([loss_sum, recon_sum, 1.0 if bad else 0.0], dtype=torch.float64)
+        grads = [torch.zeros_like(p) if (p.grad is None or bad) else p.grad for p in params]
+        flat = torch.cat([g.reshape(-1).to(dev, torch.float32) for g in grads]
+                         + [kl_sum.to(dev, torch.float32).reshape(-1), stats.to(dev, torch.float32)])
+        dist.all_reduce(flat)
+        flat /= self.world
+        tail = flat[-3:].double().cpu()
+        if tail[2] > 0:  # some rank had a non-finite loss: every rank skips this batch
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        off = 0
+        for p, g in zip(params, grads):
+            k = g.numel()
+            if p.grad is not None:
+                p.grad.copy_(flat[off : off + k].view_as(g))
+            off += k
+        kl_all = flat[off : off + levels].double().cpu()
+        if self.tcfg.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.ladder.parameters(), self.tcfg.grad_clip)
+            if not torch.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        self.optimizer.step()
+        if self.ema is not None:
+            self._update_ema()
+        return float(tail[0]), float(tail[1]), kl_all.tolist()
+
+    def _average_buffers(self) -> None:
+        """BatchNorm running statistics (and the weight average) as the mean over the ranks."""
+        tensors = [b for b in self.model.ladder.buffers() if b.is_floating_point()]
+        if self.ema is not None:
+            tensors += [v for v in self.ema.values() if v.is_floating_point()]
+        for t in tensors:
+            dist.all_reduce(t)
+            t /= self.world
+
+    def validate(self):
+        """Rank 0 validates; every rank receives its numbers."""
+        levels = self.model.config.levels
+        if self.rank == 0:
+            loss, kl = super().validate()
+            kl = (list(kl) + [0.0] * levels)[:levels]
+            t = torch.tensor([loss, *kl], dtype=torch.float64)
+        else:
+            t = torch.zeros(levels + 1, dtype=torch.float64)
+        t = t.to(self._comm_device())
+        dist.broadcast(t, 0)
+        t = t.cpu()
+        return float(t[0]), t[1:].tolist()
+
+    def _end_epoch(self, train_loss: float, validate: bool = True) -> bool:
+        self._average_buffers()
+        return super()._end_epoch(train_loss, validate)
+
+    # -- checkpoints: every rank's random state, written by rank 0 -----------------------------
+    def _save_checkpoint(self, name: str, state=None):
+        gathered = {}  # a collective: every rank takes part, rank 0 writes
+        for key, st in (("patches", self.gen.get_state()), ("torch", torch.get_rng_state())):
+            parts = [torch.empty_like(st) for _ in range(self.world)]
+            dist.all_gather(parts, st)
+            gathered.update({f"rng.{key}.rank{r}": g for r, g in enumerate(parts)})
+        gathered["ddp.world_size"] = torch.tensor([self.world], dtype=torch.int64)
+        self._gathered = gathered
+        if self.rank != 0:
+            return None
+        path = super()._save_checkpoint(name, state)
+        if name == "last":
+            self.last_checkpoint = path
+        return path
+
+    def _checkpoint_extra(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self._gathered)
+
+    def run(self):
+        try:
+            return super().run()
+        except RuntimeError as exc:
+            text = str(exc)
+            if not (isinstance(exc, dist.DistBackendError)
+                    or any(w in text for w in _PEER_LOST)):
+                raise
+            ck = self.checkpoint_dir / "last.hdn" if self.checkpoint_dir else None
+            kept = (f"the last checkpoint {ck} is intact: continue with --resume {ck}"
+                    if ck is not None and ck.exists() else "no checkpoint had been written yet")
+            raise DistributedRunError(
+                f"rank {self.rank}: another process of this {self.world}-process training run "
+                f"died or stopped answering ({str(exc).splitlines()[0][:200]}); the run ended; "
+                f"{kept}") from None
+
+
+def train_ddp(images, noise_model=None, *, model_config=None, training_config=None, **kwargs):
+    """:func:`napari_hdn.engine.train` for one rank of a torchrun launch: joins the process group
+    torchrun describes, trains with :class:`DDPTrainer`, returns the model on every rank."""
+    from .config import ModelConfig, TrainingConfig, validated
+    from .device import resolve_device
+    from .training import _split_overrides
+
+    trainer_kw = {k: kwargs.pop(k) for k in ("axes", "checkpoint_dir", "callbacks", "resume",
+                                             "stop_flag") if k in kwargs}
+    m_over, t_over = _split_overrides(kwargs)
+    if m_over:
+        model_config = validated(ModelConfig, {**(model_config or ModelConfig()).model_dump(),
+                                               **m_over})
+    device = (training_config or TrainingConfig(**t_over)).device
+    init_process_group(resolve_device(device))
+    trainer = DDPTrainer(images, noise_model, model_config=model_config,
+                         training_config=training_config, training_overrides=t_over, **trainer_kw)
+    return trainer.run()

@@ -1,0 +1,685 @@
+"""Prediction over data larger than memory: dask arrays in, dask arrays or zarr chunks out.
+
+The image is cut into output chunks: one frame (S/T/Z index) and one ``tile x tile`` block of it.
+Each chunk is an independent task that reads its block plus a ``margin`` on every side (the
+receptive-field margin), samples it with :class:`~napari_hdn.engine.prediction.PosteriorSampler`
+at its absolute position (``origin``), and keeps the centre. Latent noise is keyed to that
+position, so the stitched result equals in-memory prediction up to float rounding wherever the
+margin covers the network's receptive field (the default 64 pixels does for the presets).
+
+* :func:`predict_dask` returns lazy dask arrays (nothing is computed until asked).
+* :func:`predict_to_zarr` writes MMSE, variance (and samples) chunk by chunk into a zarr store,
+  in this process or on a dask.distributed cluster, and resumes a run that was killed: a chunk's
+  data are written first (each zarr chunk file is written to a temporary file and renamed, so it
+  is never half-written), and only then its cell of the store's ``done`` array is set. A rerun
+  skips the chunks marked done and recomputes any other (a chunk whose data were written but not
+  marked is simply written again, with the same values: sampling is deterministic).
+* :func:`open_array` opens zarr, OME-Zarr and TIFF files lazily as dask arrays.
+
+Workers never receive a pickled model: tasks carry a :class:`ModelRef` (the model file's path)
+and each worker process loads the file once (:func:`ModelRef.get` caches it).
+
+Needs ``dask[array]`` and ``zarr`` (and ``distributed`` for clusters): ``pip install
+'napari-hdn[cluster]'``. Imported lazily, so the rest of the engine works without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import as_float_array, check_axes
+from .errors import HDNError, InputError, OptionError, OutputError, StopRequested
+from .events import Callback, Reporter, StopFlag
+from .options import check_options
+
+#: output chunk side (pixels) and margin read around it, the defaults of every entry point
+DEFAULT_TILE = 512
+DEFAULT_MARGIN = 64
+STORE_KIND = "napari-hdn prediction"
+STORE_VERSION = 1
+
+
+class MissingDependency(HDNError, ImportError):
+    """An optional package (dask, zarr, distributed) is needed for this and is not installed."""
+
+
+def _need(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pkg = module.split(".")[0]
+        raise MissingDependency(
+            f"{pkg} is not installed and is needed for large data and clusters: "
+            "pip install 'napari-hdn[cluster]' (dask[array], zarr, distributed)"
+        ) from None
+
+
+# -- the model, loaded once per process -------------------------------------------------------------
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+#: how many times this process loaded a model file (tests check "once per worker")
+LOADS = {"count": 0}
+
+
+_MALLOC_TUNED = []
+
+
+def _tune_malloc() -> None:
+    """Undo, for torch, what dask.distributed's nanny does to glibc's malloc.
+
+    The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand memory back to the
+    OS). Setting any malloc threshold switches off glibc's dynamic mmap threshold, so every tensor
+    above 128 KiB is then mmap'ed and page-faulted afresh: measured 1.6-2.1x slower sampling of
+    the tiny benchmark model on one thread. An mmap threshold of 32 MiB (glibc's own dynamic
+    ceiling) restores the speed; the trim threshold is left as dask set it. Linux/glibc only, once
+    per process, and only where the variable is set (in dask workers).
+    """
+    if _MALLOC_TUNED or not os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return
+    _MALLOC_TUNED.append(True)
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class ModelRef:
+    """What a task needs to get the model: the path of its file (pickled as the path alone).
+
+    ``ModelRef(model)`` for a model in memory works in this process only; a cluster needs a file
+    (models are never pickled: a model file runs no code when it is loaded, a pickle would).
+    """
+
+    def __init__(self, model):
+        from .model import HDNModel
+
+        self.model = None
+        self.path = None
+        if isinstance(model, HDNModel):
+            self.model = model
+        elif isinstance(model, (str, os.PathLike)):
+            p = Path(model).expanduser().resolve()
+            if not p.is_file():
+                raise InputError(f"model file not found: {model}")
+            self.path = str(p)
+        else:
+            raise InputError(f"model must be an HDNModel or the path of a model file, not "
+                             f"{type(model).__name__}")
+
+    def __getstate__(self):
+        if self.path is None:
+            raise InputError(
+                "a dask.distributed cluster loads the model from its file and never receives a "
+                "pickled model: save it first (model.save('model.hdn')) and pass the path")
+        return {"path": self.path, "model": None}
+
+    def get(self, device=None):
+        """The model ready for sampling on ``device`` (eval, channels-last on CPUs); loaded from
+        the file at most once per process and device."""
+        from .prediction import inference_model
+
+        if self.model is not None:
+            key = ("mem", id(self.model), str(device))
+        else:
+            st = os.stat(self.path)
+            key = (self.path, st.st_mtime_ns, st.st_size, str(device))
+        with _CACHE_LOCK:
+            hit = _CACHE.get(key)
+            if hit is None:
+                _tune_malloc()
+                if self.model is not None:
+                    model = self.model
+                else:
+                    from .model import load_model
+
+                    model = load_model(self.path)
+                    LOADS["count"] += 1
+                hit = _CACHE[key] = inference_model(model, device)
+            return hit
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of a model's weights, architecture, noise model and normalisation: a resumed
+    run must use the same model."""
+    tensors, meta = model.file_contents()
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps({k: meta[k] for k in ("config", "noise_model", "normalisation")},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+# -- lazy input ------------------------------------------------------------------------------------
+
+
+class LazyTiff:
+    """A TIFF series read region by region (tifffile's zarr store), pickled as its path so that
+    cluster workers open the file themselves."""
+
+    def __init__(self, path: str, series: int = 0):
+        import tifffile
+
+        self.path, self.series = str(path), int(series)
+        with tifffile.TiffFile(self.path) as tif:
+            s = tif.series[self.series]
+            self.shape, self.dtype = tuple(s.shape), np.dtype(s.dtype)
+            self.axes = s.axes.upper()
+            self.declared = bool(tif.is_imagej or tif.is_ome)
+        self.ndim = len(self.shape)
+        self._arr = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_arr"} | {"_arr": None}
+
+    def __getitem__(self, key):
+        if self._arr is None:
+            import tifffile
+            import zarr
+
+            store = tifffile.imread(self.path, aszarr=True, series=self.series)
+            self._arr = zarr.open_array(store, mode="r")
+        return np.asarray(self._arr[key])
+
+
+_OME_LETTERS = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+
+
+def _ome_axes(attrs: dict) -> tuple[str | None, str]:
+    """(axes, path of the full-resolution array) from OME-Zarr multiscales metadata."""
+    ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    if not ms:
+        return None, ""
+    m0 = ms[0]
+    path = m0["datasets"][0]["path"]
+    axes = m0.get("axes")
+    if not axes:
+        return None, path
+    names = [a["name"] if isinstance(a, dict) else a for a in axes]
+    letters = "".join(_OME_LETTERS.get(str(n).lower(), "?") for n in names)
+    return letters, path
+
+
+@dataclass
+class LazyInput:
+    """A lazily read image: a dask array, its axes (None: guess from the shape), a name."""
+
+    array: object
+    axes: str | None
+    name: str
+
+
+def _select_channel(arr, axes: str | None, channel: int | None, name: str):
+    if not axes or "C" not in axes:
+        if channel is not None:
+            raise InputError(f"{name} has no channel axis; leave the channel out")
+        return arr, axes
+    c = axes.index("C")
+    n = arr.shape[c]
+    if channel is None:
+        if n != 1:
+            raise InputError(
+                f"{name} has {n} channels (axes {axes}): HDN restores one channel at a time; "
+                "choose one (--channel K on the command line, channel=K in Python)")
+        channel = 0
+    if not 0 <= channel < n:
+        raise InputError(f"channel {channel} does not exist in {name} ({n} channels, 0..{n - 1})")
+    idx = [slice(None)] * arr.ndim
+    idx[c] = channel
+    return arr[tuple(idx)], axes.replace("C", "")
+
+
+def open_array(source, axes: str | None = None, channel: int | None = None,
+               chunks: int = DEFAULT_TILE) -> LazyInput:
+    """Open an image lazily as a dask array.
+
+    ``source``: a dask array, a numpy array, a zarr array, or the path of a zarr store (a plain
+    array, a group holding one array, or an OME-Zarr image: its full-resolution level), of a zarr
+    array inside a store (``BIG.zarr/raw``), or of a TIFF (read region by region through
+    tifffile's zarr store; compressed TIFFs decode whole strips or tiles). Axes declared by
+    OME-Zarr, ImageJ/OME-TIFF or xarray (``_ARRAY_DIMENSIONS``) metadata are used when ``axes`` is
+    not given; a channel axis is reduced to ``channel``.
+    """
+    da = _need("dask.array")
+    name = "image"
+    declared = None
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        name = str(p)
+        if not p.exists():
+            raise InputError(f"input not found: {p}")
+        if p.suffix.lower() in (".tif", ".tiff"):
+            t = LazyTiff(str(p))
+            declared = t.axes if t.declared else None
+            if declared:
+                declared = declared.replace("S", "C") if declared.endswith("YXS") else declared
+                if declared.endswith("YXC"):  # RGB samples last
+                    raise InputError(f"{p} is an RGB(A) TIFF: HDN restores one channel at a time")
+            arr = da.from_array(t, chunks=_chunks_for(t.shape, chunks), asarray=False,
+                                name=f"tiff-{hashlib.sha1(name.encode()).hexdigest()[:12]}")
+        else:
+            zarr = _need("zarr")
+            try:
+                node = zarr.open(str(p), mode="r")
+            except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem
+                raise InputError(f"could not open {p} as a zarr store ({exc})") from None
+            if isinstance(node, zarr.Group):
+                ome, path = _ome_axes(dict(node.attrs))
+                if path:
+                    node, declared = node[path], ome
+                else:
+                    arrays = [k for k, _ in node.arrays()]
+                    if len(arrays) != 1:
+                        raise InputError(
+                            f"{p} is a zarr group with {len(arrays)} arrays ({', '.join(arrays)}) "
+                            f"and no OME-Zarr metadata: give the array's path, e.g. {p}/"
+                            f"{arrays[0] if arrays else 'NAME'}")
+                    node = node[arrays[0]]
+            if declared is None:
+                dims = getattr(node.metadata, "dimension_names", None) or \
+                    node.attrs.get("_ARRAY_DIMENSIONS")
+                if dims and all(dims):
+                    declared = "".join(_OME_LETTERS.get(str(d).lower(), "?") for d in dims)
+            arr = da.from_zarr(node)
+    elif isinstance(source, da.Array):
+        arr = source
+    else:
+        try:
+            import zarr
+
+            if isinstance(source, zarr.Array):
+                source = da.from_zarr(source)
+        except ImportError:
+            pass
+        arr = source if isinstance(source, da.Array) else da.from_array(
+            np.asarray(source), chunks=_chunks_for(np.shape(source), chunks))
+    if declared and "?" in declared:
+        declared = None
+    arr, declared = _select_channel(arr, axes.upper() if axes and "C" in axes.upper() else declared,
+                                    channel, name)
+    if axes and "C" in axes.upper():
+        axes = axes.upper().replace("C", "")
+    return LazyInput(arr, axes or declared, name)
+
+
+def _chunks_for(shape, tile: int) -> tuple:
+    return tuple([1] * (len(shape) - 2) + [min(tile, shape[-2]), min(tile, shape[-1])])
+
+
+# -- the plan and one chunk -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """Everything a chunk task needs besides the data and the model (small, picklable)."""
+
+    shape: tuple  # the input's shape (leading axes, Y, X)
+    tile: int
+    margin: int
+    n_samples: int
+    modes: tuple
+    seed: int
+    batch_size: int | None
+    keep_samples: bool
+    device: str | None
+
+    @property
+    def grid(self) -> tuple:
+        H, W = self.shape[-2:]
+        return (*self.shape[:-2], -(-H // self.tile), -(-W // self.tile))
+
+    def windows(self, idx: tuple):
+        """(read slices, own slices within the read block, own slices in the image) of chunk idx."""
+        *lead, by, bx = idx
+        H, W = self.shape[-2:]
+        t, mg = self.tile, self.margin
+        ya, yb = by * t, min((by + 1) * t, H)
+        xa, xb = bx * t, min((bx + 1) * t, W)
+        ry0, ry1 = max(0, ya - mg), min(H, yb + mg)
+        rx0, rx1 = max(0, xa - mg), min(W, xb + mg)
+        read = (*lead, slice(ry0, ry1), slice(rx0, rx1))
+        own_in_block = (slice(ya - ry0, yb - ry0), slice(xa - rx0, xb - rx0))
+        own = (*lead, slice(ya, yb), slice(xa, xb))
+        return read, own_in_block, own
+
+
+def compute_chunk(block, model, spec: ChunkSpec, idx: tuple, stop_flag: StopFlag | None = None):
+    """Sample one chunk: returns ``(2 [+ n_samples], h, w)`` float32 = MMSE, variance[, samples]
+    of the chunk's own region."""
+    from .prediction import PosteriorSampler
+
+    read, own, _ = spec.windows(idx)
+    arr = as_float_array(np.asarray(block, dtype=np.float32).reshape(
+        read[-2].stop - read[-2].start, read[-1].stop - read[-1].start))
+    origin = (read[-2].start, read[-1].start)
+    sampler = PosteriorSampler(model, arr, origin=origin, device=spec.device)
+    mu, var, smp = sampler.sample(spec.n_samples, list(spec.modes), spec.seed, spec.batch_size,
+                                  spec.keep_samples, stop_flag=stop_flag)
+    parts = [mu[own][None], var[own][None]]
+    if smp is not None:
+        parts.append(smp[(slice(None), *own)])
+    out = np.concatenate(parts).astype(np.float32, copy=False)
+    if not np.isfinite(out).all():
+        raise InputError(f"the prediction of chunk {idx} has NaN or infinite values: the model does "
+                         "not work on this image (values far outside its training data?)")
+    return out
+
+
+def _chunk_result(block, ref: ModelRef, spec: ChunkSpec, idx: tuple):
+    out = compute_chunk(block, ref.get(spec.device), spec, idx)
+    return out.reshape(out.shape[0], *([1] * (len(spec.shape) - 2)), *out.shape[-2:])
+
+
+# -- lazy results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LazyPrediction:
+    """Result of :func:`predict_dask` / :func:`predict_to_zarr`: dask arrays in the input's shape.
+
+    Computing ``mmse`` and ``variance`` separately samples every chunk twice: compute them together
+    (``dask.compute(res.mmse, res.variance)``) or write them with :func:`predict_to_zarr`, whose
+    arrays are read back from the store.
+    """
+
+    mmse: object
+    variance: object
+    samples: object | None
+    levels: list[str]
+    n_samples: int
+    seed: int
+    info: dict = field(default_factory=dict)
+
+
+def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_samples, tile_size,
+             margin, device, channel):
+    from .prediction import as_model, check_some_level_active, check_training_range
+
+    c = check_options(n_samples=n_samples, batch_size=batch_size, tile_size=tile_size,
+                      tile_overlap=margin, seed=seed)
+    ref = ModelRef(model)
+    m_obj = ref.model if ref.model is not None else as_model(ref.path)
+    m = m_obj.config.downscale
+    modes = m_obj.resolve_modes(levels)
+    check_some_level_active(modes)
+    src = open_array(image, axes, channel)
+    x = src.array
+    ax = check_axes(src.axes, x.shape)
+    if x.dtype == object or x.dtype.kind not in "biuf":
+        raise InputError(f"{src.name} has dtype {x.dtype}; expected a numeric (integer or float) array")
+    tile = c["tile_size"] or DEFAULT_TILE
+    tile = max(m, -(-int(tile) // m) * m)
+    mg = c["tile_overlap"] if c["tile_overlap"] is not None else DEFAULT_MARGIN
+    mg = -(-int(mg) // m) * m
+    spec = ChunkSpec(tuple(int(s) for s in x.shape), tile, mg, c["n_samples"], tuple(modes),
+                     c["seed"], c["batch_size"], bool(return_samples),
+                     None if device is None else str(device))
+    # the training-range warning, from one chunk in the middle of the first frame
+    read, _, _ = spec.windows(tuple([0] * (x.ndim - 2) + [g // 2 for g in spec.grid[-2:]]))
+    check_training_range(m_obj, as_float_array(np.asarray(x[read].compute(scheduler="sync"))))
+    return ref, m_obj, x, ax, spec
+
+
+def predict_dask(model, image, n_samples: int = 100, *, axes: str | None = None, levels=None,
+                 seed: int = 0, batch_size: int | None = None, return_samples: bool = False,
+                 tile_size: int | None = None, margin: int | None = None, device=None,
+                 channel: int | None = None) -> LazyPrediction:
+    """Posterior MMSE and variance (and samples) as lazy dask arrays in the input's shape.
+
+    ``image``: a dask or numpy array, a zarr array, or a path (see :func:`open_array`). Each output
+    chunk (one frame, ``tile_size`` pixels square, default 512) is one task reading its block plus
+    ``margin`` pixels (default 64) around it. Nothing is computed until the arrays are; computing
+    them with a dask.distributed client runs the chunks on its workers, which load the model from
+    its file (pass a path, not a model in memory).
+    """
+    da = _need("dask.array")
+    from dask import delayed
+
+    ref, _, x, ax, spec = _prepare(model, image, n_samples, axes, levels, seed, batch_size,
+                                   return_samples, tile_size, margin, device, channel)
+    grid = spec.grid
+    k = 2 + (spec.n_samples if spec.keep_samples else 0)
+    parts = np.empty(grid, dtype=object)
+    token = hashlib.sha1(repr((spec, ref.path or id(ref.model), x.name)).encode()).hexdigest()[:12]
+    for idx in np.ndindex(*grid):
+        read, _, own = spec.windows(idx)
+        d = delayed(_chunk_result, pure=True)(x[read], ref, spec, idx,
+                                              dask_key_name=f"hdn-chunk-{token}-{'-'.join(map(str, idx))}")
+        h, w = own[-2].stop - own[-2].start, own[-1].stop - own[-1].start
+        parts[idx] = da.from_delayed(d, shape=(k, *([1] * (x.ndim - 2)), h, w), dtype=np.float32)
+    stack = da.block(parts.tolist())
+    n = spec.n_samples
+    return LazyPrediction(
+        mmse=stack[0], variance=stack[1],
+        samples=stack[2:] if spec.keep_samples else None,
+        levels=list(spec.modes), n_samples=n, seed=spec.seed,
+        info={"axes": ax, "tile_size": spec.tile, "margin": spec.margin,
+              "chunks": int(np.prod(grid))},
+    )
+
+
+# -- zarr output -----------------------------------------------------------------------------------
+
+_GROUPS: dict = {}
+
+
+def _out_group(path: str):
+    zarr = _need("zarr")
+    g = _GROUPS.get(path)
+    if g is None:
+        g = _GROUPS[path] = zarr.open_group(path, mode="r+")
+    return g
+
+
+def _write_chunk(block, ref: ModelRef, spec: ChunkSpec, idx: tuple, out: str,
+                 stop_flag: StopFlag | None = None):
+    """Compute one chunk and write it; its ``done`` cell is set only after its data are written."""
+    res = compute_chunk(block, ref.get(spec.device), spec, idx, stop_flag)
+    _, _, own = spec.windows(idx)
+    g = _out_group(out)
+    g["mmse"][own] = res[0]
+    g["variance"][own] = res[1]
+    if spec.keep_samples:
+        g["samples"][(slice(None), *own)] = res[2:]
+    g["done"][idx] = 1
+    return idx
+
+
+def _run_attrs(spec: ChunkSpec, fingerprint: str, source: str) -> dict:
+    return {"kind": STORE_KIND, "version": STORE_VERSION, "model": fingerprint,
+            "shape": list(spec.shape), "tile": spec.tile, "margin": spec.margin,
+            "n_samples": spec.n_samples, "levels": list(spec.modes), "seed": spec.seed,
+            "samples_kept": spec.keep_samples, "input": source}
+
+
+def _same_run(old: dict, new: dict) -> list[str]:
+    keys = ("model", "shape", "tile", "margin", "n_samples", "levels", "seed", "samples_kept")
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool = False,
+                  inputs=()) -> tuple[np.ndarray, bool]:
+    """Create the output store, or open the one a matching earlier run left; return the ``done``
+    array (1 = chunk written) and whether the store was resumed."""
+    import shutil
+
+    zarr = _need("zarr")
+    p = Path(out)
+    for i in inputs:
+        if i is not None and Path(i).exists() and Path(i).resolve() == p.resolve():
+            raise OutputError(f"the output {p} is the input: choose another output store")
+    if p.exists():
+        old = None
+        try:
+            g = zarr.open_group(str(p), mode="r")
+            old = dict(g.attrs).get("napari_hdn")
+        except Exception:  # noqa: BLE001 - not a zarr group: handled below
+            pass
+        if old is None or old.get("kind") != STORE_KIND:
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+            else:
+                raise OutputError(f"{p} exists and is not a napari-hdn prediction store: choose "
+                                  "another output (nothing there was changed)")
+        elif overwrite:
+            shutil.rmtree(p)
+        else:
+            diff = _same_run(old, attrs)
+            if diff:
+                raise OutputError(
+                    f"{p} holds a prediction made with other settings ({', '.join(diff)} differ): "
+                    "rerun with the same model and settings to resume it, add --overwrite "
+                    "(overwrite=True) to start again, or choose another output")
+            done = np.asarray(g["done"][...])
+            return done, True
+    _GROUPS.pop(str(p.resolve()), None)
+    try:
+        g = zarr.open_group(str(p), mode="w-")
+        lead = [1] * (len(spec.shape) - 2)
+        ch = (*lead, min(spec.tile, spec.shape[-2]), min(spec.tile, spec.shape[-1]))
+        dims = list(axes)
+        for name in ("mmse", "variance"):
+            g.create_array(name, shape=spec.shape, chunks=ch, dtype="float32", fill_value=np.nan,
+                           dimension_names=dims)
+        if spec.keep_samples:
+            g.create_array("samples", shape=(spec.n_samples, *spec.shape),
+                           chunks=(spec.n_samples, *ch), dtype="float32", fill_value=np.nan,
+                           dimension_names=["sample", *dims])
+        g.create_array("done", shape=spec.grid, chunks=(1,) * len(spec.grid), dtype="uint8",
+                       fill_value=0)
+        g.attrs["napari_hdn"] = attrs
+    except OSError as exc:
+        raise OutputError(f"cannot write {p}: {exc.strerror or exc}") from None
+    return np.zeros(spec.grid, np.uint8), False
+
+
+def predict_to_zarr(model, image, out, n_samples: int = 100, *, axes: str | None = None,
+                    levels=None, seed: int = 0, batch_size: int | None = None,
+                    return_samples: bool = False, tile_size: int | None = None,
+                    margin: int | None = None, device=None, channel: int | None = None,
+                    overwrite: bool = False, scheduler=None, workers: int | None = None,
+                    callbacks: Callback | list[Callback] | None = None,
+                    stop_flag: StopFlag | None = None) -> LazyPrediction:
+    """Predict chunk by chunk into the zarr store ``out`` (arrays ``mmse``, ``variance``,
+    ``samples`` with ``return_samples``, and ``done``); return dask arrays read from it.
+
+    Runs in this process by default, one chunk at a time (memory: one chunk, not the image).
+    ``scheduler``: the address of a dask.distributed scheduler (``"tcp://host:8786"``) or a
+    ``distributed.Client``; ``workers=N`` starts a LocalCluster of N single-thread processes. A
+    store left by an interrupted run with the same model and settings is resumed (only chunks not
+    marked done are computed); ``overwrite=True`` starts again. Progress events (task
+    ``"predict-chunks"``) count chunks; a stop keeps the chunks written (``info["stopped"]``).
+    """
+    da = _need("dask.array")
+    if scheduler is not None and workers is not None:
+        raise OptionError("give scheduler= (an existing cluster) or workers= (a LocalCluster), "
+                          "not both")
+    if workers is not None:
+        workers = check_options(threads=workers)["threads"]
+    ref, m_obj, x, ax, spec = _prepare(model, image, n_samples, axes, levels, seed, batch_size,
+                                       return_samples, tile_size, margin, device, channel)
+    source = str(image) if isinstance(image, (str, os.PathLike)) else "array"
+    attrs = _run_attrs(spec, model_fingerprint(m_obj), source)
+    inputs = [image] if isinstance(image, (str, os.PathLike)) else []
+    done, resumed = prepare_store(out, spec, attrs, ax, overwrite, inputs)
+    out = str(Path(out).resolve())
+    pending = [idx for idx in np.ndindex(*spec.grid) if not done[idx]]
+    total = int(np.prod(spec.grid))
+    report = Reporter("predict-chunks", callbacks)
+    before = total - len(pending)
+    report("start", step=before, total=total)
+    stop_flag = stop_flag or StopFlag()
+    stopped = False
+    if scheduler is None and workers is None:
+        stopped = _run_here(x, ref, spec, pending, out, report, before, total, stop_flag)
+    else:
+        stopped = _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag,
+                               scheduler, workers)
+    report("stopped" if stopped else "done", step=total if not stopped else None, total=total)
+    import zarr
+
+    g = zarr.open_group(out, mode="r")
+    n_done = int(np.asarray(g["done"][...]).sum())
+    return LazyPrediction(
+        mmse=da.from_zarr(g["mmse"]), variance=da.from_zarr(g["variance"]),
+        samples=da.from_zarr(g["samples"]) if spec.keep_samples else None,
+        levels=list(spec.modes), n_samples=spec.n_samples, seed=spec.seed,
+        info={"axes": ax, "tile_size": spec.tile, "margin": spec.margin, "chunks": total,
+              "chunks_before": before, "chunks_run": n_done - before, "chunks_done": n_done,
+              "resumed": resumed, "stopped": stopped, "store": out},
+    )
+
+
+def _run_here(x, ref, spec, pending, out, report, before, total, stop_flag) -> bool:
+    done = before
+    for idx in pending:
+        if stop_flag.is_set():
+            return True
+        read, _, _ = spec.windows(idx)
+        block = np.asarray(x[read].compute(scheduler="sync"))
+        try:
+            _write_chunk(block, ref, spec, idx, out, stop_flag)
+        except StopRequested:
+            return True
+        done += 1
+        report("step", step=done, total=total)
+    return False
+
+
+def _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag, scheduler,
+                 workers) -> bool:
+    from dask import delayed
+
+    dd = _need("distributed")
+    if ref.path is None:
+        ref.__getstate__()  # raises: a cluster needs the model file
+    cluster = None
+    if isinstance(scheduler, dd.Client):
+        client, own = scheduler, False
+    else:
+        if workers is not None:
+            cluster = dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                      dashboard_address=None)
+            scheduler = cluster
+        try:
+            client, own = dd.Client(scheduler, timeout="30s"), True
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot reach the dask scheduler at {scheduler} ({exc}): check the "
+                             "address (tcp://HOST:8786) and that the scheduler is running") from None
+    try:
+        tasks = []
+        for idx in pending:
+            read, _, _ = spec.windows(idx)
+            tasks.append(delayed(_write_chunk, pure=False)(x[read], ref, spec, idx, out))
+        futures = client.compute(tasks)
+        done = before
+        for fut in dd.as_completed(futures):
+            if stop_flag.is_set():
+                client.cancel(futures)
+                return True
+            fut.result()  # a chunk that failed raises here, with the worker's message
+            done += 1
+            report("step", step=done, total=total)
+        return False
+    finally:
+        if own:
+            client.close()
+        if cluster is not None:
+            cluster.close()
