@@ -289,6 +289,10 @@ def test_toggling_a_level_changes_the_preview(viewer, qtbot, notes, striped):
 
     aw.mode_boxes[1].setCurrentText("zero")  # a user toggle: the preview follows by itself
     qtbot.waitUntil(lambda: aw.previews_done == 2, timeout=WAIT)
+    # the first level switched off also describes the levels (for the verdicts and warnings)
+    # without changing the user's choice
+    qtbot.waitUntil(lambda: aw.level_report is not None, timeout=WAIT)
+    assert aw.level_modes()[0] == "zero"
     assert aw.last_preview["cached"] is True  # bottom-up pass reused
     assert prev.metadata["hdn"]["levels_off"] == {1: "zero"}
     assert np.abs(prev.data - first).mean() > 1e-3

@@ -384,6 +384,10 @@ class ArtefactWidget(EngineWidget):
     def _changed(self, levels: bool = False) -> None:
         if levels:
             self._show_costs()
+            model = self._model()
+            if (self.level_report is None and model is not None
+                    and self.level_modes() != model.default_modes()):
+                self.suggest(select=False)  # verdicts (and warnings) for the levels switched off
         if self.live.isChecked() and self._model() is not None and self.mode_boxes:
             if levels or self.last_preview is not None:
                 self.request_preview(quiet=not levels)
@@ -636,16 +640,28 @@ class ArtefactWidget(EngineWidget):
                                 else "%v / %m samples")
 
     # -- suggestion ---------------------------------------------------------------------------------
-    def suggest(self) -> bool:
-        """Describe the levels on the preview crop (in the background) and select the suggestion."""
+    def suggest(self, select: bool = True) -> bool:
+        """Describe the levels on the preview crop (in the background) and select the suggestion.
+
+        With ``select=False`` (run by itself the first time a level is switched off) only the
+        verdicts beside the levels and the warning are updated; the levels stay as they are.
+        """
         if self.suggest_task.running:
             return False
-        prep = self.guard("Suggest", self._prepare_suggest)
+        if select:
+            prep = self.guard("Suggest", self._prepare_suggest)
+        else:
+            try:
+                prep = self._prepare_suggest()
+            except Exception:  # noqa: BLE001 - inputs incomplete: the user has not asked for it
+                return False
         if prep is None:
             return False
         job, meta = prep
-        self._report_meta = meta
-        self.show_status("Suggest: switching off the bottom levels in turn on the preview crop…")
+        self._report_meta = {**meta, "select": select}
+        if select:
+            self.show_status("Suggest: switching off the bottom levels in turn on the preview "
+                             "crop…")
         self.suggest_task.start(job, name="napari-hdn suggest levels")
         self.update_controls()
         return True
@@ -666,14 +682,19 @@ class ArtefactWidget(EngineWidget):
         meta = self._report_meta
         self.update_controls()
         if not out.ok:
-            msg, _ = user_message(out.error, "Suggest")
-            self.show_error(msg)
+            if meta.get("select"):
+                msg, _ = user_message(out.error, "Suggest")
+                self.show_error(msg)
             return
         if out.value is None or self._model() is not meta.get("model"):
-            self.show_status("Suggest stopped (or the model changed): no setting was chosen.")
+            if meta.get("select"):
+                self.show_status("Suggest stopped (or the model changed): no setting was chosen.")
             return
         rep = out.value
         self.level_report = rep
+        if not meta.get("select"):
+            self._show_costs()  # verdicts and the warning; the choice stays the user's
+            return
         off = rep.levels_off
         self.set_level_modes(dict(enumerate(rep.suggested, start=1)))
         reg = meta["region"]
