@@ -231,7 +231,7 @@ def test_levels_suggest_and_fine_tune(tmp_path, noisy_tif, capsys):
     assert "level 1: removes" in out and "suggested:" in out and "crop 32x32" in out
     assert main(["levels", str(model), str(noisy_tif), "--samples", "2", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["mode"] == "prior-sample" and len(rep["suggested"]) == 2
+    assert rep["mode"] == "prior-mean" and len(rep["suggested"]) == 2
     assert [s["level"] for s in rep["steps"]] == [1]
     rc = main(["predict", str(model), str(noisy_tif), "--out-dir", str(tmp_path / "p"),
                "--samples", "2", "--suggest-levels", "--quiet"])

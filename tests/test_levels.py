@@ -130,7 +130,7 @@ def test_describe_levels_reports_each_level_and_suggests_bottom_levels(tiny_mode
     assert s.energy >= 0 and -1 <= s.structure <= 1 and np.isfinite(s.dll)
     assert s.verdict in ("artefact", "signal", "nothing")
     assert len(rep.suggested) == 2 and rep.suggested[1] == "posterior"
-    assert rep.suggested[0] == ("prior-sample" if s.verdict == "artefact" else "posterior")
+    assert rep.suggested[0] == ("prior-mean" if s.verdict == "artefact" else "posterior")
     assert rep.to_dict()["levels_off"] == rep.levels_off
     assert rep.lines()[-1].startswith("suggested:") or rep.notes
     again = describe_levels(tiny_model, img, n_samples=3, crop=48)

@@ -6,7 +6,7 @@ import json
 
 from ._common import EXIT_OK, CLIError, check_numbers, read_tiff, resolve_axes
 
-MODE_CHOICES = ["prior-sample", "prior-mean", "zero"]
+MODE_CHOICES = ["prior-mean", "prior-sample", "zero"]
 
 
 def add_parser(sub) -> None:
@@ -35,8 +35,9 @@ def add_options(c, prefix: str = "") -> None:
                    help="frame of a stack to analyse (default: the middle one)")
     if not prefix:
         c.add_argument("--mode", dest="deactivate_mode", choices=MODE_CHOICES,
-                       default="prior-sample", help="how levels are switched off (default "
-                       "prior-sample: z drawn from the prior given the levels above)")
+                       default="prior-mean", help="how levels are switched off (default "
+                       "prior-mean: z is the prior's mean given the levels above; prior-sample "
+                       "draws it from that prior)")
         c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         c.add_argument("--device", help="auto (default), cpu, cuda or mps")
 

@@ -46,9 +46,9 @@ def add_parser(sub) -> None:
     r.add_argument("--batch-size", type=int, help="samples per pass (default: from image size)")
     r.add_argument("--deactivate", metavar="LEVELS",
                    help="latent levels to switch off, e.g. 1,2 (1 = finest); removes structured noise")
-    r.add_argument("--deactivate-mode", choices=MODE_CHOICES, default="prior-sample",
-                   help="what switched-off levels use: samples of the prior given the levels above "
-                   "(default; the MMSE averages over them), the prior mean, or zeros")
+    r.add_argument("--deactivate-mode", choices=MODE_CHOICES, default="prior-mean",
+                   help="what switched-off levels use: the mean of the prior given the levels "
+                   "above (default), draws from that prior (the MMSE averages over them), or zeros")
     r.add_argument("--suggest-levels", action="store_true",
                    help="switch off the levels `napari-hdn levels` suggests (the bottom levels "
                    "whose removal looks like an artefact, not like detail of the image)")

@@ -9,7 +9,7 @@ image, so the removed part is strongest where the estimate has edges and fine st
 "method noise" test of denoising (Buades et al. 2005): what a method removes should not look like
 the image.
 
-:func:`describe_levels` switches off the bottom 1, 2, ... levels in turn (in ``prior-sample`` mode
+:func:`describe_levels` switches off the bottom 1, 2, ... levels in turn (in ``prior-mean`` mode
 by default) on a crop of the image and scores each step by
 
 - ``energy``: the mean square of what this level removes, in units of the pixel noise variance;
@@ -108,7 +108,7 @@ def _crop(arr: np.ndarray, side: int, m: int) -> tuple[np.ndarray, tuple[int, in
     return arr[y0:y0 + h, x0:x0 + w], (y0, x0, h, w)
 
 
-def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-sample",
+def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-mean",
                     seed: int = 0, crop: int = DEFAULT_CROP, frame: int | None = None,
                     device=None, stop_flag=None) -> LevelReport:
     """Score switching off the bottom 1, 2, ... levels of ``model`` on ``image``; suggest a setting.
@@ -119,7 +119,8 @@ def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-samp
     image : 2D array, or frames (the middle frame, or ``frame``, is analysed)
     n_samples : posterior samples per setting (the same seed for every setting, so the differences
         between settings are not sampling noise)
-    mode : how a level is switched off: "prior-sample" (default), "prior-mean" or "zero"
+    mode : how a level is switched off: "prior-mean" (default: measured 0.1-0.15 dB better than
+        "prior-sample" on the artefact benchmark), "prior-sample" or "zero"
     crop : largest side of the centre crop analysed (the cost is ``levels * n_samples`` top-down
         passes of the crop)
     """

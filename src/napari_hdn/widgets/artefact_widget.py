@@ -199,7 +199,7 @@ class ArtefactWidget(EngineWidget):
         row = QHBoxLayout()
         self.suggest_btn = QPushButton("Suggest")
         self.suggest_btn.setToolTip(
-            "Switch off the bottom 1, 2, ... levels in turn on the preview crop (prior-sample, "
+            "Switch off the bottom 1, 2, ... levels in turn on the preview crop (prior-mean, "
             f"{SUGGEST_SAMPLES} samples each) and judge what each removes: an artefact is "
             "independent of the image, real detail is strongest where the image has structure. "
             "Selects the deepest run of bottom levels whose removal looks like an artefact.")
