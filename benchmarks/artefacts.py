@@ -274,8 +274,10 @@ def cmd_report(args) -> dict:
         for label, s in rows.items():
             if isinstance(s, dict) and "psnr" in s:
                 extra = f" (x{s['strength']:g})" if "oracle" in label else ""
-                if label == "suggested":
-                    extra = f" ({', '.join(s.get('setting', [])) or 'all on'})"
+                if label.startswith("suggested") and "setting" in s:
+                    off = [f"{i + 1}" for i, m in enumerate(s["setting"]) if m != "posterior"]
+                    mode = next((m for m in s["setting"] if m != "posterior"), "")
+                    extra = f": levels {','.join(off)} {mode}" if off else ": all levels on"
                 print(f"| {label}{extra} | {s['psnr']:.2f} | {s['ssim']:.3f} | {s['stripe']:+.2f} |")
     return {}
 
