@@ -26,12 +26,11 @@ batch 8 at 64x64, channels-last, as sampling runs) and peak resident memory of e
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from ._child import run_in_tree
 
 CONFIGS = {
     "small": dict(levels=4, z_dim=32, filters=32, blocks=3),  # the small CPU configuration
@@ -108,13 +107,7 @@ print(json.dumps(out))
 
 
 def measure(tree, arch, size, way, passes, batch, threads, direct=0) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve() / "src"))
-    arg = json.dumps([arch, size, way, passes, batch, threads, direct])
-    out = subprocess.run([sys.executable, "-c", _CHILD, arg], env=env, capture_output=True,
-                         text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_tree(tree, _CHILD, [arch, size, way, passes, batch, threads, direct])
 
 
 def main(argv=None) -> None:

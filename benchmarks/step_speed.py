@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from ._child import run_in_tree
 
 CONFIGS = {
     # the two comparison configurations
@@ -47,10 +46,7 @@ print(json.dumps({"median": statistics.median(times), "times": times}))
 
 
 def measure(tree: Path, arch: dict, batch: int, steps: int, threads: int, extra: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve() / "src"))
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([arch, batch, steps, threads, extra])],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_tree(tree, _CHILD, [arch, batch, steps, threads, extra])
 
 
 def main(argv=None) -> None:

@@ -73,15 +73,13 @@ NUMBERS = dict(n_samples="samples", tile_size="tile_size", tile_overlap="tile_ov
 def check_levels(args, model, image, axes, off: list[int]):
     """Describe the levels on a crop: the suggested setting (``--suggest-levels``), or a warning
     when a level of ``--deactivate`` removes what looks like detail of the image."""
-    from types import SimpleNamespace
+    from ..engine import describe_levels
+    from ..engine.data import check_axes
 
-    from .levels import describe
-
-    quick = SimpleNamespace(level_samples=8 if args.suggest_levels else 4,
-                            level_crop=256 if args.suggest_levels else 128, level_frame=None,
-                            deactivate_mode=args.deactivate_mode, seed=args.seed,
-                            device=args.device)
-    rep = describe(quick, model, image, axes)
+    check_axes(axes, image.shape)  # before any work, as predict itself checks them
+    quick = not args.suggest_levels  # a warning check costs less than a suggestion
+    rep = describe_levels(model, image, n_samples=4 if quick else 8, mode=args.deactivate_mode,
+                          seed=args.seed, crop=128 if quick else 256, device=args.device)
     if args.suggest_levels:
         for line in rep.lines():
             print(f"levels: {line}", file=sys.stderr)

@@ -148,20 +148,10 @@ class DDPTrainer(Trainer):
         """One optimiser step on the global batch: local micro-batches, then one all_reduce of the
         gradients, the losses and a non-finite vote."""
         x = self._next_batch()
-        n = x.shape[0]
         self._warmup_lr()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, recon_sum, kl_sum, bad = 0.0, 0.0, None, False
-        for xb in x.split(self._micro_batch()):
-            loss, recon, kl = self.model.loss(xb)
-            if not torch.isfinite(loss):
-                bad = True
-                break
-            w = xb.shape[0] / n
-            (loss * w).backward()
-            loss_sum += float(loss.detach()) * w
-            recon_sum += float(recon) * w
-            kl_sum = kl.detach() * w if kl_sum is None else kl_sum + kl.detach() * w
+        loss_sum, recon_sum, kl_sum, finite = self._accumulate(x)
+        bad = not finite
         params = [p for p in self.model.ladder.parameters() if p.requires_grad]
         dev = self._comm_device()
         levels = self.model.config.levels
@@ -184,14 +174,8 @@ class DDPTrainer(Trainer):
                 p.grad.copy_(flat[off : off + k].view_as(g))
             off += k
         kl_all = flat[off : off + levels].double().cpu()
-        if self.tcfg.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.ladder.parameters(), self.tcfg.grad_clip)
-            if not torch.isfinite(norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
-        self.optimizer.step()
-        if self.ema is not None:
-            self._update_ema()
+        if not self._apply_gradients():
+            return None
         return float(tail[0]), float(tail[1]), kl_all.tolist()
 
     def _average_buffers(self) -> None:

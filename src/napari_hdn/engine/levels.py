@@ -100,6 +100,17 @@ def structure_correlation(removed: np.ndarray, estimate: np.ndarray) -> float:
     return float((e * g).sum() / den) if den > 0 else 0.0
 
 
+def mean_log_likelihood(noise_model, x: np.ndarray, s: np.ndarray) -> float:
+    """Mean log p(x | s) per pixel under ``noise_model`` (on the noise model's device)."""
+    import torch
+
+    dev = next(iter(noise_model.buffers()), torch.empty(0)).device
+    with torch.no_grad():
+        ll = noise_model.log_likelihood(torch.as_tensor(x, dtype=torch.float32, device=dev),
+                                        torch.as_tensor(s, dtype=torch.float32, device=dev))
+    return float(ll.double().mean())
+
+
 def _crop(arr: np.ndarray, side: int, m: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     H, W = arr.shape
     h, w = min(H, side), min(W, side)
@@ -152,18 +163,13 @@ def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-mean
         return mean
 
     def loglik(s):
-        import torch
-
-        dev = next(iter(nm.buffers()), torch.empty(0)).device
-        with torch.no_grad():
-            ll = nm.log_likelihood(torch.as_tensor(x, device=dev), torch.as_tensor(s, device=dev))
-        return float(ll.double().mean())
+        return mean_log_likelihood(nm, x, s)
 
     import torch
 
-    dev = next(iter(nm.buffers()), torch.empty(0)).device
     prev = mmse(base)
     with torch.no_grad():
+        dev = next(iter(nm.buffers()), torch.empty(0)).device
         _, std = nm.moments(torch.as_tensor(prev, device=dev))
     noise_var = float((std.double() ** 2).mean())
     prev_ll = loglik(prev)

@@ -413,30 +413,47 @@ class Trainer:
         one pass: BatchNorm statistics are per chunk either way).
         """
         x = self._next_batch()
-        n = x.shape[0]
         self._warmup_lr()
         self.optimizer.zero_grad(set_to_none=True)
+        loss, recon, kl, finite = self._accumulate(x)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if not self._apply_gradients():
+            return None
+        return loss, recon, kl.tolist()
+
+    def _accumulate(self, x: torch.Tensor):
+        """Forward and backward over the micro-batches of ``x``, gradients accumulated.
+
+        Returns ``(loss, recon, kl per level, finite)``, the sums weighted by micro-batch size;
+        at the first non-finite loss it stops and returns what it has with ``finite`` False.
+        """
+        n = x.shape[0]
         loss_sum, recon_sum, kl_sum = 0.0, 0.0, None
         for xb in x.split(self._micro_batch()):
             loss, recon, kl = self.model.loss(xb)
             if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
+                return loss_sum, recon_sum, kl_sum, False
             w = xb.shape[0] / n
             (loss * w).backward()
             loss_sum += float(loss.detach()) * w
             recon_sum += float(recon) * w
             kl_sum = kl * w if kl_sum is None else kl_sum + kl * w
-        loss, recon, kl = loss_sum, recon_sum, kl_sum
+        return loss_sum, recon_sum, kl_sum, True
+
+    def _apply_gradients(self) -> bool:
+        """Clip (when configured), step, update the weight average; False when the gradient norm
+        is not finite (the step is skipped)."""
         if self.tcfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.ladder.parameters(), self.tcfg.grad_clip)
             if not torch.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                return None
+                return False
         self.optimizer.step()
         if self.ema is not None:
             self._update_ema()
-        return loss, recon, kl.tolist()
+        return True
 
     def _warmup_lr(self) -> None:
         """Set the rate of the coming step: a linear warm-up to the peak over ``warmup_steps``;

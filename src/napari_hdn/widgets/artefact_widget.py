@@ -26,6 +26,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLa
 
 from ..engine import LATENT_MODES, InputError, describe_levels, fine_tune, predict_in_rounds
 from ..engine.levels import STRUCTURE_LIMIT
+from ..engine.levels import mean_log_likelihood as _mean_log_likelihood
 from ..engine.prediction import inference_model
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, combo, form, scroll_body, set_message, spin, status_label
@@ -120,17 +121,6 @@ def centred_region(H: int, W: int, cy: float, cx: float, h: int, w: int, m: int)
     y0, hh = _centred_axis(H, cy, h, m)
     x0, ww = _centred_axis(W, cx, w, m)
     return y0, x0, hh, ww
-
-
-def _mean_log_likelihood(noise_model, x: np.ndarray, s: np.ndarray) -> float:
-    import torch
-
-    bufs = list(noise_model.buffers())
-    dev = bufs[0].device if bufs else torch.device("cpu")
-    with torch.no_grad():
-        ll = noise_model.log_likelihood(torch.as_tensor(x, dtype=torch.float32, device=dev),
-                                        torch.as_tensor(s, dtype=torch.float32, device=dev))
-    return float(ll.double().mean())
 
 
 def level_cost(reference: np.ndarray, changed: np.ndarray, ll_ref: float, ll_changed: float) -> dict:
