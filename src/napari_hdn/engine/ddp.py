@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .data import augment_batch
 from .errors import HDNError, InputError
 from .training import Trainer
 
@@ -134,15 +133,9 @@ class DDPTrainer(Trainer):
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _next_batch(self) -> torch.Tensor:
-        """This rank's share of the global batch (as :meth:`Trainer._next_batch`)."""
-        x = self.sampler.sample(self.local_batch)
-        if self.tcfg.augment:
-            x = augment_batch(x, self.gen)
-        x = x.to(self.device, non_blocking=True)
-        if self.tcfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+    def _patches_per_step(self) -> int:
+        """This rank's share of the global batch."""
+        return self.local_batch
 
     def train_step(self):
         """One optimiser step on the global batch: local micro-batches, then one all_reduce of the

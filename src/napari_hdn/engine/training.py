@@ -390,8 +390,12 @@ class Trainer:
         ladder.train(was_training)
         return total / n, (kls / n).tolist()
 
+    def _patches_per_step(self) -> int:
+        """Patches this process draws per step (a share of the batch when several train)."""
+        return self.tcfg.batch_size
+
     def _next_batch(self) -> torch.Tensor:
-        x = self.sampler.sample(self.tcfg.batch_size)
+        x = self.sampler.sample(self._patches_per_step())
         if self.tcfg.augment:
             x = augment_batch(x, self.gen)
         x = x.to(self.device, non_blocking=True)
