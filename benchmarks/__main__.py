@@ -12,5 +12,8 @@ ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
 ap.add_argument("--lock", metavar="FILE", help="hold this lock file (flock) while measuring each "
                 "dataset, so that other jobs honouring it wait instead of distorting the timings")
+ap.add_argument("--reuse-n2v", metavar="RESULTS", help="take Noise2Void's figures from this earlier "
+                "results file of the same profile and seed instead of training it again")
 a = ap.parse_args()
-run(a.profile or ("quick" if a.quick else "full"), seed=a.seed, docs=not a.no_docs, lock=a.lock)
+run(a.profile or ("quick" if a.quick else "full"), seed=a.seed, docs=not a.no_docs, lock=a.lock,
+    reuse_n2v=a.reuse_n2v)

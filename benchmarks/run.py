@@ -157,7 +157,8 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
     out["budgets_min"] = budgets
     # Noise2Void: one run per budget (its learning rate follows a cosine over the budget)
     pseudo = None
-    for b in prof.get("n2v_budgets_min", budgets):
+    reused = (prof.get("reuse_n2v") or {}).get(ds.name, {}).get("methods", {})
+    for b in prof.get("n2v_budgets_min", budgets) if not reused else []:
         (preds, n2v_steps, t_n2v), t_all = _timed(fresh, n2v_run, ds.noisy, 60.0 * b,
                                                   seed, patch)
         add(f"Noise2Void (built-in), {b:g} min", preds, t_all,
@@ -166,6 +167,12 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
         if pseudo is None or b <= (prof["bootstrap_min"] or 0):
             pseudo = preds
 
+    for name, entry in reused.items():  # Noise2Void figures of an earlier run (--reuse-n2v)
+        if entry.get("method") == "Noise2Void (built-in)":
+            methods[name] = {**entry, "reused": prof["reuse_n2v_from"]}
+            out["timing_s"][name] = entry.get("budget_min", 0) * 60
+            log(f"  {ds.name:9s} {name:28s} PSNR {entry['psnr_mean']:6.2f}  (from "
+                f"{prof['reuse_n2v_from']})")
     boot = prof["bootstrap_min"] is not None
     nm_cal, t_cal = _timed(learned.calibration_noise_model, ds.calibration, seed)
     out["noise_models"] = {"calibration": learned.describe(nm_cal), "fit_seconds": {"calibration": t_cal}}
@@ -256,18 +263,30 @@ class _CpuLock:
 
 
 def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
-        docs_dir: Path | None = None, docs: bool = True, log=print, lock: str | None = None) -> dict:
+        docs_dir: Path | None = None, docs: bool = True, log=print, lock: str | None = None,
+        reuse_n2v: str | None = None) -> dict:
     """Run one profile ("smoke", "quick" or "full"); write JSON results and the report.
 
     ``lock``: a lock file held (``flock``) while each dataset is measured, released in between.
+    ``reuse_n2v``: a results file of an earlier run of the same profile and seed whose Noise2Void
+    figures are taken instead of training it again (it did not change; HDN did). Its bootstrapped
+    noise model, which needs Noise2Void's predictions, is then skipped.
     """
     import torch
 
-    prof = PROFILES[profile]
+    prof = dict(PROFILES[profile])
+    if reuse_n2v:
+        earlier = json.loads(Path(reuse_n2v).read_text())
+        if earlier["profile"] != profile or earlier["settings"]["seed"] != seed:
+            raise ValueError(f"{reuse_n2v} is a run of profile {earlier['profile']!r}, seed "
+                             f"{earlier['settings']['seed']}: reuse one of {profile!r}, seed {seed}")
+        prof.update(reuse_n2v=earlier["datasets"], reuse_n2v_from=Path(reuse_n2v).name,
+                    bootstrap_min=None)
     t0 = time.perf_counter()
     arch, training = hdn_settings(prof)
     results: dict = {
-        "profile": profile, "settings": {"hdn_arch": arch, **prof, "seed": seed,
+        "profile": profile, "settings": {"hdn_arch": arch, "seed": seed,
+                                         **{k: v for k, v in prof.items() if k != "reuse_n2v"},
                                          "hdn_training": training, "hdn_preset": HDN_PRESET},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,

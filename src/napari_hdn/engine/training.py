@@ -685,7 +685,7 @@ def train(
     return trainer.run()
 
 
-#: fine-tuning's learning rate: below the fast preset's peak (3e-3), as the weights are trained
+#: fine-tuning's learning rate: below the fast preset's peak (5e-3), as the weights are trained
 FINE_TUNE_LR = 1e-3
 
 
