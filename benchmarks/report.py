@@ -84,6 +84,8 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
                 notes.append(f"{r['train_steps']} steps")
             if "seconds_per_step" in r:
                 notes.append(f"{r['seconds_per_step']:.2f} s/step")
+            if r.get("reused"):
+                notes.append(f"figures of an earlier run ({r['reused']}; --reuse-n2v)")
             if r.get("coverage95") is not None:
                 notes.append(f"std-error corr {_fmt(r.get('std_error_corr'))}, 95% coverage "
                              f"{100 * r['coverage95']:.0f}%")
