@@ -65,8 +65,14 @@ def main(argv=None) -> None:
         for i, r in enumerate(res):
             med = statistics.median(r["times"])
             share = statistics.mean(r["threads"]) if r["threads"] else float("nan")
+            half = r["times"][len(r["times"]) // 2:]  # the steady state, after the governor's tries
+            late = statistics.median(half) if half else float("nan")
+            late_threads = r["threads"][len(r["threads"]) // 2:]
             print(f"two at once, {label}: process {i + 1} {med:.3f} s/step "
-                  f"({med / alone:.2f}x alone; mean threads {share:.2f})")
+                  f"({med / alone:.2f}x alone; mean threads {share:.2f}); second half "
+                  f"{late:.3f} s/step ({late / alone:.2f}x alone; threads "
+                  f"{statistics.mean(late_threads) if late_threads else float('nan'):.2f}; "
+                  f"{len(r['times'])} steps)")
 
 
 if __name__ == "__main__":

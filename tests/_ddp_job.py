@@ -22,10 +22,18 @@ def data():
 
 def settings(steps: int, **kw):
     return dict(model_config=ModelConfig(**TINY),
-                training_config=TrainingConfig(patch_size=32, batch_size=16, bn_chunk=8,
-                                               max_steps=steps, steps_per_epoch=5,
-                                               val_fraction=0.25, lr=1e-3, seed=0, threads=1,
-                                               device="cpu", **kw))
+                training_config=TrainingConfig(**{
+                    **dict(patch_size=32, batch_size=16, bn_chunk=8, max_steps=steps,
+                           steps_per_epoch=5, val_fraction=0.25, lr=1e-3, seed=0, threads=1,
+                           device="cpu"), **kw}))
+
+
+def same_draws_on_every_rank():
+    """Make every rank draw rank 0's patches and latent noise (the test's exact comparison)."""
+    import napari_hdn.engine.ddp as ddp
+
+    seed_of = ddp._rank_seed
+    ddp._rank_seed = lambda seed, rank, step=0: seed_of(seed, 0, step)
 
 
 if __name__ == "__main__":
@@ -34,6 +42,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     losses = []
     die_at = int(os.environ.get("HDN_TEST_DIE_AT_STEP", 0))  # rank 1 is killed at that step
+    if os.environ.get("HDN_TEST_SAME_DRAWS"):
+        same_draws_on_every_rank()
 
     def on_event(ev):
         if ev.kind == "step":

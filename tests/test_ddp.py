@@ -17,10 +17,11 @@ HERE = Path(__file__).parent
 SRC = HERE.parent / "src"
 
 
-def torchrun(out: Path, steps: int, resume=None, die_at: int = 0):
+def torchrun(out: Path, steps: int, resume=None, die_at: int = 0, same_draws: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(HERE)]),
-               HDN_TEST_DIE_AT_STEP=str(die_at), OMP_NUM_THREADS="1")
+               HDN_TEST_DIE_AT_STEP=str(die_at), OMP_NUM_THREADS="1",
+               HDN_TEST_SAME_DRAWS="1" if same_draws else "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(HERE / "_ddp_job.py"), str(out), str(steps)] + ([str(resume)] if resume else [])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -39,6 +40,19 @@ def test_two_ranks_train_like_one_process_resume_and_survive_a_dead_rank(tmp_pat
         np.testing.assert_array_equal(r0[k], r1[k], err_msg=k)
     ddp = json.loads((tmp_path / "a" / "rank0.json").read_text())["losses"]
     assert len(ddp) == 10
+    # 1b. exactly: when both ranks draw the same 8 patches and latent noise, the averaged gradient
+    # is one rank's, so 10 steps at a global batch of 16 give the weights (and losses) of one
+    # process at a batch of 8 with those draws. Pins DDP's averaging (a sum, or a gradient
+    # counted twice, would differ) and the BatchNorm buffer averaging.
+    run = torchrun(tmp_path / "same", 10, same_draws=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    two = np.load(tmp_path / "same" / "rank0.npz")
+    alone, alone_losses = _one_rank_run(tmp_path, 10, batch_size=8)
+    assert sorted(two.files) == sorted(alone)
+    for k in two.files:
+        np.testing.assert_allclose(two[k], alone[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    same_losses = json.loads((tmp_path / "same" / "rank0.json").read_text())["losses"]
+    np.testing.assert_allclose(same_losses, alone_losses, rtol=1e-5)
     # 2. the loss matches one process at the same global batch (16 patches, BatchNorm chunks of 8).
     # The two runs draw different patches and latent noise (the ranks draw their own), so their
     # losses are two noisy estimates of the same curve: the step-to-step noise s of the one-process
@@ -63,3 +77,28 @@ def test_two_ranks_train_like_one_process_resume_and_survive_a_dead_rank(tmp_pat
     assert meta["checkpoint"]["step"] == 15
     assert int(tensors["ddp.world_size"][0]) == 2 and "rng.patches.rank1" in tensors
     assert np.isfinite(model.predict(data()[0], n_samples=2).mmse).all()
+
+
+def _one_rank_run(tmp_path: Path, steps: int, **kw):
+    """The data-parallel trainer in this process as a world of one (gloo), drawing what rank 0
+    draws (``same_draws_on_every_rank``): (final weights, per-step losses)."""
+    import torch.distributed as dist
+    from _ddp_job import data, same_draws_on_every_rank, settings
+
+    import napari_hdn.engine.ddp as ddp_module
+
+    seed_of = ddp_module._rank_seed
+    same_draws_on_every_rank()
+    losses: list[float] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=(tmp_path / "pg").as_uri(), rank=0, world_size=1)
+    try:
+        model = ddp_module.train_ddp(
+            data(), GaussianNoiseModel(10.0), axes="SYX", **settings(steps, **kw),
+            callbacks=lambda ev: ev.kind == "step" and losses.append(ev.metrics["train_loss"]))
+    finally:
+        dist.destroy_process_group()
+        ddp_module._rank_seed = seed_of
+        torch.set_num_threads(threads)
+    return {k: v.numpy() for k, v in model.ladder.state_dict().items()}, losses

@@ -11,12 +11,15 @@ Launch with torch's own launcher, one process per GPU::
   patches (its own generator, seeded from the seed and the rank) and processes them in BatchNorm
   chunks of ``bn_chunk`` as one process would: BatchNorm statistics stay per chunk of 8 patches,
   which is why no SyncBatchNorm is needed (the batch must split into whole chunks per rank);
-* after the backward pass the gradients are averaged over the ranks in one ``all_reduce`` of a
-  flat buffer (what DistributedDataParallel does, without its module wrapper: the trainer
-  accumulates micro-batches and calls ``model.loss``, and the model file keeps its parameter
-  names). The same buffer carries the losses for the progress reports and a "non-finite loss"
-  vote, so every rank skips a bad batch together. All ranks therefore step with the same gradient
-  and hold identical weights; BatchNorm running statistics are averaged at each epoch end;
+* the loss runs through torch's ``DistributedDataParallel`` (wrapping a small module whose forward
+  is ``model.loss``; the ladder inside keeps its parameter names, so model files are unchanged):
+  the micro-batches of a step accumulate their gradients locally (``no_sync``) and the last one's
+  backward pass averages them over the ranks, overlapping communication with the backward
+  computation. A rank whose loss is not finite still takes part (its NaN gradient makes the
+  averaged one NaN on every rank), and one small ``all_reduce`` carries the losses for the
+  progress reports and a "non-finite" vote, so every rank skips a bad batch together. All ranks
+  therefore step with the same gradient and hold identical weights. DDP's per-forward broadcast of
+  buffers is off: BatchNorm running statistics are averaged over the ranks at each epoch end;
 * rank 0 alone validates (the loss is broadcast, so the schedule and early stopping agree) and
   writes checkpoints, which hold every rank's random state: a resumed run with the same number of
   processes continues exactly;
@@ -28,12 +31,15 @@ Launch with torch's own launcher, one process per GPU::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import inspect
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import HDNError, InputError
 from .training import Trainer
@@ -82,6 +88,24 @@ def _rank_seed(seed: int | None, rank: int, step: int = 0) -> int:
     return (base * 1_000_003 + 7919 * rank + 104_729 * step) % (2**63 - 1)
 
 
+_NO_FORWARD_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers"
+                           in inspect.signature(DistributedDataParallel.__init__).parameters
+                           else "broadcast_buffers")
+
+
+class _Loss(torch.nn.Module):
+    """``model.loss`` as a module's forward, for DistributedDataParallel (which hooks forward).
+    Holds the ladder as its only submodule: the parameters DDP averages are the ladder's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.ladder = model.ladder
+        self._model = [model]  # not a submodule: the model is not an nn.Module
+
+    def forward(self, x: torch.Tensor):
+        return self._model[0].loss(x)
+
+
 class DDPTrainer(Trainer):
     """:class:`Trainer` for one rank of a data-parallel run (see the module docstring). Takes the
     Trainer's arguments; the process group must be initialised (:func:`init_process_group`)."""
@@ -107,9 +131,6 @@ class DDPTrainer(Trainer):
                 f"each of the {self.world} processes gets {self.local_batch} patches, not whole "
                 f"BatchNorm chunks of {cfg.bn_chunk}: use a batch size that is a multiple of "
                 f"{self.world * cfg.bn_chunk}")
-        # the same initial weights everywhere (they are when seeded; a fresh seed per rank is not)
-        for t in self._sync_tensors():
-            dist.broadcast(t, 0)
         saved_world = self._resume_tensors.get("ddp.world_size")
         resumed = saved_world is not None and int(saved_world[0]) == self.world
         if resumed:
@@ -120,11 +141,19 @@ class DDPTrainer(Trainer):
             torch.manual_seed(_rank_seed(cfg.seed, self.rank, self.step) + 1)
         self._resume_tensors = {}
         self.last_checkpoint: Path | None = None
+        gpu = None
+        if self.device.type == "cuda":
+            gpu = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        self.ddp = DistributedDataParallel(
+            _Loss(self.model), device_ids=gpu,
+            # no buffer broadcast before each forward: per-chunk BatchNorm statistics, averaged at
+            # epoch ends (newer torch names the option forward_sync_buffers)
+            **{_NO_FORWARD_BUFFER_SYNC: False},
+            # levels withheld from the image leave their inference weights without a gradient
+            find_unused_parameters=bool(self.model.config.deactivated_levels))
+        # (DDP's constructor also broadcast rank 0's weights and buffers: every rank starts equal)
 
     # -- what all ranks share ------------------------------------------------------------------
-    def _sync_tensors(self) -> list[torch.Tensor]:
-        return [t.data for t in self.model.ladder.state_dict(keep_vars=True).values()]
-
     def _agree(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
         dist.all_reduce(t)
@@ -138,38 +167,39 @@ class DDPTrainer(Trainer):
         return self.local_batch
 
     def train_step(self):
-        """One optimiser step on the global batch: local micro-batches, then one all_reduce of the
-        gradients, the losses and a non-finite vote."""
+        """One optimiser step on the global batch: this rank's micro-batches through DDP (the
+        last one's backward pass averages the gradients over the ranks), then one small
+        ``all_reduce`` of the losses and a non-finite vote."""
         x = self._next_batch()
         self._warmup_lr()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, recon_sum, kl_sum, finite = self._accumulate(x)
-        bad = not finite
-        params = [p for p in self.model.ladder.parameters() if p.requires_grad]
-        dev = self._comm_device()
+        n = x.shape[0]
+        parts = x.split(self._micro_batch())
         levels = self.model.config.levels
-        if kl_sum is None:
-            kl_sum = torch.zeros(levels)
-        stats = torch.tensor([loss_sum, recon_sum, 1.0 if bad else 0.0], dtype=torch.float64)
-        grads = [torch.zeros_like(p) if (p.grad is None or bad) else p.grad for p in params]
-        flat = torch.cat([g.reshape(-1).to(dev, torch.float32) for g in grads]
-                         + [kl_sum.to(dev, torch.float32).reshape(-1), stats.to(dev, torch.float32)])
-        dist.all_reduce(flat)
-        flat /= self.world
-        tail = flat[-3:].double().cpu()
-        if tail[2] > 0:  # some rank had a non-finite loss: every rank skips this batch
+        stats = torch.zeros(3 + levels, dtype=torch.float64)  # loss, recon, non-finite, kl
+        for i, xb in enumerate(parts):
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last else self.ddp.no_sync():
+                loss, recon, kl = self.ddp(xb)
+                w = xb.shape[0] / n
+                # a non-finite loss still goes backward (every rank must join the gradient
+                # averaging); its NaN gradient reaches every rank, which all skip the step
+                (loss * w).backward()
+            if not torch.isfinite(loss):
+                stats[2] = 1.0
+            else:
+                stats[0] += float(loss.detach()) * w
+                stats[1] += float(recon) * w
+                stats[3:] += kl.detach().double().cpu() * w
+        t = stats.to(self._comm_device(), torch.float32)
+        dist.all_reduce(t)
+        t = t.double().cpu() / self.world
+        if t[2] > 0:  # some rank had a non-finite loss: every rank skips this batch
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        off = 0
-        for p, g in zip(params, grads):
-            k = g.numel()
-            if p.grad is not None:
-                p.grad.copy_(flat[off : off + k].view_as(g))
-            off += k
-        kl_all = flat[off : off + levels].double().cpu()
         if not self._apply_gradients():
             return None
-        return float(tail[0]), float(tail[1]), kl_all.tolist()
+        return float(t[0]), float(t[1]), t[3:].tolist()
 
     def _average_buffers(self) -> None:
         """BatchNorm running statistics (and the weight average) as the mean over the ranks."""
