@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from _helpers import TINY
@@ -21,9 +23,14 @@ def _runs_dir(tmp_path_factory):
         os.environ[RUNS_DIR_ENV] = old
 
 
+#: under pytest-xdist (``-n 2``) each worker process takes one core: two workers with two torch
+#: threads each on two cores slow each other several-fold (OpenMP threads spin against each other)
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture
