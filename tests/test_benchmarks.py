@@ -54,3 +54,27 @@ def test_smoke_profile_writes_results_and_report(tmp_path):
     assert (tmp_path / "docs" / "benchmarks-crops-smoke.png").stat().st_size > 10_000
     assert (tmp_path / "docs" / "benchmarks-curves-smoke.png").stat().st_size > 10_000
     assert res["duration_s"] > 0
+
+
+def test_reusing_noise2void_needs_a_run_of_the_same_profile_and_seed(tmp_path):
+    import pytest
+
+    earlier = tmp_path / "quick.json"
+    earlier.write_text(json.dumps({"profile": "quick", "settings": {"seed": 0}, "datasets": {}}))
+    with pytest.raises(ValueError, match="profile 'quick', seed 0: reuse one of 'smoke', seed 0"):
+        run("smoke", out_dir=tmp_path, docs=False, log=lambda *a: None, reuse_n2v=str(earlier))
+
+
+def test_recipe_grid_variants_are_valid_configurations():
+    from benchmarks.recipe_grid import VARIANTS, _settings
+    from napari_hdn.engine import ModelConfig, TrainingConfig
+    from napari_hdn.engine.presets import get_preset
+
+    preset = get_preset("fast CPU")
+    for name, (dataset, noise, arch, training, marks) in VARIANTS.items():
+        a, t = _settings(name)
+        assert dataset in ("fluo100", "natural25") and noise in ("gmm", "true")
+        assert list(marks) == sorted(marks)
+        ModelConfig(**a), TrainingConfig(**t)  # accepted as they are
+        assert a == {**preset.model, **arch}
+        assert t == {**preset.training, "val_fraction": 0.0, **training}
