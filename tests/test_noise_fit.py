@@ -323,3 +323,20 @@ def test_figure_and_binned_statistics(calibration, fitted, tmp_path):
     model.save(tmp_path / "m.hdnoise")
     fig2 = diagnostics_figure(load_noise_model(tmp_path / "m.hdnoise"))
     assert len(fig2.axes) == 5
+
+
+def test_a_diverging_fits_variance_law_gives_non_finite_numbers_not_an_error():
+    """A law fitted to a diverging GMM's trial state (numbers seen while a bootstrapped GMM was
+    fitted on a poor pseudo-clean image) exceeds float32: the held-out NLL must come out
+    non-finite (the fit then ignores that state) instead of raising a conversion error."""
+    import torch
+
+    from napari_hdn.engine.noise.base import VarianceLaw
+
+    law = VarianceLaw(intercept=-2.75e105, slope=9.2e103, floor=7.46e60, lo=20.0, hi=90.0)
+    s = torch.tensor([10.0, 25.0, 95.0])
+    k2 = law.factor(s, torch.full((3,), float("inf")))
+    assert not torch.isfinite(k2).any()
+    sane = VarianceLaw(intercept=1.0, slope=2.0, floor=0.1, lo=10.0, hi=20.0)
+    k2 = sane.factor(torch.tensor([5.0, 15.0, 25.0]), torch.tensor([21.0, 31.0, 41.0]))
+    assert k2[1] == 1.0 and 0.0 < k2[0] < 1.0 < k2[2]  # 1 inside; the line outside

@@ -189,12 +189,17 @@ class VarianceLaw:
     def factor(self, s: torch.Tensor, v_edge: torch.Tensor) -> torch.Tensor:
         """Variance ratio ``k**2`` that carries a model beyond ``[lo, hi]``: exactly 1 inside; outside,
         the model's variance at the nearest edge, ``v_edge``, blended into the line over ``tau``."""
+        # a law fitted to a diverging fit's trial state can exceed the tensor's range (seen: an
+        # intercept of -3e105 while a bootstrapped GMM was being fitted): the numbers then become
+        # inf/NaN, which the fitting code rejects, instead of a float conversion error
+        big = torch.finfo(s.dtype).max if s.is_floating_point() else float("inf")
+        a, b, floor = (max(-big, min(big, v)) for v in (self.intercept, self.slope, self.floor))
         edge = s.clamp(self.lo, self.hi)
-        line_edge = torch.clamp(self.line(edge), min=self.floor)
+        line_edge = torch.clamp(a + b * edge, min=floor)
         ratio = (v_edge / line_edge).clamp(min=1e-6)
         w = torch.exp(-(s - edge).abs() / self.tau)
-        v = torch.clamp(self.line(s), min=self.floor) * ratio**w
-        return v.clamp(min=self.floor) / v_edge
+        v = torch.clamp(a + b * s, min=floor) * ratio**w
+        return v.clamp(min=floor) / v_edge
 
 
 def signal_range_report(model: NoiseModel, images, max_pixels: int = 4_000_000) -> dict:
