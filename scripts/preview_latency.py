@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", action="store_true",
                     help="let the background level description (started by the first switch-off) "
                     "finish before timing; without it the first toggles share the CPU with it")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds of idle event processing before each toggle (default 0: toggle "
+                    "as soon as the previous preview is shown, while the viewer may still redraw)")
     args = ap.parse_args(argv)
 
     import napari
@@ -88,6 +91,10 @@ def main(argv=None) -> int:
                 aw.live.setChecked(True)
             times, td = [], []
             for k in range(args.repeats):
+                t_pause = time.perf_counter() + args.pause  # a user's pause between toggles: the
+                while time.perf_counter() < t_pause:  # last preview's redraw ends meanwhile
+                    app.processEvents()
+                    time.sleep(0.002)
                 n0 = aw.previews_done
                 aw.mode_boxes[1].setCurrentText("prior-mean" if k % 2 == 0 else "posterior")
                 wait_for(lambda n0=n0: aw.previews_done > n0)
