@@ -155,7 +155,7 @@ def _cpu_cost_one(variant: str, steps: int) -> float:
     arch, training = _settings(variant)
     times: list[float] = []
     tcfg = TrainingConfig(**{**BASE_TRAINING, **training, "device": "cpu", "seed": 0,
-                             "max_steps": steps, "ema_decay": training.get("ema_decay")})
+                             "max_steps": steps})
     # the noise model's cost is a few elementwise operations: a Gaussian stands in for every one
     tr = Trainer(list(ds.noisy), GaussianNoiseModel(10.0), model_config=ModelConfig(**arch),
                  training_config=tcfg)
