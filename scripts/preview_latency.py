@@ -6,8 +6,9 @@ Run headless with a virtual display::
     xvfb-run -a python scripts/preview_latency.py --preset "fast CPU" --preset paper
 
 Models get the architecture of the presets (engine/presets.py) (weights untrained: the cost of a
-pass does not depend on the weights). Prints one line per preset and crop: the median latency over
-``--repeats`` toggles, the top-down time alone, and the one-off bottom-up time of the crop.
+pass does not depend on the weights). Prints, per preset and crop, the median latency over
+``--repeats`` toggles of level 1 and of level 2 to settings not seen before, and of level 1 back
+to a setting seen before; the top-down time alone; and the one-off bottom-up time of the crop.
 """
 
 from __future__ import annotations
@@ -89,22 +90,37 @@ def main(argv=None) -> int:
                 aw.live.setChecked(False)
                 aw.mode_boxes[1].setCurrentText("posterior")
                 aw.live.setChecked(True)
-            times, td = [], []
-            for k in range(args.repeats):
-                t_pause = time.perf_counter() + args.pause  # a user's pause between toggles: the
-                while time.perf_counter() < t_pause:  # last preview's redraw ends meanwhile
-                    app.processEvents()
-                    time.sleep(0.002)
-                n0 = aw.previews_done
-                aw.mode_boxes[1].setCurrentText("prior-mean" if k % 2 == 0 else "posterior")
-                wait_for(lambda n0=n0: aw.previews_done > n0)
-                assert aw.last_preview["cached"]
-                times.append(aw.last_preview_seconds)
-                td.append(aw.last_preview["top_down_s"])
-            print(f"{name:>9} ({cfg.levels} levels, F={cfg.filters}, B={cfg.blocks}) crop {side}x{side}: "
-                  f"toggle -> preview {statistics.median(times):.2f} s median "
-                  f"(min {min(times):.2f}, max {max(times):.2f}); top-down {statistics.median(td):.2f} s; "
-                  f"bottom-up once {first['bottom_up_s']:.2f} s", flush=True)
+            # Samplers keep the top-down states of earlier settings (engine: PosteriorSampler
+            # reuse_mb): a toggle recomputes the toggled level and those below it, and a setting
+            # seen before only the output head. "new" toggles forget the kept outputs of the
+            # toggled level and below first, so each times a setting not seen before.
+            series = [("level 1, new setting", 1, 1), ("level 2, new setting", 2, 2),
+                      ("level 1, seen before", 1, 0)]
+            for what, level, forget in series:
+                times, td = [], []
+                for k in range(args.repeats):
+                    t_pause = time.perf_counter() + args.pause  # a user's pause between toggles:
+                    while time.perf_counter() < t_pause:  # the last preview's redraw ends meanwhile
+                        app.processEvents()
+                        time.sleep(0.002)
+                    if forget:
+                        for sampler in aw._samplers.values():
+                            sampler._states.drop(forget)
+                    n0 = aw.previews_done
+                    aw.mode_boxes[level].setCurrentText("prior-mean" if k % 2 == 0 else "posterior")
+                    wait_for(lambda n0=n0: aw.previews_done > n0)
+                    assert aw.last_preview["cached"]
+                    times.append(aw.last_preview_seconds)
+                    td.append(aw.last_preview["top_down_s"])
+                if args.repeats % 2:  # leave the level on for the next series
+                    n0 = aw.previews_done
+                    aw.mode_boxes[level].setCurrentText("posterior")
+                    wait_for(lambda n0=n0: aw.previews_done > n0 and not aw.preview_task.running)
+                print(f"{name:>9} ({cfg.levels} levels, F={cfg.filters}, B={cfg.blocks}) crop "
+                      f"{side}x{side}, {what}: toggle -> preview {statistics.median(times):.2f} s "
+                      f"median (min {min(times):.2f}, max {max(times):.2f}); top-down "
+                      f"{statistics.median(td):.2f} s; bottom-up once {first['bottom_up_s']:.2f} s",
+                      flush=True)
     # the level description the widget starts in the background when a level is first switched
     # off (issue 9) must end too before the viewer closes
     wait_for(lambda: not aw.preview_task.running and not aw.suggest_task.running, timeout=600)

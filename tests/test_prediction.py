@@ -233,3 +233,44 @@ def test_fused_block_in_stripes_equals_whole():
         striped = fused(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(striped, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_reuses_the_levels_above_a_toggle():
+    """A sampler that keeps top-down states recomputes only the levels below the highest one whose
+    mode changed, and gives the numbers of a full pass; the memory budget bounds what it keeps."""
+    from napari_hdn.engine import GaussianNoiseModel, HDNModel, Normalisation
+
+    torch.manual_seed(0)
+    model = HDNModel(ModelConfig(levels=3, z_dim=2, filters=8, blocks=1, dropout=0.0),
+                     GaussianNoiseModel(10.0), Normalisation(50.0, 30.0))
+    model.ladder.eval()
+    img = _noisy()[:32, :32]
+    fresh = model.sampler(img, reuse_mb=0)
+    kept = model.sampler(img)  # model.sampler keeps states by default
+    calls = []
+    for i, level in enumerate(kept.net.ladder.levels):
+        level.register_forward_hook(lambda m, a, out, lv=i + 1: calls.append(lv))
+    settings = [["posterior"] * 3, ["prior-mean", "posterior", "posterior"],
+                ["posterior"] * 3, ["prior-sample", "prior-mean", "posterior"],
+                ["prior-mean", "prior-mean", "posterior"]]
+    recomputed = []
+    for modes in settings:
+        calls.clear()
+        a = kept.sample(6, modes, seed=3, batch_size=4)
+        recomputed.append(sorted(set(calls)))
+        b = fresh.sample(6, modes, seed=3, batch_size=4)
+        for u, v in zip(a[:2], b[:2]):
+            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
+    # all levels; level 1 only (2 and 3 kept); none (level 1's output for all-posterior is kept:
+    # only the output head runs); levels 2 and 1; level 1 only
+    assert recomputed == [[1, 2, 3], [1], [], [1, 2], [1]]
+    # another seed or another sample range shares nothing
+    calls.clear()
+    kept.sample(6, settings[1], seed=4, batch_size=4)
+    assert sorted(set(calls)) == [1, 2, 3]
+    # a budget too small for any state keeps nothing and still gives the same numbers
+    tight = model.sampler(img, reuse_mb=1e-6)
+    tight.sample(2, settings[0], seed=3)
+    assert not tight._states.items
+    np.testing.assert_allclose(tight.sample(2, settings[1], seed=3)[0],
+                               fresh.sample(2, settings[1], seed=3)[0], rtol=1e-6, atol=1e-6)

@@ -177,6 +177,8 @@ class LadderVAE(nn.Module):
         modes: Sequence[str] | None = None,
         noise: NoiseFn | None = None,
         compute_kl: bool = True,
+        start: tuple[int, torch.Tensor] | None = None,
+        keep: Callable[[int, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Generative path from level L down to 1, then the output head.
 
@@ -187,6 +189,10 @@ class LadderVAE(nn.Module):
             level 1).
         noise : optional provider of the standard-normal eps per level (used for position-keyed,
             reproducible sampling in prediction); torch's RNG when None.
+        start : optional ``(level, h)``: ``h`` is the output of ``level`` (1..L) from an earlier pass
+            with the same features, modes and latent noise at that level and above; the pass
+            resumes below it (those levels are not recomputed and get no KL).
+        keep : optional ``keep(level, h)``, called with the output of each level computed here.
 
         Returns
         -------
@@ -196,14 +202,19 @@ class LadderVAE(nn.Module):
         L = self.n_levels
         modes = list(modes) if modes is not None else ["posterior"] * L
         h = None
+        top = L
+        if start is not None:
+            top, h = start[0] - 1, start[1]
         kls: list[torch.Tensor | None] = [None] * L
-        for i in reversed(range(L)):
+        for i in reversed(range(top)):
             level = self.levels[i]
             eps = None
             if modes[i] in ("posterior", "prior-sample") and noise is not None:
                 shape = (bu[i].shape[0], self.cfg.z_dim, *bu[i].shape[2:])
                 eps = noise(i + 1, shape)
             h, kls[i] = level(h, bu[i], modes[i], eps, compute_kl)
+            if keep is not None:
+                keep(i + 1, h)
         return self.final(h), kls
 
     def forward(self, x: torch.Tensor, modes: Sequence[str] | None = None):

@@ -154,7 +154,8 @@ def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-mean
     L = model.levels
     base = model.default_modes()
     trained_off = [i for i, b in enumerate(base) if b != "posterior"]
-    sampler = PosteriorSampler(model, x, origin=(where[0], where[1]), device=device)
+    sampler = PosteriorSampler(model, x, origin=(where[0], where[1]), device=device,
+                               reuse_mb=64.0)  # each setting shares the levels above the ones it changes
     nm = model.noise_model
 
     def mmse(modes):

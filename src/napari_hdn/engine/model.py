@@ -134,11 +134,13 @@ class HDNModel:
 
         return predict(self, image, n_samples=n_samples, **kwargs)
 
-    def sampler(self, image, origin: tuple[int, int] = (0, 0), device=None):
-        """A :class:`PosteriorSampler` with the bottom-up pass of a 2D ``image`` cached."""
+    def sampler(self, image, origin: tuple[int, int] = (0, 0), device=None, reuse_mb: float = 64.0):
+        """A :class:`PosteriorSampler` with the bottom-up pass of a 2D ``image`` cached, for
+        repeated sampling: it also keeps up to ``reuse_mb`` MiB of top-down states, so a call that
+        changes only lower levels' modes does not recompute the levels above."""
         from .prediction import PosteriorSampler
 
-        return PosteriorSampler(self, image, origin=origin, device=device)
+        return PosteriorSampler(self, image, origin=origin, device=device, reuse_mb=reuse_mb)
 
     # -- files ---------------------------------------------------------------------------------
     def file_contents(self) -> tuple[dict[str, torch.Tensor], dict]:

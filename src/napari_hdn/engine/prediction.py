@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -193,9 +194,15 @@ class PosteriorSampler:
         noise so that a crop or a tile samples what the full image would.
     device : str or torch.device, optional
         Where to sample (default: where the model is).
+    reuse_mb : float
+        Memory (MiB) for the top-down states of earlier calls (default 0: none kept). With it, a
+        call whose level modes differ from an earlier call's only below some level (same seed,
+        scheme and sample indices) starts below the levels they share: toggling level 1 recomputes
+        level 1 and the output head, not the levels above. The results are the same either way.
     """
 
-    def __init__(self, model, image, origin: tuple[int, int] = (0, 0), device=None):
+    def __init__(self, model, image, origin: tuple[int, int] = (0, 0), device=None,
+                 reuse_mb: float = 0.0):
         arr = as_float_array(image)
         if arr.ndim != 2:
             raise InputError(f"PosteriorSampler takes one 2D image, got shape {arr.shape}")
@@ -211,6 +218,7 @@ class PosteriorSampler:
         self.x, _ = pad_to_multiple(x, m)
         with torch.inference_mode():
             self.bu = self.net.ladder.bottom_up(self.x)
+        self._states = _StateCache(int(max(0.0, float(reuse_mb)) * 2**20))
 
     def sample(
         self,
@@ -258,7 +266,10 @@ class PosteriorSampler:
                     o = (self.origin[0] // s, self.origin[1] // s)
                     return noise.region(level, _first, shape, o).to(self.device)
 
-                s, _ = ladder.top_down(bu_k, modes, eps, compute_kl=False)
+                key = (seed, noise.scheme, first_sample + first, k)
+                start = self._states.find(key, modes)
+                s, _ = ladder.top_down(bu_k, modes, eps, compute_kl=False, start=start,
+                                       keep=self._states.keeper(key, modes))
                 s = norm.inverse(s[:, 0, :h, :w]).to(acc)
                 # Chan et al. parallel update of mean and sum of squared deviations
                 bmean = s.mean(0)
@@ -274,6 +285,50 @@ class PosteriorSampler:
                     on_batch(count)
         var = (m2 / count).float().cpu().numpy()
         return mean.float().cpu().numpy(), var, kept
+
+
+class _StateCache:
+    """Top-down states of earlier sampling calls, least recently used first out, within a byte
+    budget. Entry ``(batch key, level, modes of that level and above)`` holds the output of
+    ``level``: it depends on nothing else (the bottom-up features are the sampler's own)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def find(self, key: tuple, modes: list[str]) -> tuple[int, torch.Tensor] | None:
+        """The lowest level whose output is known for these modes (most work saved), or None."""
+        for level in range(1, len(modes) + 1):
+            k = (key, level, tuple(modes[level - 1:]))
+            h = self.items.get(k)
+            if h is not None:
+                self.items.move_to_end(k)
+                return level, h
+        return None
+
+    def drop(self, up_to_level: int) -> None:
+        """Forget the outputs of levels 1..``up_to_level`` (benchmarks time first visits so)."""
+        for k in [k for k in self.items if k[1] <= up_to_level]:
+            h = self.items.pop(k)
+            self.used -= h.numel() * h.element_size()
+
+    def keeper(self, key: tuple, modes: list[str]):
+        if self.budget <= 0:
+            return None
+
+        def keep(level: int, h: torch.Tensor) -> None:
+            size = h.numel() * h.element_size()
+            k = (key, level, tuple(modes[level - 1:]))
+            if size > self.budget or k in self.items:
+                return
+            while self.items and self.used + size > self.budget:
+                old = self.items.popitem(last=False)[1]
+                self.used -= old.numel() * old.element_size()
+            self.items[k] = h.clone()  # the network may reuse its buffers
+            self.used += size
+
+        return keep
 
 
 def as_model(model):

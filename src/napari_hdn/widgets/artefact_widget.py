@@ -478,7 +478,15 @@ class ArtefactWidget(EngineWidget):
                    "cached": sampler is not None}
             # the cost of each level that is off, against all levels on (cached per crop)
             off = [(lv + 1, m) for lv, m in enumerate(modes) if m != base[lv]]
-            ll = lambda img: _mean_log_likelihood(model.noise_model, crop, img)  # noqa: E731
+            ll_mmse: list[float] = []  # this preview's own likelihood, computed at most once
+
+            def ll(img):
+                if img is mmse:
+                    if not ll_mmse:
+                        ll_mmse.append(_mean_log_likelihood(model.noise_model, crop, img))
+                    return ll_mmse[0]
+                return _mean_log_likelihood(model.noise_model, crop, img)
+
             ref = reference
             if ref is None and (not off or any(o not in known for o in off)):
                 ref_img = mmse if not off else s.sample(n, base, seed=seed, stop_flag=stop)[0]
