@@ -53,13 +53,19 @@ def train_with_snapshots(images, noise_model, arch: dict, training: dict, marks_
     """Train until the last mark; at each mark keep a snapshot of the model.
 
     Marks are minutes of training (``marks_min``) or optimiser steps (``marks_steps``). A recipe
-    whose schedule depends on the run's length (``lr_schedule="cosine"``) is trained once per mark,
-    each run as long as its mark. Returns ``[{"minutes", "steps", "seconds_per_step", "model"}, ...]``.
+    whose schedule depends on the run's length is trained as a run of that length per mark:
+    ``lr_schedule="cosine"`` once per mark; ``"cooldown"`` (the rate held, then lowered over the
+    run's last ``cooldown_fraction``) once to the last mark, each earlier mark's run branching off
+    it where that run's cool-down begins (up to there the runs are the same run; see
+    :func:`_cooldown_branches`). Returns ``[{"minutes", "steps", "seconds_per_step", "model"}, ...]``.
     """
     from napari_hdn.engine import ModelConfig, StopFlag, Trainer, TrainingConfig
 
     by_steps = marks_steps is not None
     marks = sorted(int(m) for m in marks_steps) if by_steps else sorted(float(m) * 60 for m in marks_min)
+    if training.get("lr_schedule") == "cooldown" and len(marks) > 1:
+        return _cooldown_branches(images, noise_model, arch, training, marks, by_steps, seed, log,
+                                  device)
     if training.get("lr_schedule") == "cosine" and len(marks) > 1:
         out = []
         for m in marks:
@@ -96,6 +102,51 @@ def train_with_snapshots(images, noise_model, arch: dict, training: dict, marks_
     snaps.append(r | {"model": model})
     log(f"    {r['minutes']:.2f} min: {tr.step} steps ({r['seconds_per_step']:.3f} s/step)")
     return snaps
+
+
+def _cooldown_branches(images, noise_model, arch, training, marks, by_steps, seed, log, device):
+    """Runs of the "cooldown" schedule for every mark at the cost of one long run and the earlier
+    marks' cool-downs: the run to the last mark saves a checkpoint (weights, optimiser, random
+    state, step, training seconds) where each earlier mark's cool-down would begin; each is then
+    resumed with its own length (time budget or max steps), so it cools down over its own last
+    part. The held phase is the same for every length, so a branch is the run of that length
+    (same seed), except that its steps' timings were those of the long run."""
+    import tempfile
+
+    from napari_hdn.engine import ModelConfig, Trainer, TrainingConfig
+
+    f = float(training.get("cooldown_fraction", TrainingConfig().cooldown_fraction))
+    key = "max_steps" if by_steps else "time_budget_s"
+    base = {**BASE_TRAINING, "device": device, **training, "seed": seed}
+    starts = [(1.0 - f) * m for m in marks[:-1]]
+    with tempfile.TemporaryDirectory(prefix="hdn-cooldown-") as tmp:
+        tr = Trainer(list(images), noise_model, model_config=ModelConfig(**arch),
+                     training_config=TrainingConfig(**{**base, key: marks[-1]}))
+        tr.checkpoint_dir = Path(tmp)
+        saved: list[Path] = []
+
+        def on_step(ev):
+            if ev.kind != "step":
+                return
+            at = ev.step if by_steps else ev.metrics["train_seconds"]
+            while len(saved) < len(starts) and at >= starts[len(saved)]:
+                saved.append(tr._save_checkpoint(f"branch{len(saved)}"))
+
+        tr.report.callbacks.append(on_step)
+        last = tr.run()
+        runs = []
+        for m, path in zip(marks[:-1], saved):
+            b = Trainer(list(images), None, training_config=TrainingConfig(**{**base, key: m}),
+                        resume=path)
+            runs.append((m, b.run(), b.step, b.train_seconds))
+        runs.append((marks[-1], last, tr.step, tr.train_seconds))
+    out = []
+    for m, model, steps, secs in runs:
+        r = {"minutes": secs / 60 if by_steps else m / 60, "steps": steps,
+             "seconds_per_step": secs / max(steps, 1), "model": model}
+        log(f"    {r['minutes']:.2f} min: {steps} steps ({r['seconds_per_step']:.3f} s/step, cool-down)")
+        out.append(r)
+    return out
 
 
 def in_fresh_process(fn, *args, **kwargs):

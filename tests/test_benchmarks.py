@@ -78,3 +78,24 @@ def test_recipe_grid_variants_are_valid_configurations():
         ModelConfig(**a), TrainingConfig(**t)  # accepted as they are
         assert a == {**preset.model, **arch}
         assert t == {**preset.training, "val_fraction": 0.0, **training}
+
+
+def test_cooldown_recipe_gives_each_mark_its_own_run_from_one_long_run():
+    """A schedule that depends on the run's length gets, for every earlier mark, a branch of the
+    long run resumed with that length: it ends at the mark, cooled down over its own last part."""
+    from benchmarks.time_to_quality import train_with_snapshots
+    from napari_hdn.engine import GaussianNoiseModel
+
+    rng = np.random.default_rng(0)
+    images = [rng.normal(100.0, 10.0, (64, 64)).astype(np.float32) for _ in range(2)]
+    arch = dict(levels=2, z_dim=2, filters=8, blocks=1, dropout=0.0)
+    training = dict(lr=1e-3, warmup_steps=2, lr_schedule="cooldown", cooldown_fraction=0.5,
+                    lr_final_fraction=0.1, patch_size=32, batch_size=4)
+    snaps = train_with_snapshots(images, GaussianNoiseModel(10.0), arch, training,
+                                 marks_steps=[8, 12], log=lambda *a: None)
+    assert [s["steps"] for s in snaps] == [8, 12]
+    assert [s["model"].info["steps"] for s in snaps] == [8, 12]
+    # each was trained as a run of its own length (so its rate cooled down over its own end)
+    for s, m in zip(snaps, (8, 12)):
+        assert s["model"].info["training_config"]["max_steps"] == m
+        assert s["model"].info["training_config"]["lr_schedule"] == "cooldown"

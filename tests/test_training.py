@@ -192,6 +192,19 @@ def test_cosine_schedule_anneals_to_the_final_fraction_over_the_run():
     assert lrs == pytest.approx([peak / 3, peak * 2 / 3, *cos])
 
 
+def test_cooldown_schedule_holds_the_rate_then_lowers_it_linearly_at_the_end():
+    _, noisy = _data()
+    lrs = []
+    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=10, warmup_steps=2,
+                     lr_schedule="cooldown", cooldown_fraction=0.5, lr_final_fraction=0.1,
+                     callbacks=lambda e: e.kind == "step" and lrs.append(e.metrics["lr"]))
+    peak = FAST["lr"]
+    # progress (step - 2) / 8 after the warm-up; the last half of it goes from 1 to 0.1 of the peak
+    held = [peak] * 5
+    assert lrs == pytest.approx([peak / 3, peak * 2 / 3, *held, peak * 0.775, peak * 0.55,
+                                 peak * 0.325])
+
+
 def test_ema_weights_are_validated_returned_and_resumed_exactly(tmp_path):
     _, noisy = _data()
     opts = dict(FAST, ema_decay=0.9, steps_per_epoch=3)

@@ -461,13 +461,17 @@ class Trainer:
 
     def _warmup_lr(self) -> None:
         """Set the rate of the coming step: a linear warm-up to the peak over ``warmup_steps``;
-        afterwards the plateau scheduler owns the rate, or the cosine schedule anneals it."""
+        afterwards the plateau scheduler owns the rate, or the cosine or cool-down schedule sets
+        it from the run's progress."""
         cfg = self.tcfg
         w = cfg.warmup_steps
         if self.step < w:
             lr = cfg.lr * (self.step + 1) / (w + 1)
         elif cfg.lr_schedule == "cosine":
             lr = cfg.lr * _cosine_factor(self._progress(), cfg.lr_final_fraction)
+        elif cfg.lr_schedule == "cooldown":
+            lr = cfg.lr * _cooldown_factor(self._progress(), cfg.cooldown_fraction,
+                                           cfg.lr_final_fraction)
         else:
             if self.step == w and w > 0:
                 for g in self.optimizer.param_groups:
@@ -615,6 +619,12 @@ class Trainer:
 def _cosine_factor(progress: float, final: float) -> float:
     """Half-cosine from 1 at ``progress`` 0 to ``final`` at 1."""
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _cooldown_factor(progress: float, fraction: float, final: float) -> float:
+    """1 until the last ``fraction`` of the run, then linearly down to ``final`` at its end."""
+    q = (progress - (1.0 - fraction)) / fraction
+    return 1.0 - (1.0 - final) * min(1.0, max(0.0, q))
 
 
 def train(
