@@ -43,14 +43,12 @@ def run(data: str, seed: int, marks: tuple[int, ...], fraction: float, ema_decay
     ds = next(d for d in make_datasets(256, 3, 0) if d.name == data)
     nm = calibration_noise_model(ds.calibration, 0)
     preset = get_preset("fast CPU")
+    # the trainer keeps the weight average (ema_decay) beside the raw weights it trains
     tcfg = preset.training_config(val_fraction=0.0, device="cpu", seed=seed, max_steps=10**6,
-                                  ema_decay=None, lr_schedule="plateau")
+                                  ema_decay=ema_decay, lr_schedule="plateau")
     tr = Trainer(list(ds.noisy), nm, model_config=preset.model_config(), training_config=tcfg)
     tr.model.ladder.train()
     ladder = tr.model.ladder
-
-    def weights() -> dict:
-        return {k: v.detach().clone() for k, v in ladder.state_dict().items()}
 
     def as_model(state):
         m = copy.copy(tr.model)
@@ -76,7 +74,8 @@ def run(data: str, seed: int, marks: tuple[int, ...], fraction: float, ema_decay
         tr.train_step()
         tr.step += 1
 
-    ema, snaps, branches = weights(), {}, {}
+    weights = tr._live_state  # the raw weights (current_state() would be the average)
+    snaps, branches = {}, {}
     starts = {int(m * (1 - fraction)): m for m in marks}
     t0 = time.perf_counter()
     for _ in range(max(marks)):
@@ -84,18 +83,11 @@ def run(data: str, seed: int, marks: tuple[int, ...], fraction: float, ema_decay
             branches[starts[tr.step]] = (tr.step, weights(), copy.deepcopy(tr.optimizer.state_dict()),
                                          tr.gen.get_state(), torch.get_rng_state())
         step()
-        live = ladder.state_dict()
-        d = min(ema_decay, (1.0 + tr.step) / (10.0 + tr.step))  # as TrainingConfig.ema_decay does
-        for k, v in ema.items():
-            if v.is_floating_point():
-                v.lerp_(live[k].detach(), 1 - d)
-            else:
-                v.copy_(live[k])
         for m in marks:
             if tr.step in (m - 150, m - 100, m - 50, m):
                 snaps[tr.step] = weights()
             if tr.step == m:
-                snaps["ema", m] = {k: v.clone() for k, v in ema.items()}
+                snaps["ema", m] = {k: v.clone() for k, v in tr.ema.items()}
         if tr.step % 100 == 0:
             log(f"# step {tr.step}, {time.perf_counter() - t0:.0f} s")
     peak = tcfg.lr

@@ -310,21 +310,19 @@ class _StateCache:
     def drop(self, up_to_level: int) -> None:
         """Forget the outputs of levels 1..``up_to_level`` (benchmarks time first visits so)."""
         for k in [k for k in self.items if k[1] <= up_to_level]:
-            h = self.items.pop(k)
-            self.used -= h.numel() * h.element_size()
+            self.used -= self.items.pop(k).nbytes
 
     def keeper(self, key: tuple, modes: list[str]):
         if self.budget <= 0:
             return None
 
         def keep(level: int, h: torch.Tensor) -> None:
-            size = h.numel() * h.element_size()
+            size = h.nbytes
             k = (key, level, tuple(modes[level - 1:]))
             if size > self.budget or k in self.items:
                 return
             while self.items and self.used + size > self.budget:
-                old = self.items.popitem(last=False)[1]
-                self.used -= old.numel() * old.element_size()
+                self.used -= self.items.popitem(last=False)[1].nbytes
             self.items[k] = h.clone()  # the network may reuse its buffers
             self.used += size
 

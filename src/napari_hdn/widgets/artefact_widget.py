@@ -478,15 +478,7 @@ class ArtefactWidget(EngineWidget):
                    "cached": sampler is not None}
             # the cost of each level that is off, against all levels on (cached per crop)
             off = [(lv + 1, m) for lv, m in enumerate(modes) if m != base[lv]]
-            ll_mmse: list[float] = []  # this preview's own likelihood, computed at most once
-
-            def ll(img):
-                if img is mmse:
-                    if not ll_mmse:
-                        ll_mmse.append(_mean_log_likelihood(model.noise_model, crop, img))
-                    return ll_mmse[0]
-                return _mean_log_likelihood(model.noise_model, crop, img)
-
+            ll = lambda img: _mean_log_likelihood(model.noise_model, crop, img)  # noqa: E731
             ref = reference
             if ref is None and (not off or any(o not in known for o in off)):
                 ref_img = mmse if not off else s.sample(n, base, seed=seed, stop_flag=stop)[0]
@@ -502,7 +494,10 @@ class ArtefactWidget(EngineWidget):
                     stop_flag=stop)[0]
                 costs[(lv, m)] = level_cost(ref[0], alone, ref[1], ll(alone))
             out["costs"] = costs
-            out["total_cost"] = level_cost(ref[0], mmse, ref[1], ll(mmse)) if off and ref else None
+            total = None
+            if off and ref:  # one level off: its own cost is the total (the same image)
+                total = costs[off[0]] if len(off) == 1 else level_cost(ref[0], mmse, ref[1], ll(mmse))
+            out["total_cost"] = total
             out["cost_s"] = time.perf_counter() - t2
             return out
 
