@@ -67,7 +67,13 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         f"{ {k: v for k, v in s['hdn_training'].items() if k != 'max_steps'} }; MMSE of "
         f"{s['n_samples']} samples." + (
             f" The bootstrapped-noise-model variant trains for {s['bootstrap_min']:g} min on a GMM "
-            "fitted to Noise2Void's prediction." if s.get("bootstrap_min") else ""),
+            "fitted to Noise2Void's prediction." if s.get("bootstrap_min") else "") + (
+            f" Every HDN run starts from the bundled prior ({s['hdn_prior']['file']}: the same "
+            f"network pretrained for {s['hdn_prior']['steps']} steps on "
+            f"{len(s['hdn_prior']['images']['scikit-image'])} scikit-image photographs and "
+            f"{s['hdn_prior']['images']['phantoms']} generated phantoms, none of the images scored "
+            "here); only its weights are taken, and the budgets count this run's training alone."
+            if s.get("hdn_prior") else ""),
         "- PSNR uses data range = max - min of the ground truth (the paper's convention); SSIM the "
         "same range.",
         "",

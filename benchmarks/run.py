@@ -52,13 +52,17 @@ def _timed(fn, *args, **kwargs):
 
 def hdn_settings(prof: dict) -> tuple[dict, dict]:
     """Architecture and training settings of the benchmark's HDN (the default preset)."""
+    from napari_hdn.engine import ModelConfig
     from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.priors import bundled_prior_for
 
     preset = get_preset(HDN_PRESET)
     arch = prof.get("hdn_arch") or dict(preset.model)
     training = {**preset.training, "patch_size": prof.get("patch", preset.training.get("patch_size", 64)),
                 # the paper's setting: train on the images to restore, all of them
                 "val_fraction": 0.0}
+    if training.get("init") == "prior" and bundled_prior_for(ModelConfig(**arch)) is None:
+        training["init"] = "scratch"  # a profile's own small network (smoke): no prior fits it
     return arch, training
 
 
@@ -293,6 +297,13 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
                     "numpy": np.__version__, "threads": torch.get_num_threads()},
         "datasets": {},
     }
+    if training.get("init") == "prior":  # what the HDN runs start from (not counted in the budget)
+        from napari_hdn.engine import ModelConfig
+        from napari_hdn.engine.priors import bundled_prior_for, bundled_priors
+
+        name = bundled_prior_for(ModelConfig(**arch))
+        recipes = {n: r for n, _, r in bundled_priors()}
+        results["settings"]["hdn_prior"] = {"file": name, **recipes[name]}
     try:
         import skimage
 

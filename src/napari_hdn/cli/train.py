@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..engine.presets import DEFAULT_PRESET, PRESETS
+from ..engine.priors import INIT_CHOICES
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -72,6 +73,12 @@ def add_parser(sub) -> None:
                    "another job keeps them busy; a number fixes the count and makes a seeded CPU "
                    "run repeatable bit for bit)")
     o.add_argument("--seed", type=int, help="random seed (default 0; same seed, same CPU run)")
+    o.add_argument("--init", metavar="WHERE",
+                   help="where a new run starts: 'prior' (the network pretrained on other images "
+                   "that ships with napari-hdn; the 'fast CPU' preset's default, for its sizes), "
+                   "'scratch', or a .hdn model of the same sizes trained earlier on similar data. "
+                   "Only weights are taken; the noise model is this run's. Architecture options "
+                   "that change the sizes start from scratch unless --init is given")
     o.add_argument("--checkpoint-dir", help="where best.hdn/last.hdn go (default: OUT.checkpoints)")
     o.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. last.hdn)")
     o.add_argument("--fine-tune", metavar="MODEL",
@@ -110,6 +117,7 @@ def configs_from_args(args):
     architecture, and its training settings unless --preset is given; options still override.
     """
     from ..engine.presets import get_preset
+    from ..engine.priors import bundled_prior_for
 
     arch = {k: getattr(args, k) for k in ARCH_OPTIONS if getattr(args, k) is not None}
     if args.deactivate:
@@ -118,16 +126,26 @@ def configs_from_args(args):
     if args.minutes is not None:
         explicit["time_budget_s"] = args.minutes * 60
     preset = get_preset(args.preset or DEFAULT_PRESET)
+    if args.init is not None:
+        explicit["init"] = args.init
     try:
         if args.resume:
             if arch:
                 raise CLIError("leave the architecture options out when resuming: the checkpoint's "
                                "architecture is used")
+            if args.init is not None:
+                raise CLIError("--init chooses where a new run starts; a resumed run continues "
+                               "from its checkpoint: leave --init out with --resume")
             if args.preset is None:  # the checkpoint's settings, with the options on top
                 preset.training_config(**explicit)  # validate the options now
                 return None, None, explicit
             return None, preset.training_config(**explicit), {}
-        return preset.model_config(**arch), preset.training_config(**explicit), {}
+        mcfg, tcfg = preset.model_config(**arch), preset.training_config(**explicit)
+        if args.init is None and tcfg.init == "prior" and bundled_prior_for(mcfg) is None:
+            print("note: no bundled prior fits these sizes; training from scratch (--init)",
+                  file=sys.stderr)
+            tcfg = preset.training_config(**{**explicit, "init": "scratch"})
+        return mcfg, tcfg, {}
     except ValueError as exc:
         raise CLIError(f"invalid option: {pydantic_message(exc)}") from None
 
@@ -144,7 +162,8 @@ def check_destinations(args, out: Path, ckdir: Path) -> None:
     there, or --overwrite)."""
     from ..engine.safeio import check_folder
 
-    inputs = [args.noisy, args.noise_model, args.resume]
+    init = getattr(args, "init", None)
+    inputs = [args.noisy, args.noise_model, args.resume, init if init not in INIT_CHOICES else None]
     check_outputs([(out, "model file (--out)")], inputs, args.overwrite)
     if ckdir.exists() and not ckdir.is_dir():
         raise CLIError(f"the checkpoint folder {ckdir} is a file: give --checkpoint-dir a folder")
@@ -166,9 +185,10 @@ def fine_tune_options(args) -> tuple[list[int], dict]:
         raise CLIError("--fine-tune starts a new run from a trained model; --resume continues an "
                        "interrupted one: give one of them")
     if (args.noise_model or args.gaussian_sigma is not None or args.poisson_gain is not None
-            or args.preset or any(getattr(args, k) is not None for k in ARCH_OPTIONS)):
-        raise CLIError("--fine-tune keeps the model's architecture and noise model: leave --preset, "
-                       "the architecture options and the noise-model options out")
+            or args.preset or args.init is not None
+            or any(getattr(args, k) is not None for k in ARCH_OPTIONS)):
+        raise CLIError("--fine-tune keeps the model's architecture, weights and noise model: leave "
+                       "--preset, --init, the architecture options and the noise-model options out")
     if not args.deactivate:
         raise CLIError("--fine-tune needs --deactivate LEVELS: the levels to withhold from the "
                        "image (e.g. 1 or 1,2; `napari-hdn levels MODEL NOISY` suggests them)")

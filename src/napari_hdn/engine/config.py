@@ -139,6 +139,12 @@ class TrainingConfig(_Strict):
         20, ge=1, description="Consecutive non-finite losses tolerated before training stops."
     )
     augment: bool = True
+    init: str = Field(
+        "scratch", min_length=1, description="Where a new run starts: 'scratch' (a fresh network), "
+        "'prior' (the bundled prior pretrained on other images, for the architecture it fits; see "
+        "engine/priors.py) or the path of a .hdn model file of the same architecture. Only weights "
+        "are taken: the noise model and normalisation are the new data's. Ignored when resuming."
+    )
     seed: int | None = 0
     device: str = "auto"
     threads: int | None = Field(

@@ -30,6 +30,7 @@ from .errors import HDNWarning, InputError, ModelFileError, OptionError, Trainin
 from .events import Callback, Reporter, StopFlag
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
+from .priors import initial_weights
 from .threads import ThreadGovernor
 
 OPTIM_PREFIX = "optim."
@@ -205,6 +206,11 @@ class Trainer:
             mcfg = model_config or ModelConfig()
             norm = Normalisation.from_frames(frames)
             self.model = HDNModel(mcfg, noise_model, norm)
+            # the start: only weights are taken; the noise model and normalisation are this data's
+            weights, record = initial_weights(self.tcfg.init, mcfg)
+            if weights is not None:
+                self.model.ladder.load_state_dict(weights, strict=True)
+            self.model.info["start"] = record
         self.noise_range = self.model.noise_model.range_report(frames)
         if self.noise_range["level"] != "ok":
             self.model.info["noise_range"] = self.noise_range

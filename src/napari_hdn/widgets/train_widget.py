@@ -13,6 +13,7 @@ from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLineEdit, QPushBu
 
 from ..engine import DeviceError, InputError, ModelConfig, Trainer, TrainingConfig, resolve_device
 from ..engine.presets import DEFAULT_PRESET, PRESETS
+from ..engine.priors import bundled_prior_for
 from ._base import EngineWidget, TaskState
 from ._forms import (
     MAX_SEED,
@@ -43,6 +44,7 @@ from ._plot import TrainingPlot
 from ._workers import default_cpu_threads
 
 CUSTOM = "custom"
+START_PRIOR = "pretrained prior"
 PATCH_LABEL, VAL_LABEL = "Patch size", "Validation fraction"
 #: the architecture fields the form shows; others in a preset pass through unchanged
 ARCH_FIELDS = ("levels", "z_dim", "filters", "blocks", "dropout")
@@ -131,9 +133,14 @@ class TrainingWidget(EngineWidget):
                                   "Fraction of the data held out to measure the validation loss")
         self.device = device_chooser()
         self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same training on the same machine")
-        f = form([("Model size", self.preset), ("", self.size_note), (PATCH_LABEL, self.patch),
-                  ("Batch size", self.batch), ("Steps", self.steps), (VAL_LABEL, self.val_fraction),
-                  ("Device", self.device), ("Seed", self.seed)])
+        self.init_combo = combo([(START_PRIOR, "prior"), ("scratch", "scratch")],
+                           "Pretrained prior: start from the network that ships with napari-hdn, "
+                           "pretrained on other images (only its weights; the noise model is yours). "
+                           "It reaches a given quality in far fewer steps. Available for the "
+                           "'fast CPU' sizes. Scratch: a freshly initialised network.")
+        f = form([("Model size", self.preset), ("", self.size_note), ("Start from", self.init_combo),
+                  (PATCH_LABEL, self.patch), ("Batch size", self.batch), ("Steps", self.steps),
+                  (VAL_LABEL, self.val_fraction), ("Device", self.device), ("Seed", self.seed)])
         set_box.setLayout(f)
         lay.addWidget(set_box)
 
@@ -229,6 +236,7 @@ class TrainingWidget(EngineWidget):
         self.val_fraction.setValue(t("val_fraction"))
         self.steps_per_val.setValue(t("steps_per_epoch") or 0)
         self.patience.setValue(t("early_stopping_patience") or 0)
+        self.init_combo.setCurrentIndex(self.init_combo.findData(t("init")))
         self._applying_preset = False
         if self.preset.currentText() != name:
             self.preset.setCurrentText(name)
@@ -255,6 +263,16 @@ class TrainingWidget(EngineWidget):
             f"{a['levels']} levels, {a['filters']} filters, {a['blocks']} blocks/level, "
             f"z={a['z_dim']}: {_parameter_count(a) / 1e6:.2f} M parameters"
         )
+        self._update_start()
+
+    def _update_start(self) -> None:
+        """Offer the pretrained prior only for sizes it fits; other sizes start from scratch."""
+        fits = bundled_prior_for(ModelConfig(**{**self._model_base, **self._arch()})) is not None
+        item = self.init_combo.model().item(self.init_combo.findData("prior"))
+        item.setEnabled(fits)
+        item.setText(START_PRIOR if fits else f"{START_PRIOR} (only for the 'fast CPU' sizes)")
+        if not fits and self.init_combo.currentData() == "prior":
+            self.init_combo.setCurrentIndex(self.init_combo.findData("scratch"))
 
     def _on_threads(self, n: int) -> None:
         self.session.cpu_threads = n or None
@@ -284,6 +302,7 @@ class TrainingWidget(EngineWidget):
             "early_stopping_patience": self.patience.value() or None,
             "seed": self.seed.value(),
             "device": self.device.currentData(),
+            "init": self.init_combo.currentData(),
         })
 
     def _check_device(self) -> str:

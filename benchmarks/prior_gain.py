@@ -1,0 +1,107 @@
+"""What the bundled prior is worth: MMSE PSNR against optimiser steps, from the prior and from scratch.
+
+The core benchmark's data (``fluo100``, ``natural25``: 3 images of 256x256, the GMM fitted from the
+calibration stack as the benchmark does) are trained on with the fast preset, once starting from
+a prior (the bundled one, or one made first with ``--pretrain-seconds``) at one or more learning
+rates, once from scratch; each variant in its own process, all at once (meant for a GPU, where
+step counts are what transfers; read them against the CPU seconds per step of the preset). At
+each mark (and at step 0 for the prior) the MMSE of ``--samples`` samples on all 3 images is
+scored. Rows are printed and appended to ``--jsonl`` as they come.
+
+    python -m benchmarks.prior_gain --device cuda --jsonl prior.jsonl
+    python -m benchmarks.prior_gain --device cuda --pretrain-seconds 300 --prior new-prior.hdn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_VARIANTS = ("fluo100:prior:5e-3,fluo100:prior:2e-3,fluo100:prior:1e-3,fluo100:scratch:5e-3,"
+                    "natural25:prior:5e-3,natural25:prior:2e-3,natural25:prior:1e-3,"
+                    "natural25:scratch:5e-3")
+
+
+def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | None, marks,
+                samples: int) -> None:
+    """``variant`` = ``data:start:lr`` with start ``prior`` or ``scratch``."""
+    import torch
+
+    from napari_hdn.engine import Trainer
+    from napari_hdn.engine.metrics import psnr
+    from napari_hdn.engine.presets import get_preset
+
+    from .recipe_grid import _data, _noise_model
+
+    torch.set_num_threads(1)
+    dsname, start, lr = variant.split(":")
+    ds = _data(dsname)
+    preset = get_preset("fast CPU")
+    tcfg = preset.training_config(val_fraction=0.0, device=device, seed=0, max_steps=marks[-1],
+                                  lr=float(lr), init=prior if start == "prior" else "scratch")
+    tr = Trainer(list(ds.noisy), _noise_model(ds, "gmm", Path(cache)),
+                 model_config=preset.model_config(), training_config=tcfg)
+    t0 = time.perf_counter()
+
+    def score(model, step: int) -> None:
+        preds = [model.predict(x, n_samples=samples, seed=0).mmse for x in ds.noisy]
+        each = [float(psnr(p, c)) for p, c in zip(preds, ds.clean)]
+        row = {"variant": variant, "steps": step, "wall_s": round(time.perf_counter() - t0, 1),
+               "psnr": float(np.mean(each)), "per_image": [round(v, 3) for v in each]}
+        print(json.dumps(row), flush=True)
+        if jsonl:
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if start == "prior":
+        score(tr.snapshot(), 0)
+
+    def on_step(ev):
+        if ev.kind == "step" and ev.step in marks[:-1]:
+            score(tr.snapshot(), ev.step)
+
+    tr.report.callbacks.append(on_step)
+    score(tr.run(), tr.step)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prior", default="prior", help="'prior' (the bundled one) or a model file")
+    ap.add_argument("--pretrain-seconds", type=float, default=None,
+                    help="first make a prior (benchmarks/pretrain_prior.py) into --prior")
+    ap.add_argument("--clean-npz", default=None, help="see benchmarks/pretrain_prior.py")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--marks", default="100,325,650,1300")
+    ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--jsonl", default=None)
+    a = ap.parse_args(argv)
+    if a.pretrain_seconds:
+        from .pretrain_prior import pretrain
+
+        pretrain(a.device, a.pretrain_seconds, 64, 48, a.prior, a.clean_npz)
+    from napari_hdn.engine.noise.fitting import fit_from_calibration
+
+    from .recipe_grid import _data
+
+    cache = Path(tempfile.mkdtemp(prefix="hdn-prior-gain-"))
+    names = a.variants.split(",")
+    for dsname in sorted({n.split(":")[0] for n in names}):
+        fit_from_calibration(_data(dsname).calibration, kind="gmm", device="cpu", seed=0).save(
+            cache / f"{dsname}.hdnn")
+    marks = tuple(int(m) for m in a.marks.split(","))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with mp.get_context("spawn").Pool(len(names)) as pool:
+        pool.starmap(run_variant, [(n, a.device, a.prior, str(cache), a.jsonl, marks, a.samples)
+                                   for n in names])
+
+
+if __name__ == "__main__":
+    main()

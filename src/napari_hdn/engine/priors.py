@@ -1,0 +1,118 @@
+"""Where a new training run starts: from scratch, from the bundled prior, or from a model file.
+
+HDN learns the images' signal prior (the top-down path and the decoder) from the noisy data alone.
+With a few images and minutes of CPU that prior is starved: the network spends its first thousand
+steps learning what edges and blobs look like. napari-hdn ships a *prior*: the fast preset's
+network pretrained on images that no benchmark scores (scikit-image's other bundled photographs
+and generated fluorescence phantoms; ``python -m benchmarks.pretrain_prior`` makes it and the file's
+``info["prior"]`` records how). A run that starts from it takes only the weights: the noise
+model and the normalisation are the new data's own, and every weight goes on training.
+
+``TrainingConfig.init`` chooses: ``"scratch"``, ``"prior"`` (the bundled prior whose architecture
+fits the model; an error names the fix when none does) or the path of a ``.hdn`` model file (a
+model trained earlier on similar data; its architecture must fit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import InputError
+from .ladder import LadderVAE
+
+PRIORS_DIR = Path(__file__).resolve().parent.parent / "priors"
+#: the bundled priors, by file name
+BUNDLED = ("fast-cpu.hdn",)
+INIT_CHOICES = ("scratch", "prior")
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@lru_cache(maxsize=8)
+def _architecture_shapes(config_json: str) -> dict[str, tuple]:
+    cfg = ModelConfig.model_validate_json(config_json)
+    return _shapes(LadderVAE(cfg).state_dict())
+
+
+def _fits(config: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` loads into a network of ``config`` (same names and shapes: dropout,
+    free bits and the withheld levels change no weight)."""
+    return _architecture_shapes(config.model_dump_json()) == _shapes(state)
+
+
+@lru_cache(maxsize=4)
+def _read_bundled(name: str):
+    from .model import read_model_file
+
+    path = PRIORS_DIR / name
+    model, _, _ = read_model_file(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return model, digest
+
+
+def bundled_priors() -> list[tuple[str, ModelConfig, dict]]:
+    """``(file name, architecture, info)`` of each prior shipped with the package."""
+    out = []
+    for name in BUNDLED:
+        model, _ = _read_bundled(name)
+        out.append((name, model.config, dict(model.info.get("prior", {}))))
+    return out
+
+
+def bundled_prior_for(config: ModelConfig) -> str | None:
+    """The file name of the bundled prior whose weights fit ``config``; None if none does."""
+    for name in BUNDLED:
+        model, _ = _read_bundled(name)
+        if _fits(config, model.ladder.state_dict()):
+            return name
+    return None
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return f"levels {cfg.levels}, z {cfg.z_dim}, filters {cfg.filters}, blocks {cfg.blocks}"
+
+
+def initial_weights(init: str, config: ModelConfig) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """The weights a new run of architecture ``config`` starts from, and a record for the model's
+    info. ``(None, {"init": "scratch"})`` for a fresh network."""
+    if init == "scratch":
+        return None, {"init": "scratch"}
+    if init == "prior":
+        name = bundled_prior_for(config)
+        if name is None:
+            fits = "; ".join(_describe(c) for _, c, _ in bundled_priors())
+            raise InputError(
+                f"no bundled prior fits this architecture ({_describe(config)}): the bundled "
+                f"prior is for {fits} (the 'fast CPU' preset). Train from scratch (init='scratch', "
+                "`--init scratch`, or 'Start from: scratch' in the Training widget) or use "
+                "those sizes."
+            )
+        model, digest = _read_bundled(name)
+        record = {"init": "prior", "file": name, "sha256": digest,
+                  "prior": dict(model.info.get("prior", {}))}
+        return {k: v.clone() for k, v in model.ladder.state_dict().items()}, record
+    from .model import load_model
+
+    path = Path(init)
+    if not path.is_file():
+        raise InputError(
+            f"init={init!r} is neither 'scratch', 'prior' nor an existing model file: give "
+            "'scratch', 'prior' or the path of a .hdn model trained earlier"
+        )
+    model = load_model(path)
+    state = model.ladder.state_dict()
+    if not _fits(config, state):
+        raise InputError(
+            f"the model {path} ({_describe(model.config)}) does not fit this run's architecture "
+            f"({_describe(config)}): start from a model of the same sizes, or from scratch"
+        )
+    return ({k: v.clone() for k, v in state.items()},
+            {"init": "model file", "file": str(path.resolve()),
+             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
