@@ -66,11 +66,20 @@ def bundled_priors() -> list[tuple[str, ModelConfig, dict]]:
     return out
 
 
+#: settings that change no weight's name or shape
+_WEIGHTLESS = {"dropout", "free_bits", "deactivated_levels", "withheld_mode"}
+
+
+def _sizes(config: ModelConfig) -> dict:
+    return {k: v for k, v in config.model_dump().items() if k not in _WEIGHTLESS}
+
+
 def bundled_prior_for(config: ModelConfig) -> str | None:
     """The file name of the bundled prior whose weights fit ``config``; None if none does."""
     for name in BUNDLED:
         model, _ = _read_bundled(name)
-        if _fits(config, model.ladder.state_dict()):
+        # other sizes are told apart without building a network (the widget asks on every edit)
+        if _sizes(config) == _sizes(model.config) and _fits(config, model.ladder.state_dict()):
             return name
     return None
 
