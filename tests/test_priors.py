@@ -24,7 +24,10 @@ def test_the_bundled_prior_fits_the_fast_preset_and_says_how_it_was_made():
     # dropout, free bits and withheld levels change no weight; sizes do
     assert bundled_prior_for(fast.model_config(dropout=0.3, free_bits=0.5,
                                                deactivated_levels=[1])) == "fast-cpu.hdn"
+    # dropout 0 removes a module without weights: the prior's weights still load, renumbered
+    assert bundled_prior_for(fast.model_config(dropout=0.0)) == "fast-cpu.hdn"
     assert bundled_prior_for(fast.model_config(filters=48)) is None
+    assert bundled_prior_for(fast.model_config(batchnorm=False)) is None
     assert bundled_prior_for(get_preset("paper").model_config()) is None
     [(name, cfg, recipe)] = bundled_priors()
     assert name == "fast-cpu.hdn" and cfg.levels == fast.model["levels"]
@@ -75,6 +78,18 @@ def test_a_run_can_start_from_an_earlier_model_of_the_same_sizes(tmp_path):
         assert torch.equal(tr.model.ladder.state_dict()[k], v), k
     assert tr.model.noise_model.sigma == 7.0
     assert tr.model.info["start"]["init"] == "model file"
+    # the command line: --init MODEL, and the saved model says where it started
+    from napari_hdn.cli import main
+
+    tifffile.imwrite(tmp_path / "x.tif", _noisy(2))
+    args = ["train", str(tmp_path / "x.tif"), "--gaussian-sigma", "5", "--levels", "2",
+            "--z-dim", "2", "--filters", "8", "--blocks", "1", "--max-steps", "1",
+            "--patch-size", "32", "--val-fraction", "0", "--quiet", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "b.hdn"), "--init", str(path)]) == 0
+    assert load_model(tmp_path / "b.hdn").info["start"]["file"] == str(path.resolve())
+    before = path.read_bytes()
+    assert main([*args, "--out", str(path), "--init", str(path), "--overwrite"]) == 1  # its input
+    assert path.read_bytes() == before
     # wrong sizes, a missing file, the prior for sizes it does not fit: errors that name the fix
     with pytest.raises(InputError, match="does not fit"):
         Trainer(img, GaussianNoiseModel(5.0), model_config=ModelConfig(**{**TINY, "filters": 12}),

@@ -291,7 +291,10 @@ def run(args) -> int:
               f"saved to {out}; checkpoints in {ckdir} (--resume {ckdir / 'last.hdn'} continues)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"saved {out} (steps {info['steps']}, best validation loss {best_text}; "
+    began = info.get("start", {})
+    start = {"prior": "from the bundled prior", "model file": f"from {began.get('file')}"}.get(
+        began.get("init"), "from scratch")
+    print(f"saved {out} (steps {info['steps']} {start}, best validation loss {best_text}; "
           f"checkpoints in {ckdir})")
     return EXIT_OK
 

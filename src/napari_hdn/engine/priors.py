@@ -16,6 +16,7 @@ model trained earlier on similar data; its architecture must fit).
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,20 +32,31 @@ BUNDLED = ("fast-cpu.hdn",)
 INIT_CHOICES = ("scratch", "prior")
 
 
-def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in state.items()}
+def _layout(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple]]:
+    """The weights in order, each as (name with its numeric parts blanked, shape). Dropout is a
+    module without weights: a network with it and one without differ only in the numbering of the
+    modules after it, which this layout ignores."""
+    return [(re.sub(r"(?<=\.)\d+(?=\.|$)", "#", k), tuple(v.shape)) for k, v in state.items()]
 
 
 @lru_cache(maxsize=8)
-def _architecture_shapes(config_json: str) -> dict[str, tuple]:
-    cfg = ModelConfig.model_validate_json(config_json)
-    return _shapes(LadderVAE(cfg).state_dict())
+def _architecture(config_json: str) -> tuple[list[str], list[tuple[str, tuple]]]:
+    """(weight names, layout) of a network of this architecture."""
+    state = LadderVAE(ModelConfig.model_validate_json(config_json)).state_dict()
+    return list(state), _layout(state)
+
+
+def _weights_for(config: ModelConfig, state: dict[str, torch.Tensor]):
+    """``state`` under the weight names of a network of ``config``, or None if it does not fit
+    (other sizes or other options; dropout, free bits and withheld levels change no weight)."""
+    if not _fits(config, state):
+        return None
+    names = _architecture(config.model_dump_json())[0]
+    return {name: v.clone() for name, v in zip(names, state.values())}
 
 
 def _fits(config: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
-    """Whether ``state`` loads into a network of ``config`` (same names and shapes: dropout,
-    free bits and the withheld levels change no weight)."""
-    return _architecture_shapes(config.model_dump_json()) == _shapes(state)
+    return _layout(state) == _architecture(config.model_dump_json())[1]
 
 
 @lru_cache(maxsize=4)
@@ -106,7 +118,7 @@ def initial_weights(init: str, config: ModelConfig) -> tuple[dict[str, torch.Ten
         model, digest = _read_bundled(name)
         record = {"init": "prior", "file": name, "sha256": digest,
                   "prior": dict(model.info.get("prior", {}))}
-        return {k: v.clone() for k, v in model.ladder.state_dict().items()}, record
+        return _weights_for(config, model.ladder.state_dict()), record
     from .model import load_model
 
     path = Path(init)
@@ -116,12 +128,13 @@ def initial_weights(init: str, config: ModelConfig) -> tuple[dict[str, torch.Ten
             "'scratch', 'prior' or the path of a .hdn model trained earlier"
         )
     model = load_model(path)
-    state = model.ladder.state_dict()
-    if not _fits(config, state):
+    weights = _weights_for(config, model.ladder.state_dict())
+    if weights is None:
         raise InputError(
             f"the model {path} ({_describe(model.config)}) does not fit this run's architecture "
-            f"({_describe(config)}): start from a model of the same sizes, or from scratch"
+            f"({_describe(config)}): start from a model of the same sizes and options, or from "
+            "scratch"
         )
-    return ({k: v.clone() for k, v in state.items()},
+    return (weights,
             {"init": "model file", "file": str(path.resolve()),
              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})

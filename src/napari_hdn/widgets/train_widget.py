@@ -504,6 +504,8 @@ class TrainingWidget(EngineWidget):
         res.model.info["axes"] = meta["axes"]  # saved with the model: Predict defaults to it
         ck = res.checkpoint_dir / "last.hdn"
         src = f"trained on '{meta['layer']}' ({meta['axes']}), noise model {meta['noise']}"
+        if res.model.info.get("start", {}).get("init") == "prior":
+            src += ", started from the pretrained prior"
         entry = self.session.add_model(
             res.model, f"{meta['name']} HDN ({res.steps} steps)", src,
             checkpoint=ck if ck.exists() else None, layer_name=meta["layer"], axes=meta["axes"],
