@@ -78,7 +78,7 @@ def bundled_priors() -> list[tuple[str, ModelConfig, dict]]:
     return out
 
 
-#: settings that change no weight's name or shape
+#: settings that change no weight (dropout only renumbers the modules after it; see _layout)
 _WEIGHTLESS = {"dropout", "free_bits", "deactivated_levels", "withheld_mode"}
 
 
@@ -97,7 +97,10 @@ def bundled_prior_for(config: ModelConfig) -> str | None:
 
 
 def _describe(cfg: ModelConfig) -> str:
-    return f"levels {cfg.levels}, z {cfg.z_dim}, filters {cfg.filters}, blocks {cfg.blocks}"
+    off = [name for name in ("batchnorm", "gated", "generative_skip", "learned_top_prior")
+           if not getattr(cfg, name)]
+    return (f"levels {cfg.levels}, z {cfg.z_dim}, filters {cfg.filters}, blocks {cfg.blocks}"
+            + "".join(f", no {name.replace('_', ' ')}" for name in off))
 
 
 def initial_weights(init: str, config: ModelConfig) -> tuple[dict[str, torch.Tensor] | None, dict]:
