@@ -133,11 +133,12 @@ class TrainingWidget(EngineWidget):
                                   "Fraction of the data held out to measure the validation loss")
         self.device = device_chooser()
         self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same training on the same machine")
-        self.init_combo = combo([(START_PRIOR, "prior"), ("scratch", "scratch")],
-                           "Pretrained prior: start from the network that ships with napari-hdn, "
-                           "pretrained on other images (only its weights; the noise model is yours). "
-                           "It reaches a given quality in far fewer steps. Available for the "
-                           "'fast CPU' sizes. Scratch: a freshly initialised network.")
+        self.init_combo = combo(
+            [(START_PRIOR, "prior"), ("scratch", "scratch")],
+            "Pretrained prior: start from the network that ships with napari-hdn, pretrained on "
+            "other images (only its weights; the noise model is yours). It reaches a given quality "
+            "in far fewer steps. Available for the 'fast CPU' sizes. Scratch: a freshly initialised "
+            "network.")
         f = form([("Model size", self.preset), ("", self.size_note), ("Start from", self.init_combo),
                   (PATCH_LABEL, self.patch), ("Batch size", self.batch), ("Steps", self.steps),
                   (VAL_LABEL, self.val_fraction), ("Device", self.device), ("Seed", self.seed)])
