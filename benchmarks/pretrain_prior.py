@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .datasets import _unit
+
 #: scikit-image images used for the prior (none of them is scored by the benchmarks)
 NATURAL = ("brick", "cat", "chelsea", "clock", "coffee", "grass", "gravel", "moon", "page",
            "rocket", "text", "retina")
@@ -34,11 +36,6 @@ SCORED = ("camera", "astronaut", "coins", "cell", "hubble_deep_field", "immunohi
 PEAKS = (20.0, 50.0, 100.0, 300.0)
 PHANTOM_SEED0 = 5000
 GAIN, READ_NOISE, OFFSET, BACKGROUND = 1.0, 3.0, 100.0, 0.05
-
-
-def _unit(img: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(img, [0.5, 99.9])
-    return np.clip((img - lo) / (hi - lo), 0, 1)
 
 
 def natural_images() -> dict[str, np.ndarray]:

@@ -49,31 +49,24 @@ def _architecture(config_json: str) -> tuple[list[str], list[tuple[str, tuple]]]
 def _weights_for(config: ModelConfig, state: dict[str, torch.Tensor]):
     """``state`` under the weight names of a network of ``config``, or None if it does not fit
     (other sizes or other options; dropout, free bits and withheld levels change no weight)."""
-    if not _fits(config, state):
+    names, layout = _architecture(config.model_dump_json())
+    if _layout(state) != layout:
         return None
-    names = _architecture(config.model_dump_json())[0]
     return {name: v.clone() for name, v in zip(names, state.values())}
-
-
-def _fits(config: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
-    return _layout(state) == _architecture(config.model_dump_json())[1]
 
 
 @lru_cache(maxsize=4)
 def _read_bundled(name: str):
     from .model import read_model_file
 
-    path = PRIORS_DIR / name
-    model, _, _ = read_model_file(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return model, digest
+    return read_model_file(PRIORS_DIR / name)[0]
 
 
 def bundled_priors() -> list[tuple[str, ModelConfig, dict]]:
     """``(file name, architecture, info)`` of each prior shipped with the package."""
     out = []
     for name in BUNDLED:
-        model, _ = _read_bundled(name)
+        model = _read_bundled(name)
         out.append((name, model.config, dict(model.info.get("prior", {}))))
     return out
 
@@ -89,9 +82,9 @@ def _sizes(config: ModelConfig) -> dict:
 def bundled_prior_for(config: ModelConfig) -> str | None:
     """The file name of the bundled prior whose weights fit ``config``; None if none does."""
     for name in BUNDLED:
-        model, _ = _read_bundled(name)
-        # other sizes are told apart without building a network (the widget asks on every edit)
-        if _sizes(config) == _sizes(model.config) and _fits(config, model.ladder.state_dict()):
+        # reading the file checked its weights against its own architecture, so the same sizes
+        # mean the weights fit (the widget asks on every edit of the sizes)
+        if _sizes(config) == _sizes(_read_bundled(name).config):
             return name
     return None
 
@@ -118,7 +111,8 @@ def initial_weights(init: str, config: ModelConfig) -> tuple[dict[str, torch.Ten
                 "`--init scratch`, or 'Start from: scratch' in the Training widget) or use "
                 "those sizes."
             )
-        model, digest = _read_bundled(name)
+        model = _read_bundled(name)
+        digest = hashlib.sha256((PRIORS_DIR / name).read_bytes()).hexdigest()
         record = {"init": "prior", "file": name, "sha256": digest,
                   "prior": dict(model.info.get("prior", {}))}
         return _weights_for(config, model.ladder.state_dict()), record
