@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             if time.perf_counter() > t_end:
                 raise TimeoutError
 
-    print(f"torch {torch.__version__}, {job_threads()} threads in widget jobs, "
+    print(f"torch {torch.__version__}, {job_threads(interactive=True)} threads in preview jobs, "
           f"{args.samples} preview sample(s)")
     for name in presets:
         torch.manual_seed(0)
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             series = [("level 1, new setting", 1, 1), ("level 2, new setting", 2, 2),
                       ("level 1, seen before", 1, 0)]
             for what, level, forget in series:
-                times, td = [], []
+                times, td, nthreads = [], [], []
                 for k in range(args.repeats):
                     t_pause = time.perf_counter() + args.pause  # a user's pause between toggles:
                     while time.perf_counter() < t_pause:  # the last preview's redraw ends meanwhile
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
                     wait_for(lambda n0=n0: aw.previews_done > n0)
                     assert aw.last_preview["cached"]
                     times.append(aw.last_preview_seconds)
+                    nthreads.append(aw.preview_task.threads)
                     td.append(aw.last_preview["top_down_s"])
                 if args.repeats % 2:  # leave the level on for the next series
                     n0 = aw.previews_done
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
                 print(f"{name:>9} ({cfg.levels} levels, F={cfg.filters}, B={cfg.blocks}) crop "
                       f"{side}x{side}, {what}: toggle -> preview {statistics.median(times):.2f} s "
                       f"median (min {min(times):.2f}, max {max(times):.2f}); top-down "
-                      f"{statistics.median(td):.2f} s; bottom-up once {first['bottom_up_s']:.2f} s",
+                      f"{statistics.median(td):.2f} s; bottom-up once {first['bottom_up_s']:.2f} s; "
+                      f"threads {'/'.join(map(str, sorted(set(nthreads))))}",
                       flush=True)
     # the level description the widget starts in the background when a level is first switched
     # off (issue 9) must end too before the viewer closes

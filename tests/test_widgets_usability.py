@@ -298,3 +298,42 @@ def test_training_widget_takes_the_presets_whole(viewer, monkeypatch):
     assert [tw.preset.itemText(i) for i in range(tw.preset.count())] == [*presets.PRESETS, "custom"]
     tw.lr.setValue(0.01)  # a field the user edits wins over the preset
     assert tw.training_config().lr == 0.01 and tw.training_config().lr_patience == 7
+
+
+# -- previews take every core while nothing else runs (issue 10) -----------------------------------
+
+
+def test_a_preview_takes_every_core_only_while_no_other_job_runs(qtbot, monkeypatch):
+    import threading
+
+    import torch
+    from qtpy.QtCore import QObject
+
+    from napari_hdn.widgets._workers import EngineTask, default_cpu_threads, job_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    torch.set_num_threads(4)  # the widget_session fixture puts it back to 1 for the next test
+    owner = QObject()
+    long_job, preview = (EngineTask(owner, lambda ev: None, lambda out: None) for _ in range(2))
+    assert default_cpu_threads() == 3
+    assert job_threads(interactive=True) == 4 and job_threads() == 3
+
+    release, seen = threading.Event(), {}
+    long_job.start(lambda report, flag: release.wait(10))
+    try:
+        assert long_job.threads == 3
+        assert job_threads(interactive=True) == 3  # never more threads than cores in all
+        preview.start(lambda report, flag: seen.setdefault("n", torch.get_num_threads()),
+                      interactive=True)
+        wait_idle(qtbot, preview)
+        assert preview.threads == seen["n"] == 3
+    finally:
+        release.set()
+    wait_idle(qtbot, long_job)
+    preview.start(lambda report, flag: seen.__setitem__("n", torch.get_num_threads()),
+                  interactive=True)
+    wait_idle(qtbot, preview)
+    assert preview.threads == seen["n"] == 4
+    get_session().cpu_threads = 2  # the user's setting (Training > Advanced) wins
+    assert job_threads(interactive=True) == job_threads() == 2
+    owner.deleteLater()

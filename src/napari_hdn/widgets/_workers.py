@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,11 +80,27 @@ def default_cpu_threads() -> int:
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
 
 
-def job_threads() -> int:
+def job_threads(interactive: bool = False) -> int:
+    """Torch threads for the next widget job: the user's setting (Training > Advanced), else auto.
+
+    Auto gives long jobs (training, prediction, the levels' description) all cores but one. A short
+    job the user waits on (``interactive``, e.g. the artefact preview) gets every core when no
+    other job of the widgets is running: the GUI thread idles while the user waits. On a 2-core
+    machine a level-2 toggle of a 256x256 preview measured 0.26 s with 2 threads against 0.33 s
+    with 1, and 2 threads were no slower than 1 when another process kept both cores busy.
+    With another job running it keeps to all cores but one, so the two never wait on each other's
+    OpenMP threads.
+    """
     from ..session import get_session
 
     n = get_session().cpu_threads
-    return n if n else default_cpu_threads()
+    if n:
+        return n
+    if interactive and not any(task.running for task in list(_TASKS)):
+        import torch
+
+        return max(1, torch.get_num_threads())
+    return default_cpu_threads()
 
 
 def _stoppable_worker_class():
@@ -101,6 +118,9 @@ def _stoppable_worker_class():
             super().quit()
 
     return StoppableWorker
+
+
+_TASKS: weakref.WeakSet = weakref.WeakSet()  # every EngineTask (GUI thread only)
 
 
 class EngineTask(QObject):
@@ -127,6 +147,8 @@ class EngineTask(QObject):
         self._timer.timeout.connect(self._drain)
         self.stop_flag = StopFlag()
         self.worker = None
+        self.threads = 0  # torch threads of the last job started
+        _TASKS.add(self)
         # closing the widget (or the viewer) stops a running job within one step
         parent.destroyed.connect(lambda *_, task=self: _stop_quietly(task))
 
@@ -134,15 +156,17 @@ class EngineTask(QObject):
     def running(self) -> bool:
         return self.worker is not None
 
-    def start(self, job: Job, name: str = "napari-hdn") -> None:
-        """Run ``job(report, stop_flag)`` in a worker thread."""
+    def start(self, job: Job, name: str = "napari-hdn", interactive: bool = False) -> None:
+        """Run ``job(report, stop_flag)`` in a worker thread (``interactive``: a short job the
+        user waits on, which may use every core; see :func:`job_threads`)."""
         if self.running:
             raise RuntimeError("a job is already running")
         from napari.qt.threading import create_worker
 
         self.stop_flag = StopFlag()
         report, flag = self._queue.put, self.stop_flag
-        threads = job_threads()
+        threads = job_threads(interactive)
+        self.threads = threads
 
         def run() -> Outcome:
             import torch

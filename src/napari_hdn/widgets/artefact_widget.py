@@ -441,7 +441,7 @@ class ArtefactWidget(EngineWidget):
         job, meta = prep
         self._preview_meta = meta
         self.show_status("Previewing…")
-        self.preview_task.start(job, name="napari-hdn preview")
+        self.preview_task.start(job, name="napari-hdn preview", interactive=True)
         return True
 
     def _checked_inputs(self):

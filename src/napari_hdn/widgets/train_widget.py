@@ -164,7 +164,8 @@ class TrainingWidget(EngineWidget):
         )
         self.threads = spin(0, os.cpu_count() or 1, 0, 1,
                             "Torch threads for training, prediction and previews in napari (auto: "
-                            "all cores but one, so the viewer stays responsive)",
+                            "all cores but one, so the viewer stays responsive; an artefact "
+                            "preview takes every core while nothing else runs)",
                             special=f"auto ({default_cpu_threads()})")
         self.threads.valueChanged.connect(self._on_threads)
         self.advanced.content.setLayout(form([
