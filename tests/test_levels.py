@@ -121,6 +121,49 @@ def test_structure_correlation_tells_artefacts_from_lost_detail():
     assert structure_correlation(img - blurred, blurred) > 0.4  # detail of the image itself
 
 
+def test_structure_is_scored_at_the_level_scale():
+    """A coarse level removes the image's layout (a band of it, several pixels wide), not its
+    finest detail: at pixel scale that scores like an artefact, at the level's scale like signal."""
+    rng = np.random.default_rng(1)
+    img = smooth_image((256, 256), 3) + 40 * (ndi.gaussian_filter(rng.random((256, 256)), 1.5) > 0.56)
+    layout = ndi.gaussian_filter(img, 3.0) - ndi.gaussian_filter(img, 8.0)
+    stripes = ndi.gaussian_filter1d(rng.normal(0, 1, img.shape), 5, axis=1)
+    assert structure_correlation(layout, img - layout, scale=1.0) < 0.25
+    assert structure_correlation(layout, img - layout, scale=4.0) > 0.5
+    for scale in (2.0, 4.0):
+        assert abs(structure_correlation(stripes, img, scale=scale)) < 0.15
+
+
+def test_a_level_that_removes_far_more_than_the_one_below_reads_as_signal():
+    from napari_hdn.engine.levels import MAX_GROWTH, level_verdict
+
+    assert level_verdict(0.01, 0.0) == "nothing"
+    assert level_verdict(0.5, 0.30) == "signal"  # where it removes follows the image
+    assert level_verdict(0.5, 0.10) == "artefact"
+    assert level_verdict(0.5, 0.10, below=0.8) == "artefact"  # stripes: less than level 1
+    assert level_verdict(0.5, 0.10, below=0.45 / MAX_GROWTH) == "signal"  # scan lines' level 2
+    assert level_verdict(0.05, 0.10, below=0.0) == "artefact"  # nothing below: no growth to read
+
+
+def test_the_suggestion_keeps_the_upper_half_of_the_levels_on(monkeypatch):
+    from napari_hdn.engine import HDNModel, Normalisation, levels
+
+    torch.manual_seed(0)
+    model = HDNModel(ModelConfig(**{**TINY, "levels": 4}), GaussianNoiseModel(10.0),
+                     Normalisation(50.0, 30.0))
+    model.ladder.eval()
+    # every level's removal reads as an artefact: the suggestion still stops at level 2 of 4
+    monkeypatch.setattr(levels, "structure_correlation", lambda removed, estimate, scale: 0.0)
+    monkeypatch.setattr(levels, "MIN_ENERGY", -1.0)
+    monkeypatch.setattr(levels, "MAX_GROWTH", float("inf"))
+    _, img = _striped()
+    rep = describe_levels(model, img, n_samples=2, crop=64)
+    assert [s.verdict for s in rep.steps] == ["artefact"] * 3
+    assert rep.levels_off == [1, 2] and levels.max_suggested_level(4) == 2
+    assert any("level 3" in n and "not suggested" in n for n in rep.notes)
+    assert levels.max_suggested_level(2) == 1 and levels.max_suggested_level(6) == 3
+
+
 def test_describe_levels_reports_each_level_and_suggests_bottom_levels(tiny_model):
     _, img = _striped()
     rep = describe_levels(tiny_model, np.stack([img, img]), n_samples=3, crop=48)

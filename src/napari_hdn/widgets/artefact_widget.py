@@ -25,7 +25,7 @@ from qtpy.QtGui import QStandardItemModel
 from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
 from ..engine import LATENT_MODES, InputError, describe_levels, fine_tune, predict_in_rounds
-from ..engine.levels import STRUCTURE_LIMIT
+from ..engine.levels import MAX_GROWTH, STRUCTURE_LIMIT
 from ..engine.levels import mean_log_likelihood as _mean_log_likelihood
 from ..engine.prediction import inference_model
 from ._base import EngineWidget, TaskState
@@ -580,8 +580,9 @@ class ArtefactWidget(EngineWidget):
             vtip = (f"\n\nSuggest (bottom levels switched off in turn): level {lv} removes "
                     f"{v.energy:.3f} x the pixel noise variance; correlation of where it removes "
                     f"with where the image has structure {v.structure:+.2f} (above "
-                    f"{STRUCTURE_LIMIT} reads as image detail); log-likelihood {v.dll:+.4f} "
-                    "nats/px." if v is not None else "")
+                    f"{STRUCTURE_LIMIT} reads as image detail, as does removing more than "
+                    f"{MAX_GROWTH:g} x what the level below removed); log-likelihood "
+                    f"{v.dll:+.4f} nats/px." if v is not None else "")
             if as_trained:
                 label.setText(verdict[3:] if mode == "posterior" else "withheld in training")
                 label.setToolTip(vtip.strip())
