@@ -337,3 +337,27 @@ def test_a_preview_takes_every_core_only_while_no_other_job_runs(qtbot, monkeypa
     get_session().cpu_threads = 2  # the user's setting (Training > Advanced) wins
     assert job_threads(interactive=True) == job_threads() == 2
     owner.deleteLater()
+
+
+def test_replacing_a_result_layer_refreshes_only_what_changed(viewer):
+    """The artefact preview replaces its layer on every toggle: setting scale, translate or
+    visibility to their current values still costs napari a refresh, so they are left alone."""
+    from napari_hdn.widgets._layers import add_or_replace_image
+
+    src = viewer.add_image(np.zeros((64, 64), np.float32), name="src", scale=(2.0, 2.0))
+    first = add_or_replace_image(viewer, "out", np.ones((32, 32), np.float32), src,
+                                 translate=(4.0, 8.0), contrast_limits=(0.0, 1.0))
+    fired = []
+    for name in ("scale", "translate", "visible", "contrast_limits"):
+        getattr(first.events, name).connect(lambda e, name=name: fired.append(name))
+    same = add_or_replace_image(viewer, "out", np.full((32, 32), 2, np.float32), src,
+                                translate=(4.0, 8.0), contrast_limits=(0.0, 1.0),
+                                metadata={"k": 1})
+    assert same is first and fired == []
+    np.testing.assert_array_equal(first.data, 2)
+    assert first.metadata == {"k": 1}
+    add_or_replace_image(viewer, "out", first.data, src, translate=(6.0, 8.0),
+                         contrast_limits=(0.0, 3.0))
+    assert sorted(set(fired)) == ["contrast_limits", "translate"]
+    np.testing.assert_allclose(first.translate, (6.0, 8.0))
+    np.testing.assert_allclose(first.scale, (2.0, 2.0))
