@@ -697,7 +697,9 @@ class ArtefactWidget(EngineWidget):
             (f"Suggested: levels {', '.join(map(str, off))} {rep.mode} " if off else
              "Suggested: every level on (no level's removal looks like an artefact) ")
             + f"{where}. " + " ".join(f"Level {st.level}: {VERDICT_TEXT[st.verdict]}."
-                                      for st in rep.steps))
+                                      for st in rep.steps)
+            # e.g. why a higher level that also looks like an artefact was left on
+            + "".join(f" {n[0].upper()}{n[1:]}." for n in rep.notes if off))
 
     def _verdict(self, level: int):
         rep = self.level_report
