@@ -15,8 +15,8 @@ by default) on a crop of the image and scores each step by
 - ``energy``: the mean square of what this level removes, in units of the pixel noise variance;
 - ``structure``: correlation between where it removes (local energy of the removed part) and where
   the remaining estimate has structure (local gradient energy), both at the level's own scale
-  (the gradient and the smoothing window are ``2**k`` pixels for level ``k``): near 0 for an
-  artefact, clearly positive when real detail goes;
+  (the gradient and the smoothing window are ``2**k`` pixels for level ``k``, the spacing of its
+  latent grid): near 0 for an artefact, clearly positive when real detail goes;
 - ``dll``: the change of the noisy data's mean log-likelihood under the noise model (nats/pixel).
 
 The suggestion is the deepest run of bottom levels whose removal looks like an artefact (structure
@@ -112,7 +112,7 @@ def structure_correlation(removed: np.ndarray, estimate: np.ndarray, scale: floa
     """Correlation between where ``removed`` is strong and where ``estimate`` has structure.
 
     ``scale`` (pixels) is the gradient's Gaussian; both maps are smoothed over ``max(2, scale)``.
-    :func:`describe_levels` uses ``2**k`` for level ``k``, twice the spacing of the level's grid
+    :func:`describe_levels` uses ``2**k`` for level ``k``, the spacing of that level's latent grid
     (chosen by measurement: see the module's notes).
     """
     window = max(2.0, float(scale))
