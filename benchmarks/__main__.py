@@ -14,6 +14,10 @@ ap.add_argument("--lock", metavar="FILE", help="hold this lock file (flock) whil
                 "dataset, so that other jobs honouring it wait instead of distorting the timings")
 ap.add_argument("--reuse-n2v", metavar="RESULTS", help="take Noise2Void's figures from this earlier "
                 "results file of the same profile and seed instead of training it again")
+ap.add_argument("--datasets", metavar="NAMES", help="comma-separated: measure only these datasets "
+                "(default: the profile's)")
+ap.add_argument("--keep", metavar="RESULTS", help="carry the datasets this run does not measure over "
+                "from this earlier results file of the same profile and seed (marked as such)")
 a = ap.parse_args()
 run(a.profile or ("quick" if a.quick else "full"), seed=a.seed, docs=not a.no_docs, lock=a.lock,
-    reuse_n2v=a.reuse_n2v)
+    reuse_n2v=a.reuse_n2v, datasets=a.datasets.split(",") if a.datasets else None, keep=a.keep)

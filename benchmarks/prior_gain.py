@@ -31,7 +31,9 @@ DEFAULT_VARIANTS = ("fluo100:prior:5e-3,fluo100:prior:2e-3,fluo100:prior:1e-3,fl
 
 def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | None, marks,
                 samples: int) -> None:
-    """``variant`` = ``data:start:lr`` with start ``prior`` or ``scratch``."""
+    """``variant`` = ``data:start:lr[:noise]`` with start ``prior`` or ``scratch`` and noise ``gmm``
+    (the GMM fitted from the calibration stack, the default) or ``true`` (the noise that made the
+    data)."""
     import torch
 
     from napari_hdn.engine import Trainer
@@ -41,12 +43,12 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     from .recipe_grid import _data, _noise_model
 
     torch.set_num_threads(1)
-    dsname, start, lr = variant.split(":")
+    dsname, start, lr, *noise = variant.split(":")
     ds = _data(dsname)
     preset = get_preset("fast CPU")
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=0, max_steps=marks[-1],
                                   lr=float(lr), init=prior if start == "prior" else "scratch")
-    tr = Trainer(list(ds.noisy), _noise_model(ds, "gmm", Path(cache)),
+    tr = Trainer(list(ds.noisy), _noise_model(ds, noise[0] if noise else "gmm", Path(cache)),
                  model_config=preset.model_config(), training_config=tcfg)
     t0 = time.perf_counter()
 

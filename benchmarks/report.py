@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: side of the corner of the first image that the crops figure shows
+CROP = 96
+
 
 def _fmt(v, nd=2):
     return "n/a" if v is None else f"{v:.{nd}f}"
@@ -45,6 +48,7 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
     _curves_figure(results, docs / curve_name)
     s = results["settings"]
     m = results["machine"]
+    kept = [n for n, d in results["datasets"].items() if d.get("kept_from")]
     budgets = ", ".join(f"{b:g}" for b in s["budgets_min"])
     lines = [
         "# Benchmarks",
@@ -53,7 +57,9 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         "hand. Data are generated offline from a seed (see `benchmarks/datasets.py`); every learned "
         "method is trained on the noisy images only and the ground truth is used only for scoring.",
         "",
-        f"- Profile: **{results['profile']}**, total run time {results['duration_s'] / 60:.1f} min",
+        f"- Profile: **{results['profile']}**, total run time {results['duration_s'] / 60:.1f} min"
+        + (f" (this run measured {', '.join(n for n in results['datasets'] if n not in kept) or 'none'}; "
+           f"{', '.join(kept)} carried over from an earlier run, see their sections)" if kept else ""),
         f"- Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['threads']} "
         f"threads), numpy {m['numpy']}, scikit-image {m.get('scikit-image', '?')}, Python {m['python']}",
         f"- Images: {s['n_images']} per dataset, {s['size']}x{s['size']} pixels; seed {s['seed']}",
@@ -81,8 +87,16 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         "",
     ]
     for name, d in results["datasets"].items():
-        lines += [f"## {name}", "", d["description"] + ".", "",
-                  "| method | PSNR (dB) | SSIM | per image PSNR | time (s) | notes |",
+        lines += [f"## {name}", "", d["description"] + ".", ""]
+        k = d.get("kept_from")
+        if k:
+            when = f" of {k['date']}" if k.get("date") else ""
+            lines += [f"Measured in an earlier run{when} ({k['file']}, {k['machine']}), not in this "
+                      "one (`--keep`): its figures are carried over unchanged.", ""]
+        m_ = d.get("measured")
+        if m_ and not k:
+            lines += [f"Measured {m_['date']} in this run ({m_['minutes']:.1f} min).", ""]
+        lines += ["| method | PSNR (dB) | SSIM | per image PSNR | time (s) | notes |",
                   "|---|---|---|---|---|---|"]
         for meth, r in d["methods"].items():
             notes = []
@@ -218,7 +232,7 @@ def _figure(crops: dict, path: Path, budget: float) -> None:
     fig, axes = plt.subplots(len(rows), ncol, figsize=(2.0 * ncol, 2.1 * len(rows)), squeeze=False)
     for i, ds in enumerate(rows):
         imgs, truth = crops[ds]
-        c = min(96, truth.shape[0])
+        c = min(CROP, truth.shape[0])
         sl = (slice(0, c), slice(0, c))
         lo, hi = np.percentile(truth, [0.5, 99.8])
         names = cols + (extra_stripes if ds == "stripes" else []) + ["truth"]

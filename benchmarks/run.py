@@ -16,6 +16,7 @@ import numpy as np
 
 from . import baselines, metrics
 from .datasets import Dataset, make_datasets
+from .report import CROP
 from .time_to_quality import in_fresh_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,26 +267,72 @@ class _CpuLock:
             self.fd = None
 
 
+def _earlier(path: str, profile: str, seed: int) -> dict:
+    earlier = json.loads(Path(path).read_text())
+    if earlier["profile"] != profile or earlier["settings"]["seed"] != seed:
+        raise ValueError(f"{path} is a run of profile {earlier['profile']!r}, seed "
+                         f"{earlier['settings']['seed']}: give one of {profile!r}, seed {seed}")
+    return earlier
+
+
+def _crops_file(results_file: Path) -> Path:
+    """Where the crops of a results file are kept (the figure's 96x96 corner of the first image)."""
+    return results_file.with_name(results_file.stem + "-crops.npz")
+
+
+def _save_crops(crops: dict, path: Path) -> None:
+    arrays = {}
+    for ds, (imgs, truth) in crops.items():
+        for name, img in {**imgs, "truth": truth}.items():
+            arrays[f"{ds}|{name}"] = np.asarray(img, np.float32)[:CROP, :CROP]
+    np.savez_compressed(path, **arrays)
+
+
+def _load_crops(path: Path, names) -> dict:
+    if not path.exists():
+        return {}
+    out: dict = {}
+    with np.load(path) as z:
+        for key in z.files:
+            ds, name = key.split("|", 1)
+            if ds in names:
+                imgs, truth = out.setdefault(ds, ({}, None))
+                if name == "truth":
+                    out[ds] = (imgs, z[key])
+                else:
+                    imgs[name] = z[key]
+    return {ds: v for ds, v in out.items() if v[1] is not None}
+
+
 def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
         docs_dir: Path | None = None, docs: bool = True, log=print, lock: str | None = None,
-        reuse_n2v: str | None = None) -> dict:
+        reuse_n2v: str | None = None, datasets: list[str] | None = None,
+        keep: str | None = None) -> dict:
     """Run one profile ("smoke", "quick" or "full"); write JSON results and the report.
 
     ``lock``: a lock file held (``flock``) while each dataset is measured, released in between.
     ``reuse_n2v``: a results file of an earlier run of the same profile and seed whose Noise2Void
     figures are taken instead of training it again (it did not change; HDN did). Its bootstrapped
     noise model, which needs Noise2Void's predictions, is then skipped.
+    ``datasets``: measure only these (default: the profile's list, or every dataset).
+    ``keep``: a results file of an earlier run of the same profile and seed; its datasets that this
+    run does not measure are carried into the results unchanged, each marked with the file and
+    date it was measured in (and their crops, where that run saved them).
     """
     import torch
 
     prof = dict(PROFILES[profile])
+    if datasets:
+        known = {ds.name for ds in make_datasets(8, 1, seed)}
+        unknown = sorted(set(datasets) - known)
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}: choose from {sorted(known)}")
+        prof["datasets"] = list(datasets)
     if reuse_n2v:
-        earlier = json.loads(Path(reuse_n2v).read_text())
-        if earlier["profile"] != profile or earlier["settings"]["seed"] != seed:
-            raise ValueError(f"{reuse_n2v} is a run of profile {earlier['profile']!r}, seed "
-                             f"{earlier['settings']['seed']}: reuse one of {profile!r}, seed {seed}")
+        earlier = _earlier(reuse_n2v, profile, seed)
         prof.update(reuse_n2v=earlier["datasets"], reuse_n2v_from=Path(reuse_n2v).name,
                     bootstrap_min=None)
+    kept = _earlier(keep, profile, seed) if keep else None
     t0 = time.perf_counter()
     arch, training = hdn_settings(prof)
     results: dict = {
@@ -316,17 +363,32 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
             continue
         log(f"dataset {ds.name}: {ds.description}")
         with _CpuLock(lock):
+            t_ds = time.perf_counter()
             r = evaluate_dataset(ds, prof, seed, log)
         crops[ds.name] = (r.pop("_crops"), r.pop("_truth"))
+        r["measured"] = {"date": time.strftime("%Y-%m-%d"), "minutes": (time.perf_counter() - t_ds) / 60}
         results["datasets"][ds.name] = r
+    if kept:
+        for name, r in kept["datasets"].items():
+            if name not in results["datasets"]:
+                results["datasets"][name] = {**r, "kept_from": r.get("kept_from") or {
+                    "file": Path(keep).name, "date": r.get("measured", {}).get("date", kept.get("date")),
+                    "machine": kept["machine"]["platform"]}}
+        crops.update({k: v for k, v in _load_crops(_crops_file(Path(keep)), kept["datasets"]).items()
+                      if k not in crops})
+        order = [ds.name for ds in make_datasets(8, 1, seed)]
+        results["datasets"] = dict(sorted(results["datasets"].items(),
+                                          key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
     if prof["speed"]:
         log("speed and memory")
         with _CpuLock(lock):
             results["speed"] = speed_section(profile != "full", log)
     results["duration_s"] = time.perf_counter() - t0
+    results["date"] = time.strftime("%Y-%m-%d")
     out_dir = Path(out_dir) if out_dir else ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{profile}.json").write_text(json.dumps(results, indent=2))
+    _save_crops(crops, _crops_file(out_dir / f"{profile}.json"))
     if docs:
         from .report import write_report
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import metrics
 from benchmarks.datasets import make_datasets
@@ -54,14 +55,30 @@ def test_smoke_profile_writes_results_and_report(tmp_path):
     assert (tmp_path / "docs" / "benchmarks-crops-smoke.png").stat().st_size > 10_000
     assert (tmp_path / "docs" / "benchmarks-curves-smoke.png").stat().st_size > 10_000
     assert res["duration_s"] > 0
+    assert saved["datasets"]["fluo20"]["measured"]["date"] == saved["date"]
+
+    # measure one dataset again and carry the others over from this run
+    again = run("smoke", out_dir=tmp_path / "again", docs_dir=tmp_path / "again", log=lambda *a: None,
+                datasets=["natural25"], keep=str(tmp_path / "smoke.json"))
+    assert list(again["datasets"]) == ["fluo20", "fluo100", "natural25", "stripes"]  # the usual order
+    assert "kept_from" not in again["datasets"]["natural25"]
+    for name in ("fluo20", "fluo100", "stripes"):
+        assert again["datasets"][name]["kept_from"]["file"] == "smoke.json"
+        assert again["datasets"][name]["methods"] == saved["datasets"][name]["methods"]
+    with np.load(tmp_path / "again" / "smoke-crops.npz") as z:  # the kept datasets' crops too
+        assert {k.split("|")[0] for k in z.files} == set(again["datasets"])
+        assert z["fluo20|truth"].shape == (64, 64)  # the smoke images are smaller than the crop
+    report = (tmp_path / "again" / "benchmarks-smoke.md").read_text()
+    assert "this run measured natural25; fluo20, fluo100, stripes carried over" in report
+    assert report.count("Measured in an earlier run") == 3
+    with pytest.raises(ValueError, match="unknown dataset"):
+        run("smoke", out_dir=tmp_path, docs=False, log=lambda *a: None, datasets=["fluo50"])
 
 
 def test_reusing_noise2void_needs_a_run_of_the_same_profile_and_seed(tmp_path):
-    import pytest
-
     earlier = tmp_path / "quick.json"
     earlier.write_text(json.dumps({"profile": "quick", "settings": {"seed": 0}, "datasets": {}}))
-    with pytest.raises(ValueError, match="profile 'quick', seed 0: reuse one of 'smoke', seed 0"):
+    with pytest.raises(ValueError, match="profile 'quick', seed 0: give one of 'smoke', seed 0"):
         run("smoke", out_dir=tmp_path, docs=False, log=lambda *a: None, reuse_n2v=str(earlier))
 
 
