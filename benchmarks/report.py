@@ -28,6 +28,7 @@ def _verdicts(d: dict) -> list[str]:
     m = d["methods"]
     hdn = dict(_curve(m, "HDN MMSE, calibration noise model"))
     n2v = dict(_curve(m, "Noise2Void (built-in)"))
+    oriented = dict(_curve(m, "HDN MMSE, calibration noise model, 8 orientations"))
     out = []
     for b in sorted(hdn):
         parts = []
@@ -36,7 +37,12 @@ def _verdicts(d: dict) -> list[str]:
                 parts.append(f"{name} {hdn[b] - m[name]['psnr_mean']:+.2f}")
         if b in n2v:
             parts.append(f"Noise2Void at {b:g} min {hdn[b] - n2v[b]:+.2f}")
-        out.append(f"- {b:g} min: HDN {hdn[b]:.2f} dB; HDN minus " + ", ".join(parts) + " dB")
+        line = f"- {b:g} min: HDN {hdn[b]:.2f} dB; HDN minus " + ", ".join(parts) + " dB"
+        if b in oriented:
+            best = max((n for n in CLASSICAL if n in m), key=lambda n: m[n]["psnr_mean"], default=None)
+            line += f"; 8 orientations {oriented[b]:.2f} dB" + (
+                f" ({best} {oriented[b] - m[best]['psnr_mean']:+.2f})" if best else "")
+        out.append(line)
     return out
 
 
@@ -72,6 +78,10 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         f"- HDN: the \"{s.get('hdn_preset', 'fast CPU')}\" preset, {s['hdn_arch']}, training "
         f"{ {k: v for k, v in s['hdn_training'].items() if k != 'max_steps'} }; MMSE of "
         f"{s['n_samples']} samples." + (
+            f" Rows marked \"8 orientations\" score the same model's MMSE averaged over the 8 "
+            f"flips/rotations of each image with {-(-s['n_samples'] // 8)} samples each (about the "
+            "same number of top-down passes, `predict(tta=True)`)." if s.get("orientations_row")
+            else "") + (
             f" The bootstrapped-noise-model variant trains for {s['bootstrap_min']:g} min on a GMM "
             "fitted to Noise2Void's prediction." if s.get("bootstrap_min") else "") + (
             f" Every HDN run starts from the bundled prior ({s['hdn_prior']['file']}: the same "
@@ -164,6 +174,7 @@ def _curves_figure(results: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         m = results["datasets"][name]["methods"]
         for meth, style in (("HDN MMSE, calibration noise model", "o-"),
+                            ("HDN MMSE, calibration noise model, 8 orientations", "d-"),
                             ("Noise2Void (built-in)", "s--")):
             pts = _curve(m, meth)
             if pts:

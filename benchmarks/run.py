@@ -35,10 +35,13 @@ PROFILES = {
                   bootstrap_min=0.5, isolate=True),
     "full": dict(size=256, n_images=3, budgets_min=[2.0, 5.0, 10.0, 20.0], n_samples=100,
                  speed=True, bootstrap_min=5.0, isolate=True),
-    # the full protocol on the two sets a session's time allows: one Poisson-Gaussian, one
+    # the full protocol on the sets the issue names: Poisson-Gaussian at two photon levels and
     # Gaussian; Noise2Void at 5 and 20 min only; no bootstrapped noise model, no speed section
+    # (per set about 25 min for HDN and 25 for Noise2Void unless --reuse-n2v; --datasets and
+    # --keep split a run over sessions)
     "core": dict(size=256, n_images=3, budgets_min=[2.0, 5.0, 10.0, 20.0], n_samples=100,
-                 speed=False, bootstrap_min=None, isolate=True, datasets=["fluo100", "natural25"],
+                 speed=False, bootstrap_min=None, isolate=True,
+                 datasets=["fluo20", "fluo100", "natural25"], orientations_row=True,
                  n2v_budgets_min=[5.0, 20.0]),
 }
 # isolate: each timed training in a fresh process (see time_to_quality.in_fresh_process); the smoke
@@ -67,6 +70,8 @@ def hdn_settings(prof: dict) -> tuple[dict, dict]:
     return arch, training
 
 
+#: suffix of the rows whose MMSE averages the 8 flips/rotations (``predict(tta=True)``)
+ORIENTED = ", 8 orientations"
 STRIPE_LEVELS = (("", None), (", level 1 prior-mean", {1: "prior-mean"}),
                  (", levels 1-2 prior-mean", {1: "prior-mean", 2: "prior-mean"}),
                  (", level 1 zero", {1: "zero"}), (", levels 1-2 zero", {1: "zero", 2: "zero"}))
@@ -88,21 +93,29 @@ def hdn_curve(noisy, clean, noise_model, budgets_min, seed: int, prof: dict, str
     out = []
     for k, snap in enumerate(snaps):
         last = k == len(snaps) - 1
-        for suffix, levels in (STRIPE_LEVELS if (last and stripes) else (("", None),)):
+        settings = [(suffix, levels, False) for suffix, levels in
+                    (STRIPE_LEVELS if (last and stripes) else (("", None),))]
+        if prof.get("orientations_row") and not stripes:
+            settings.append((ORIENTED, None, True))
+        for suffix, levels, tta in settings:
             if levels and len(levels) >= snap["model"].config.levels:
                 continue  # every level off: refused (the result would ignore the image)
             t = time.perf_counter()
-            res = [snap["model"].predict(x, n_samples=n, seed=seed, levels=levels,
-                                         return_samples=last) for x in noisy]
+            # 8 orientations: the same number of top-down passes, spread over the 8 flips/rotations
+            n_each = -(-n // 8) if tta else n
+            res = [snap["model"].predict(x, n_samples=n_each, seed=seed, levels=levels, tta=tta,
+                                         return_samples=last and not tta) for x in noisy]
             extra = {"train_steps": snap["steps"], "train_seconds": snap["minutes"] * 60,
-                     "predict_seconds": time.perf_counter() - t, "n_samples": n,
+                     "predict_seconds": time.perf_counter() - t, "n_samples": n_each * (8 if tta else 1),
                      "levels": res[0].levels, "budget_min": snap["minutes"],
                      "seconds_per_step": snap["seconds_per_step"]}
-            if last:
+            if tta:
+                extra["orientations"] = 8
+            if last and not tta:
                 cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, clean)]
                 extra.update(std_error_corr=_mean_or_none([c["std_error_corr"] for c in cal]),
                              coverage95=float(np.mean([c["coverage95"] for c in cal])))
-            variance = res[0].variance if (last and levels is None) else None
+            variance = res[0].variance if (last and levels is None and not tta) else None
             out.append((suffix, snap["minutes"], [r.mmse for r in res], extra, variance))
     return out
 
@@ -193,7 +206,8 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
         entries = fresh(hdn_curve, ds.noisy, ds.clean, nm, marks, seed, prof, stripes)
         for suffix, minutes, preds, extra, variance in entries:
             add(f"{label}, {minutes:g} min{suffix}", preds,
-                extra["train_seconds"] + extra["predict_seconds"], {**extra, "method": label})
+                extra["train_seconds"] + extra["predict_seconds"],
+                {**extra, "method": label + (ORIENTED if extra.get("orientations") else "")})
             if variance is not None and label.startswith("HDN MMSE, calibration"):
                 crops["HDN variance"] = variance
     out["_crops"] = crops
