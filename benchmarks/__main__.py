@@ -2,7 +2,7 @@
 
 import argparse
 
-from .run import run
+from .run import rewrite_report, run
 
 ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
 ap.add_argument("--quick", action="store_true", help="small images and budgets (a few minutes)")
@@ -18,6 +18,11 @@ ap.add_argument("--datasets", metavar="NAMES", help="comma-separated: measure on
                 "(default: the profile's)")
 ap.add_argument("--keep", metavar="RESULTS", help="carry the datasets this run does not measure over "
                 "from this earlier results file of the same profile and seed (marked as such)")
+ap.add_argument("--report", metavar="RESULTS", help="measure nothing: write the report of this saved "
+                "results file again (e.g. benchmarks/results/core.json)")
 a = ap.parse_args()
+if a.report:
+    print(rewrite_report(a.report))
+    raise SystemExit(0)
 run(a.profile or ("quick" if a.quick else "full"), seed=a.seed, docs=not a.no_docs, lock=a.lock,
     reuse_n2v=a.reuse_n2v, datasets=a.datasets.split(",") if a.datasets else None, keep=a.keep)

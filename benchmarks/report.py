@@ -55,6 +55,7 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
     s = results["settings"]
     m = results["machine"]
     kept = [n for n, d in results["datasets"].items() if d.get("kept_from")]
+    no_crops = [n for n in results["datasets"] if n not in crops]
     budgets = ", ".join(f"{b:g}" for b in s["budgets_min"])
     lines = [
         "# Benchmarks",
@@ -137,7 +138,8 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         lines += _speed_lines(sp)
     lines += ["## Crops", "", f"![crops]({fig_name})", "",
               "Noisy | baselines | Noise2Void | HDN MMSE | HDN variance | truth, first image of each "
-              "dataset.", ""]
+              "dataset." + (f" None for {', '.join(no_crops)}: carried over from a run that kept no "
+                            "crops." if no_crops else ""), ""]
     path = docs / "benchmarks.md"
     if results["profile"] != "full":
         path = docs / f"benchmarks-{results['profile']}.md"

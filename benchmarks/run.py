@@ -30,7 +30,7 @@ PROFILES = {
     # smoke: exercises every code path in seconds (tiny networks); its numbers mean nothing
     "smoke": dict(size=64, n_images=1, budgets_min=[0.005, 0.01], n_samples=3, speed=False,
                   hdn_arch=dict(levels=3, z_dim=2, filters=8, blocks=1, dropout=0.0), patch=32,
-                  bootstrap_min=0.01, isolate=False),
+                  bootstrap_min=0.01, isolate=False, orientations_row=True),
     "quick": dict(size=96, n_images=2, budgets_min=[0.5, 1.0], n_samples=20, speed=True,
                   bootstrap_min=0.5, isolate=True),
     "full": dict(size=256, n_images=3, budgets_min=[2.0, 5.0, 10.0, 20.0], n_samples=100,
@@ -316,6 +316,16 @@ def _load_crops(path: Path, names) -> dict:
                 else:
                     imgs[name] = z[key]
     return {ds: v for ds, v in out.items() if v[1] is not None}
+
+
+def rewrite_report(results_file: str, docs_dir: Path | None = None) -> Path:
+    """Write the report of a saved results file again (with its saved crops), e.g. after the
+    report's layout changed; nothing is measured."""
+    from .report import write_report
+
+    results = json.loads(Path(results_file).read_text())
+    crops = _load_crops(_crops_file(Path(results_file)), results["datasets"])
+    return write_report(results, crops, Path(docs_dir) if docs_dir else ROOT / "docs")
 
 
 def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import metrics
 from benchmarks.datasets import make_datasets
-from benchmarks.run import run
+from benchmarks.run import rewrite_report, run
 
 
 def test_metrics_by_hand():
@@ -45,6 +45,10 @@ def test_smoke_profile_writes_results_and_report(tmp_path):
     assert hdn[0]["train_steps"] <= hdn[-1]["train_steps"] and hdn[-1]["seconds_per_step"] > 0
     last = hdn[-1]
     assert -1 <= last["std_error_corr"] <= 1 and 0 <= last["coverage95"] <= 1
+    oriented = fluo[f"HDN MMSE, calibration noise model, {budgets[-1]:g} min, 8 orientations"]
+    assert oriented["orientations"] == 8 and oriented["train_steps"] == last["train_steps"]
+    assert oriented["n_samples"] == 8 * -(-last["n_samples"] // 8)  # the same top-down passes, rounded up
+    assert oriented["method"] == "HDN MMSE, calibration noise model, 8 orientations"
     stripes = saved["datasets"]["stripes"]["methods"]
     off = stripes[f"HDN MMSE, calibration noise model, {budgets[-1]:g} min, levels 1-2 zero"]
     assert off["levels"] == ["zero", "zero", "posterior"]  # the smoke model has 3 levels
@@ -52,6 +56,7 @@ def test_smoke_profile_writes_results_and_report(tmp_path):
     assert fluo["NL-means"]["psnr_mean"] > fluo["noisy input"]["psnr_mean"] + 3
     report = (tmp_path / "docs" / "benchmarks-smoke.md").read_text()
     assert "## stripes" in report and "PSNR" in report and "HDN minus" in report
+    assert "; 8 orientations " in report  # its figure beside each budget's verdict
     assert (tmp_path / "docs" / "benchmarks-crops-smoke.png").stat().st_size > 10_000
     assert (tmp_path / "docs" / "benchmarks-curves-smoke.png").stat().st_size > 10_000
     assert res["duration_s"] > 0
@@ -71,6 +76,11 @@ def test_smoke_profile_writes_results_and_report(tmp_path):
     report = (tmp_path / "again" / "benchmarks-smoke.md").read_text()
     assert "this run measured natural25; fluo20, fluo100, stripes carried over" in report
     assert report.count("Measured in an earlier run") == 3
+    # the report written again from the saved results and crops is the same report
+    written = (tmp_path / "again" / "benchmarks-smoke.md").read_text()
+    (tmp_path / "again" / "benchmarks-smoke.md").unlink()
+    rewrite_report(str(tmp_path / "again" / "smoke.json"), tmp_path / "again")
+    assert (tmp_path / "again" / "benchmarks-smoke.md").read_text() == written
     with pytest.raises(ValueError, match="unknown dataset"):
         run("smoke", out_dir=tmp_path, docs=False, log=lambda *a: None, datasets=["fluo50"])
 
