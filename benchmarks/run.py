@@ -281,6 +281,11 @@ class _CpuLock:
             self.fd = None
 
 
+#: settings that a results file given to ``keep`` must share with the run
+KEPT_MUST_MATCH = ("size", "n_images", "budgets_min", "n_samples", "hdn_arch", "hdn_training",
+                   "hdn_preset")
+
+
 def _earlier(path: str, profile: str, seed: int) -> dict:
     earlier = json.loads(Path(path).read_text())
     if earlier["profile"] != profile or earlier["settings"]["seed"] != seed:
@@ -368,6 +373,11 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
                     "numpy": np.__version__, "threads": torch.get_num_threads()},
         "datasets": {},
     }
+    if kept:  # carried-over figures must describe the same protocol and the same HDN
+        differ = [k for k in KEPT_MUST_MATCH if kept["settings"].get(k) != results["settings"].get(k)]
+        if differ:
+            raise ValueError(f"{keep} was measured with other settings ({', '.join(differ)}): its "
+                             "datasets cannot stand beside this run's; measure them again instead")
     if training.get("init") == "prior":  # what the HDN runs start from (not counted in the budget)
         from napari_hdn.engine import ModelConfig
         from napari_hdn.engine.priors import bundled_prior_for, bundled_priors

@@ -81,6 +81,12 @@ def test_smoke_profile_writes_results_and_report(tmp_path):
     (tmp_path / "again" / "benchmarks-smoke.md").unlink()
     rewrite_report(str(tmp_path / "again" / "smoke.json"), tmp_path / "again")
     assert (tmp_path / "again" / "benchmarks-smoke.md").read_text() == written
+    other = json.loads((tmp_path / "smoke.json").read_text())
+    other["settings"]["hdn_training"]["lr"] = 1e-4
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"other settings \(hdn_training\)"):
+        run("smoke", out_dir=tmp_path, docs=False, log=lambda *a: None, datasets=["fluo20"],
+            keep=str(tmp_path / "other.json"))
     with pytest.raises(ValueError, match="unknown dataset"):
         run("smoke", out_dir=tmp_path, docs=False, log=lambda *a: None, datasets=["fluo50"])
 
