@@ -168,6 +168,10 @@ def structured(kind: str, size: int, n: int, seed: int, strength: float = 8.0) -
                    {"axis": axis, "strength": strength})
 
 
+#: the names of :func:`make_datasets`' sets, in its order
+NAMES = ("fluo20", "fluo100", "natural25", "stripes")
+
+
 def make_datasets(size: int, n: int, seed: int) -> list[Dataset]:
     return [fluo(20.0, size, n, seed), fluo(100.0, size, n, seed + 1),
             natural25(size, n, seed + 2), stripes(size, n, seed + 3)]

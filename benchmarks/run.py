@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines, metrics
-from .datasets import Dataset, make_datasets
+from .datasets import NAMES, Dataset, make_datasets
 from .report import CROP
 from .time_to_quality import in_fresh_process
 
@@ -352,10 +352,9 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
 
     prof = dict(PROFILES[profile])
     if datasets:
-        known = {ds.name for ds in make_datasets(8, 1, seed)}
-        unknown = sorted(set(datasets) - known)
+        unknown = sorted(set(datasets) - set(NAMES))
         if unknown:
-            raise ValueError(f"unknown dataset(s) {unknown}: choose from {sorted(known)}")
+            raise ValueError(f"unknown dataset(s) {unknown}: choose from {sorted(NAMES)}")
         prof["datasets"] = list(datasets)
     if reuse_n2v:
         earlier = _earlier(reuse_n2v, profile, seed)
@@ -410,9 +409,8 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
                     "machine": kept["machine"]["platform"]}}
         crops.update({k: v for k, v in _load_crops(_crops_file(Path(keep)), kept["datasets"]).items()
                       if k not in crops})
-        order = [ds.name for ds in make_datasets(8, 1, seed)]
         results["datasets"] = dict(sorted(results["datasets"].items(),
-                                          key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+                                          key=lambda kv: NAMES.index(kv[0]) if kv[0] in NAMES else 99))
     if prof["speed"]:
         log("speed and memory")
         with _CpuLock(lock):
