@@ -31,9 +31,10 @@ DEFAULT_VARIANTS = ("fluo100:prior:5e-3,fluo100:prior:2e-3,fluo100:prior:1e-3,fl
 
 def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | None, marks,
                 samples: int) -> None:
-    """``variant`` = ``data:start:lr[:noise]`` with start ``prior`` or ``scratch`` and noise ``gmm``
-    (the GMM fitted from the calibration stack, the default) or ``true`` (the noise that made the
-    data)."""
+    """``variant`` = ``data:start:lr[:noise][:key=value ...]`` with start ``prior`` or ``scratch``,
+    noise ``gmm`` (the GMM fitted from the calibration stack, the default) or ``true`` (the noise
+    that made the data), and ``key=value`` overrides of the preset's training settings (e.g.
+    ``patch_size=96:batch_size=8``)."""
     import torch
 
     from napari_hdn.engine import Trainer
@@ -43,12 +44,13 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     from .recipe_grid import _data, _noise_model
 
     torch.set_num_threads(1)
-    dsname, start, lr, *noise = variant.split(":")
+    dsname, start, lr, noise, overrides = parse_variant(variant)
     ds = _data(dsname)
     preset = get_preset("fast CPU")
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=0, max_steps=marks[-1],
-                                  lr=float(lr), init=prior if start == "prior" else "scratch")
-    tr = Trainer(list(ds.noisy), _noise_model(ds, noise[0] if noise else "gmm", Path(cache)),
+                                  lr=float(lr), init=prior if start == "prior" else "scratch",
+                                  **overrides)
+    tr = Trainer(list(ds.noisy), _noise_model(ds, noise, Path(cache)),
                  model_config=preset.model_config(), training_config=tcfg)
     t0 = time.perf_counter()
 
@@ -73,6 +75,29 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     score(tr.run(), tr.step)
 
 
+def parse_variant(variant: str) -> tuple[str, str, float, str, dict]:
+    """``data:start:lr[:noise][:key=value ...]`` -> (data, start, lr, noise, training overrides);
+    values read as Python literals where they are one (``patch_size=96`` gives the int 96)."""
+    import ast
+
+    dsname, start, lr, *rest = variant.split(":")
+    if start not in ("prior", "scratch"):
+        raise ValueError(f"variant {variant!r}: start must be 'prior' or 'scratch'")
+    overrides, noise = {}, "gmm"
+    for part in rest:
+        if "=" not in part:
+            if part not in ("gmm", "true"):
+                raise ValueError(f"variant {variant!r}: noise must be 'gmm' or 'true', not {part!r}")
+            noise = part
+            continue
+        key, value = part.split("=", 1)
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return dsname, start, float(lr), noise, overrides
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -95,6 +120,8 @@ def main(argv=None) -> None:
 
     cache = Path(tempfile.mkdtemp(prefix="hdn-prior-gain-"))
     names = a.variants.split(",")
+    for n in names:  # refuse a bad variant before any work starts
+        parse_variant(n)
     for dsname in sorted({n.split(":")[0] for n in names}):
         fit_from_calibration(_data(dsname).calibration, kind="gmm", device="cpu", seed=0).save(
             cache / f"{dsname}.hdnn")

@@ -113,6 +113,18 @@ def test_recipe_grid_variants_are_valid_configurations():
         assert t == {**preset.training, "val_fraction": 0.0, **training}
 
 
+def test_prior_gain_variants_read_noise_and_training_overrides():
+    from benchmarks.prior_gain import parse_variant
+
+    assert parse_variant("natural25:prior:5e-3") == ("natural25", "prior", 5e-3, "gmm", {})
+    assert parse_variant("fluo20:scratch:1e-2:true") == ("fluo20", "scratch", 1e-2, "true", {})
+    name, start, lr, noise, over = parse_variant(
+        "natural25:prior:5e-3:patch_size=96:batch_size=8:lr_schedule=cooldown")
+    assert (noise, over) == ("gmm", {"patch_size": 96, "batch_size": 8, "lr_schedule": "cooldown"})
+    for bad in ("natural25:pretrained:5e-3", "natural25:prior:5e-3:exact", "natural25:prior:fast"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+
 def test_cooldown_recipe_gives_each_mark_its_own_run_from_one_long_run():
     """A schedule that depends on the run's length gets, for every earlier mark, a branch of the
     long run resumed with that length: it ends at the mark, cooled down over its own last part."""
