@@ -48,7 +48,7 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     ds = _data(dsname)
     preset = get_preset("fast CPU")
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=0, max_steps=marks[-1],
-                                  lr=float(lr), init=prior if start == "prior" else "scratch",
+                                  lr=lr, init=prior if start == "prior" else "scratch",
                                   **overrides)
     tr = Trainer(list(ds.noisy), _noise_model(ds, noise, Path(cache)),
                  model_config=preset.model_config(), training_config=tcfg)

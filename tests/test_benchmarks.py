@@ -125,6 +125,7 @@ def test_prior_gain_variants_read_noise_and_training_overrides():
         with pytest.raises(ValueError):
             parse_variant(bad)
 
+
 def test_cooldown_recipe_gives_each_mark_its_own_run_from_one_long_run():
     """A schedule that depends on the run's length gets, for every earlier mark, a branch of the
     long run resumed with that length: it ends at the mark, cooled down over its own last part."""
