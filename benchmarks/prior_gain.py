@@ -120,9 +120,8 @@ def main(argv=None) -> None:
 
     cache = Path(tempfile.mkdtemp(prefix="hdn-prior-gain-"))
     names = a.variants.split(",")
-    for n in names:  # refuse a bad variant before any work starts
-        parse_variant(n)
-    for dsname in sorted({n.split(":")[0] for n in names}):
+    parsed = [parse_variant(n) for n in names]  # a bad variant is refused before any work starts
+    for dsname in sorted({p[0] for p in parsed}):
         fit_from_calibration(_data(dsname).calibration, kind="gmm", device="cpu", seed=0).save(
             cache / f"{dsname}.hdnn")
     marks = tuple(int(m) for m in a.marks.split(","))
