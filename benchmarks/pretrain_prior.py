@@ -31,6 +31,13 @@ from .datasets import _unit
 #: scikit-image images used for the prior (none of them is scored by the benchmarks)
 NATURAL = ("brick", "cat", "chelsea", "clock", "coffee", "grass", "gravel", "moon", "page",
            "rocket", "text", "retina")
+#: more photographs, bundled with packages other than scikit-image (``--photos more``): the left view
+#: of scikit-image's stereo pair, scikit-learn's two sample images (CC BY 2.0, see
+#: sklearn/datasets/images/README.txt) and matplotlib's portrait of Grace Hopper
+EXTRA = ("motorcycle", "china", "flower", "grace_hopper")
+#: with ``--photos more``, a photograph longer than this is first shrunk to it (patches are drawn in
+#: proportion to area: retina alone, 1411 x 1411, was 45 % of the base set's photograph pixels)
+MAX_SIDE = 640
 #: images the benchmarks score: never used here
 SCORED = ("camera", "astronaut", "coins", "cell", "hubble_deep_field", "immunohistochemistry")
 PEAKS = (20.0, 50.0, 100.0, 300.0)
@@ -38,27 +45,64 @@ PHANTOM_SEED0 = 5000
 GAIN, READ_NOISE, OFFSET, BACKGROUND = 1.0, 3.0, 100.0, 0.05
 
 
-def natural_images() -> dict[str, np.ndarray]:
-    from skimage import color, data
+def _photograph(name: str) -> np.ndarray:
+    from skimage import data, io
 
-    assert not set(NATURAL) & set(SCORED)
+    if name == "motorcycle":
+        return data.stereo_motorcycle()[0]
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{name}.jpg")
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        return io.imread(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    return getattr(data, name)()
+
+
+def natural_images(names=NATURAL + EXTRA) -> dict[str, np.ndarray]:
+    """The photographs in grey, each scaled to 0..1 (``EXTRA`` needs scikit-learn and matplotlib)."""
+    from skimage import color
+
+    assert not set(names) & set(SCORED)
     out = {}
-    for name in NATURAL:
-        im = getattr(data, name)()
+    for name in names:
+        im = _photograph(name)
         if im.ndim == 3:
             im = color.rgb2gray(im[..., :3])
         out[name] = _unit(np.asarray(im, np.float64)).astype(np.float32)
     return out
 
 
-def clean_images(phantoms: int, clean_npz: str | None = None) -> list[np.ndarray]:
+def photo_names(photos: str) -> tuple[str, ...]:
+    if photos not in ("base", "more"):
+        raise ValueError(f"photos must be 'base' or 'more', not {photos!r}")
+    return NATURAL if photos == "base" else tuple(n for n in NATURAL if n != "chelsea") + EXTRA
+
+
+def clean_images(phantoms: int, clean_npz: str | None = None, photos: str = "base",
+                 scales: tuple[float, ...] = (1.0,)) -> list[np.ndarray]:
+    """The photographs, each at every scale of ``scales`` (1 = as below, 0.5 = half that size,
+    anti-aliased), then ``phantoms`` phantoms. ``base``: ``NATURAL`` as bundled (cat and chelsea are
+    the same photograph); ``more``: ``NATURAL`` without chelsea, and ``EXTRA``, none longer than
+    ``MAX_SIDE``."""
+    from skimage.transform import rescale
+
     from napari_hdn.synthetic import fluorescence_ground_truth
 
+    names = photo_names(photos)
     if clean_npz:
         z = np.load(clean_npz)
-        natural = [z[k] for k in NATURAL]
+        natural = [z[k] for k in names]
     else:
-        natural = list(natural_images().values())
+        natural = list(natural_images(names).values())
+    if photos == "more":
+        natural = [im if max(im.shape) <= MAX_SIDE else
+                   rescale(im, MAX_SIDE / max(im.shape), anti_aliasing=True).astype(np.float32)
+                   for im in natural]
+    natural = [im if s == 1 else rescale(im, s, anti_aliasing=True).astype(np.float32)
+               for s in scales for im in natural]
     return natural + [_unit(fluorescence_ground_truth((256, 256), seed=PHANTOM_SEED0 + k, peak=1.0))
                       for k in range(phantoms)]
 
@@ -76,14 +120,15 @@ def noisy_frames(clean: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
 
 
 def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
-             clean_npz: str | None = None, seed: int = 0):
+             clean_npz: str | None = None, seed: int = 0, photos: str = "base",
+             scales: tuple[float, ...] = (1.0,), threads: int = 4):
     import torch
 
     from napari_hdn.engine import PoissonGaussianNoiseModel, Trainer
     from napari_hdn.engine.presets import get_preset
 
-    torch.set_num_threads(4)
-    frames = noisy_frames(clean_images(phantoms, clean_npz), seed)
+    torch.set_num_threads(threads)
+    frames = noisy_frames(clean_images(phantoms, clean_npz, photos, scales), seed)
     preset = get_preset("fast CPU")
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=seed, max_steps=10**6,
                                   time_budget_s=seconds, batch_size=batch, init="scratch")
@@ -91,17 +136,20 @@ def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
                       model_config=preset.model_config(), training_config=tcfg)
     t = time.perf_counter()
     model = trainer.run()
-    model.info["prior"] = recipe(trainer.step, seconds, batch, phantoms, device, seed)
+    model.info["prior"] = recipe(trainer.step, seconds, batch, phantoms, device, seed, photos, scales)
     model.save(out)
     print(json.dumps({"steps": trainer.step, "seconds": round(time.perf_counter() - t, 1),
                       "frames": len(frames), "out": out}), flush=True)
     return model
 
 
-def recipe(steps: int, seconds: float, batch: int, phantoms: int, device: str, seed: int) -> dict:
+def recipe(steps: int, seconds: float, batch: int, phantoms: int, device: str, seed: int,
+           photos: str = "base", scales: tuple[float, ...] = (1.0,)) -> dict:
     return {
         "made_by": "benchmarks/pretrain_prior.py",
-        "images": {"scikit-image": list(NATURAL), "phantoms": phantoms,
+        "images": {"photographs": list(photo_names(photos)),
+                   "max_side": MAX_SIDE if photos == "more" else None,
+                   "scales": list(scales), "phantoms": phantoms,
                    "phantom_seeds": [PHANTOM_SEED0, PHANTOM_SEED0 + phantoms - 1]},
         "never_used": list(SCORED),
         "noise": {"kind": "poisson-gaussian", "gain": GAIN, "read_noise": READ_NOISE,
@@ -118,6 +166,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--phantoms", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--photos", choices=("base", "more"), default="base",
+                    help="the 12 scikit-image photographs, or those and EXTRA")
+    ap.add_argument("--scales", default="1", help="comma-separated scales of each photograph")
+    ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--out", default="fast-cpu.hdn")
     ap.add_argument("--clean-npz", default=None, help="the scikit-image images saved by --save-clean")
     ap.add_argument("--save-clean", default=None, help="write the scikit-image images here and stop")
@@ -126,7 +178,8 @@ def main(argv=None) -> None:
         np.savez_compressed(a.save_clean, **natural_images())
         return
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pretrain(a.device, a.seconds, a.batch, a.phantoms, a.out, a.clean_npz, a.seed)
+    pretrain(a.device, a.seconds, a.batch, a.phantoms, a.out, a.clean_npz, a.seed, a.photos,
+             tuple(float(v) for v in a.scales.split(",")), a.threads)
 
 
 if __name__ == "__main__":
