@@ -121,7 +121,7 @@ def noisy_frames(clean: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
 
 def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
              clean_npz: str | None = None, seed: int = 0, photos: str = "base",
-             scales: tuple[float, ...] = (1.0,), threads: int = 4):
+             scales: tuple[float, ...] = (1.0,), threads: int = 4, init: str = "scratch"):
     import torch
 
     from napari_hdn.engine import PoissonGaussianNoiseModel, Trainer
@@ -131,16 +131,28 @@ def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
     frames = noisy_frames(clean_images(phantoms, clean_npz, photos, scales), seed)
     preset = get_preset("fast CPU")
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=seed, max_steps=10**6,
-                                  time_budget_s=seconds, batch_size=batch, init="scratch")
+                                  time_budget_s=seconds, batch_size=batch, init=init)
     trainer = Trainer(frames, PoissonGaussianNoiseModel(GAIN, READ_NOISE, OFFSET),
                       model_config=preset.model_config(), training_config=tcfg)
     t = time.perf_counter()
     model = trainer.run()
     model.info["prior"] = recipe(trainer.step, seconds, batch, phantoms, device, seed, photos, scales)
+    if init != "scratch":
+        model.info["prior"] = continued(model.info["prior"], init)
     model.save(out)
     print(json.dumps({"steps": trainer.step, "seconds": round(time.perf_counter() - t, 1),
                       "frames": len(frames), "out": out}), flush=True)
     return model
+
+
+def continued(this: dict, init: str) -> dict:
+    """The recipe of a run that went on from the prior ``init``: that prior's recipe nested in it,
+    and the steps of both together (each run warmed its rate up and averaged its weights anew)."""
+    from napari_hdn.engine.model import load_model
+
+    before = load_model(init, device="cpu").info.get("prior", {})
+    return {**this, "continued_from": before,
+            "total_steps": this["steps"] + before.get("total_steps", before.get("steps", 0))}
 
 
 def recipe(steps: int, seconds: float, batch: int, phantoms: int, device: str, seed: int,
@@ -170,6 +182,7 @@ def main(argv=None) -> None:
                     help="the 12 scikit-image photographs, or those and EXTRA")
     ap.add_argument("--scales", default="1", help="comma-separated scales of each photograph")
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--init", default="scratch", help="'scratch', or a model file to go on from")
     ap.add_argument("--out", default="fast-cpu.hdn")
     ap.add_argument("--clean-npz", default=None, help="the scikit-image images saved by --save-clean")
     ap.add_argument("--save-clean", default=None, help="write the scikit-image images here and stop")
@@ -179,7 +192,7 @@ def main(argv=None) -> None:
         return
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     pretrain(a.device, a.seconds, a.batch, a.phantoms, a.out, a.clean_npz, a.seed, a.photos,
-             tuple(float(v) for v in a.scales.split(",")), a.threads)
+             tuple(float(v) for v in a.scales.split(",")), a.threads, a.init)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     """``variant`` = ``data:start:lr[:noise][:key=value ...]`` with start ``prior`` or ``scratch``,
     noise ``gmm`` (the GMM fitted from the calibration stack, the default) or ``true`` (the noise
     that made the data), and ``key=value`` overrides of the preset's training settings (e.g.
-    ``patch_size=96:batch_size=8``)."""
+    ``patch_size=96:batch_size=8``; ``init=PRIOR.hdn`` starts this variant from another prior)."""
     import torch
 
     from napari_hdn.engine import Trainer
@@ -47,9 +47,9 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     dsname, start, lr, noise, overrides = parse_variant(variant)
     ds = _data(dsname)
     preset = get_preset("fast CPU")
+    init = overrides.pop("init", prior) if start == "prior" else "scratch"
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=0, max_steps=marks[-1],
-                                  lr=lr, init=prior if start == "prior" else "scratch",
-                                  **overrides)
+                                  lr=lr, init=init, **overrides)
     tr = Trainer(list(ds.noisy), _noise_model(ds, noise, Path(cache)),
                  model_config=preset.model_config(), training_config=tcfg)
     t0 = time.perf_counter()
