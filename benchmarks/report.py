@@ -86,8 +86,8 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
             f" The bootstrapped-noise-model variant trains for {s['bootstrap_min']:g} min on a GMM "
             "fitted to Noise2Void's prediction." if s.get("bootstrap_min") else "") + (
             f" Every HDN run starts from the bundled prior ({s['hdn_prior']['file']}: the same "
-            f"network pretrained for {s['hdn_prior']['steps']} steps on "
-            f"{len(s['hdn_prior']['images']['scikit-image'])} scikit-image photographs and "
+            f"network pretrained for {_prior_steps(s['hdn_prior'])} steps on "
+            f"{_prior_photographs(s['hdn_prior'])} photographs and "
             f"{s['hdn_prior']['images']['phantoms']} generated phantoms, none of the images scored "
             "here); only its weights are taken, and the budgets count this run's training alone."
             if s.get("hdn_prior") else ""),
@@ -145,6 +145,16 @@ def write_report(results: dict, crops: dict, docs: Path) -> Path:
         path = docs / f"benchmarks-{results['profile']}.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _prior_steps(prior: dict) -> int:
+    """A prior's optimiser steps, those of the priors it went on from included."""
+    return prior.get("total_steps", prior["steps"])
+
+
+def _prior_photographs(prior: dict) -> int:
+    images = prior["images"]
+    return len(images.get("photographs", images.get("scikit-image", [])))
 
 
 def _short(desc: dict) -> str:

@@ -283,7 +283,7 @@ class _CpuLock:
 
 #: settings that a results file given to ``keep`` must share with the run
 KEPT_MUST_MATCH = ("size", "n_images", "budgets_min", "n_samples", "hdn_arch", "hdn_training",
-                   "hdn_preset")
+                   "hdn_preset", "hdn_prior")
 
 
 def _earlier(path: str, profile: str, seed: int) -> dict:
