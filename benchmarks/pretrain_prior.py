@@ -1,20 +1,23 @@
 """Make the bundled prior (src/napari_hdn/priors/fast-cpu.hdn): the fast preset pretrained on images
 that no benchmark of this project scores.
 
-Images: scikit-image's bundled photographs other than those the benchmarks use (camera,
-astronaut and coins score natural25; cell, hubble_deep_field and immunohistochemistry score the
-fluorescence sets), each scaled to 0..1 (0.5 / 99.9 percentiles), plus generated fluorescence
-phantoms (``napari_hdn.synthetic``, seeds 5000 and up; the benchmarks and the demo use seeds below
-1100). Each clean image is shown at several photon levels (peak 20, 50, 100 and 300 photons over a
-5 % background) with Poisson noise and Gaussian read noise (std 3, offset 100), and the preset's
-network is trained on all of them with the matching Poisson-Gaussian noise model. A run that starts
-from the prior takes only the weights (engine/priors.py).
+Images: photographs bundled with scikit-image (and, with ``--photos more``, with scikit-learn and
+matplotlib) other than those the benchmarks use (camera, astronaut and coins score natural25; cell,
+hubble_deep_field and immunohistochemistry score the fluorescence sets), each in grey and scaled to
+0..1 (0.5 / 99.9 percentiles), optionally at more than one scale (``--scales``), plus generated
+fluorescence phantoms (``napari_hdn.synthetic``, seeds 5000 and up; the benchmarks and the demo use
+seeds below 1100). Each clean image is shown at several photon levels (peak 20, 50, 100 and 300
+photons over a 5 % background) with Poisson noise and Gaussian read noise (std 3, offset 100), and
+the preset's network is trained on all of them with the matching Poisson-Gaussian noise model. A
+run that starts from the prior takes only the weights (engine/priors.py).
 
-    python -m benchmarks.pretrain_prior --device cuda --seconds 300 --out fast-cpu.hdn
+    python -m benchmarks.pretrain_prior --device cuda --seconds 600 --photos more --scales 1,0.5
     python -m benchmarks.pretrain_prior --save-clean clean.npz      # for a machine without the images
 
-The shipped file was made on an H200 with ``--device cuda --seconds 300 --batch 64 --phantoms 48``
-(6039 steps); its ``info["prior"]`` records the recipe.
+The shipped file (the third prior, docs/engine.md) was made on an H200 with ``--device cuda
+--seconds 460 --threads 4 --photos more --scales 1,0.5 --batch 64`` beside three other runs (5083
+steps), then ``--seconds 250 --threads 8 --init`` that file beside one other (4131 steps more);
+its ``info["prior"]`` records both recipes.
 """
 
 from __future__ import annotations
