@@ -11,7 +11,7 @@ photons over a 5 % background) with Poisson noise and Gaussian read noise (std 3
 the preset's network is trained on all of them with the matching Poisson-Gaussian noise model. A
 run that starts from the prior takes only the weights (engine/priors.py).
 
-    python -m benchmarks.pretrain_prior --device cuda --seconds 600 --photos more --scales 1,0.5
+    python -m benchmarks.pretrain_prior --device cuda --seconds 600 --out fast-cpu.hdn
     python -m benchmarks.pretrain_prior --save-clean clean.npz      # for a machine without the images
 
 The shipped file (the third prior, docs/engine.md) was made on an H200 with ``--device cuda
@@ -23,6 +23,7 @@ its ``info["prior"]`` records both recipes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 
 from .datasets import _unit
 
-#: scikit-image images used for the prior (none of them is scored by the benchmarks)
+#: scikit-image photographs used for the prior (none of them is scored by the benchmarks)
 NATURAL = ("brick", "cat", "chelsea", "clock", "coffee", "grass", "gravel", "moon", "page",
            "rocket", "text", "retina")
 #: more photographs, bundled with packages other than scikit-image (``--photos more``): the left view
@@ -53,6 +54,11 @@ def _photograph(name: str) -> np.ndarray:
 
     if name == "motorcycle":
         return data.stereo_motorcycle()[0]
+    if name in EXTRA and name != "motorcycle":
+        missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(f"the photographs of --photos more need {' and '.join(missing)}: "
+                              "pip install scikit-learn matplotlib, or pass --clean-npz")
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
 
@@ -181,14 +187,15 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--phantoms", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--photos", choices=("base", "more"), default="base",
-                    help="the 12 scikit-image photographs, or those and EXTRA")
-    ap.add_argument("--scales", default="1", help="comma-separated scales of each photograph")
+    ap.add_argument("--photos", choices=("base", "more"), default="more",
+                    help="'base': the 12 scikit-image photographs as bundled (the second prior's); "
+                    "'more': without the duplicate chelsea, with EXTRA, none longer than MAX_SIDE")
+    ap.add_argument("--scales", default="1,0.5", help="comma-separated scales of each photograph")
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--init", default="scratch", help="'scratch', or a model file to go on from")
     ap.add_argument("--out", default="fast-cpu.hdn")
-    ap.add_argument("--clean-npz", default=None, help="the scikit-image images saved by --save-clean")
-    ap.add_argument("--save-clean", default=None, help="write the scikit-image images here and stop")
+    ap.add_argument("--clean-npz", default=None, help="the photographs saved by --save-clean")
+    ap.add_argument("--save-clean", default=None, help="write the photographs here and stop")
     a = ap.parse_args(argv)
     if a.save_clean:
         np.savez_compressed(a.save_clean, **natural_images())
