@@ -113,8 +113,7 @@ def main(argv=None) -> None:
     if a.pretrain_seconds:
         from .pretrain_prior import pretrain
 
-        pretrain(a.device, a.pretrain_seconds, 64, 48, a.prior, a.clean_npz, photos="more",
-                 scales=(1.0, 0.5))  # the shipped recipe
+        pretrain(a.device, a.pretrain_seconds, 64, 48, a.prior, a.clean_npz)  # the shipped recipe
     from napari_hdn.engine.noise.fitting import fit_from_calibration
 
     from .recipe_grid import _data
