@@ -54,7 +54,7 @@ def _photograph(name: str) -> np.ndarray:
 
     if name == "motorcycle":
         return data.stereo_motorcycle()[0]
-    if name in EXTRA and name != "motorcycle":
+    if name in ("china", "flower", "grace_hopper"):
         missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
         if missing:
             raise ImportError(f"the photographs of --photos more need {' and '.join(missing)}: "
