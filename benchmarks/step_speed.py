@@ -36,12 +36,19 @@ tc.update(extra)
 tr = Trainer(img, PoissonGaussianNoiseModel(2.0, 5.0, 100.0), axes="SYX",
              model_config=ModelConfig(**arch), training_config=TrainingConfig(**tc))
 tr.model.ladder.train()
-for _ in range(2):
-    tr.train_step()
-times = []
-for _ in range(steps):
-    t = time.perf_counter(); tr.train_step(); times.append(time.perf_counter() - t)
-print(json.dumps({"median": statistics.median(times), "times": times}))
+try:  # what Trainer.run does on a CPU, in trees that have it
+    from napari_hdn.engine.heap import keep_heap
+except ImportError:
+    from contextlib import nullcontext as keep_heap
+with keep_heap():
+    for _ in range(2):
+        tr.train_step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter(); tr.train_step(); times.append(time.perf_counter() - t)
+import resource
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"median": statistics.median(times), "times": times, "peak_rss_mb": rss}))
 """
 
 
@@ -64,12 +71,16 @@ def main(argv=None) -> None:
         arch, batch = CONFIGS[name]
         steps = a.steps if name == "small" else max(2, a.steps // 4)
         res: dict[str, list[float]] = {"old": [], "new": []}
+        rss: dict[str, float] = {"old": 0.0, "new": 0.0}
         for _ in range(a.rounds):
             for which, tree, extra in (("old", a.old, {}), ("new", a.new, extra_new)):
-                res[which] += measure(Path(tree), arch, batch, steps, a.threads, extra)["times"]
+                out = measure(Path(tree), arch, batch, steps, a.threads, extra)
+                res[which] += out["times"]
+                rss[which] = max(rss[which], out.get("peak_rss_mb", 0.0))
         mo, mn = statistics.median(res["old"]), statistics.median(res["new"])
         print(f"{name:6s} batch {batch:3d}: old {mo:.3f} s/step, new {mn:.3f} s/step, "
-              f"new/old time {mn / mo:.2f} (speed {mo / mn:.2f}x); {len(res['old'])} steps each")
+              f"new/old time {mn / mo:.2f} (speed {mo / mn:.2f}x); {len(res['old'])} steps each; "
+              f"peak resident memory old {rss['old']:.0f} MB, new {rss['new']:.0f} MB")
 
 
 if __name__ == "__main__":

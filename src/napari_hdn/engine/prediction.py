@@ -22,6 +22,7 @@ from .device import resolve_device
 from .errors import HDNWarning, InputError, StopRequested
 from .events import Callback, Reporter, StopFlag
 from .fastpath import fuse_for_inference
+from .heap import keep_heap
 from .ladder import pad_to_multiple
 from .options import check_options
 
@@ -254,7 +255,7 @@ class PosteriorSampler:
         count = 0
         kept = np.empty((n_samples, h, w), np.float32) if keep_samples else None
         norm = model.normalisation
-        with torch.inference_mode():
+        with keep_heap(self.device), torch.inference_mode():
             for first in range(0, n_samples, bs):
                 if stop_flag is not None:
                     stop_flag.check()
@@ -537,17 +538,18 @@ def predict(
     var = np.zeros_like(mmse)
     samples = np.empty((n_samples, *frames.shape), np.float32) if return_samples else None
     done = 0
-    for t, ((fwd, inv), plan) in enumerate(zip(views, plans)):
-        mu, v, smp, done = _predict_frames(
-            net, fwd(frames), plan, n_samples, modes, seeds[t], batch_size, return_samples, dev,
-            stop_flag, first_sample, sampling, report, done, total)
-        mu, v = inv(mu), inv(v)
-        if not tta:
-            mmse, var, samples = mu, v, smp
-        else:  # mixture of the orientations: mean of means; mean variance + variance of means
-            mmse += mu
-            var += v + mu.astype(np.float64) ** 2
-        tiling = plan
+    with keep_heap(dev):
+        for t, ((fwd, inv), plan) in enumerate(zip(views, plans)):
+            mu, v, smp, done = _predict_frames(
+                net, fwd(frames), plan, n_samples, modes, seeds[t], batch_size, return_samples,
+                dev, stop_flag, first_sample, sampling, report, done, total)
+            mu, v = inv(mu), inv(v)
+            if not tta:
+                mmse, var, samples = mu, v, smp
+            else:  # mixture of the orientations: mean of means; mean variance + variance of means
+                mmse += mu
+                var += v + mu.astype(np.float64) ** 2
+            tiling = plan
     if tta:
         mmse /= len(views)
         var = np.maximum(var / len(views) - mmse**2, 0.0)
@@ -648,6 +650,14 @@ def predict_in_rounds(model, image, n_samples: int = 100, *, stop_flag: StopFlag
     ``kwargs`` are those of :func:`predict`; its ``"predict"`` progress events count samples over
     all rounds.
     """
+    device = kwargs.get("device")
+    with keep_heap(resolve_device(device) if device is not None else None):
+        return _predict_in_rounds(model, image, n_samples, stop_flag=stop_flag,
+                                  callbacks=callbacks, return_samples=return_samples, **kwargs)
+
+
+def _predict_in_rounds(model, image, n_samples, *, stop_flag, callbacks, return_samples,
+                       **kwargs) -> Prediction:
     model = as_model(model)
     n_samples = check_options(n_samples=n_samples)["n_samples"]
     report = Reporter("predict", callbacks)

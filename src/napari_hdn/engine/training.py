@@ -28,6 +28,7 @@ from .data import (
 from .device import resolve_device
 from .errors import HDNWarning, InputError, ModelFileError, OptionError, TrainingDivergedError
 from .events import Callback, Reporter, StopFlag
+from .heap import keep_heap
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
 from .priors import initial_weights
@@ -509,7 +510,8 @@ class Trainer:
             else:
                 governor = ThreadGovernor(threads_before)
         try:
-            return self._run(governor)
+            with keep_heap(self.device):
+                return self._run(governor)
         finally:
             torch.set_num_threads(threads_before)
 
