@@ -34,10 +34,11 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     """``variant`` = ``data:start:lr[:noise][:key=value ...]`` with start ``prior`` or ``scratch``,
     noise ``gmm`` (the GMM fitted from the calibration stack, the default) or ``true`` (the noise
     that made the data), and ``key=value`` overrides of the preset's training settings (e.g.
-    ``patch_size=96:batch_size=8``; ``init=PRIOR.hdn`` starts this variant from another prior)."""
+    ``patch_size=96:batch_size=8``; ``init=PRIOR.hdn`` starts this variant from another prior;
+    keys of the model's settings that change no weight, e.g. ``dropout=0``, go to the model)."""
     import torch
 
-    from napari_hdn.engine import Trainer
+    from napari_hdn.engine import ModelConfig, Trainer
     from napari_hdn.engine.metrics import psnr
     from napari_hdn.engine.presets import get_preset
 
@@ -48,10 +49,11 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     ds = _data(dsname)
     preset = get_preset("fast CPU")
     init = overrides.pop("init", prior) if start == "prior" else "scratch"
+    model_overrides = {k: overrides.pop(k) for k in list(overrides) if k in ModelConfig.model_fields}
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=0, max_steps=marks[-1],
                                   lr=lr, init=init, **overrides)
     tr = Trainer(list(ds.noisy), _noise_model(ds, noise, Path(cache)),
-                 model_config=preset.model_config(), training_config=tcfg)
+                 model_config=preset.model_config(**model_overrides), training_config=tcfg)
     t0 = time.perf_counter()
 
     def score(model, step: int) -> None:

@@ -259,3 +259,17 @@ def test_snapshot_returns_the_weights_training_would_return():
     a, b = snaps[-1].ladder.state_dict(), final.ladder.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert snaps[-1].ladder is not tr.model.ladder and not snaps[-1].ladder.training
+
+
+@pytest.mark.parametrize("filters, batch, expected", [(32, 16, 16), (64, 64, 8), (8, 16, 16),
+                                                      (64, 4, 4)])
+def test_cpu_micro_batch_scales_with_the_filters(filters, batch, expected):
+    """CPU passes of 512 / filters patches in whole BatchNorm chunks, never more than the batch."""
+    from napari_hdn.engine import ModelConfig, Trainer, TrainingConfig
+
+    _, noisy = _data(n=2, shape=(64, 64))
+    tr = Trainer(noisy, GaussianNoiseModel(20.0), axes="SYX",
+                 model_config=ModelConfig(levels=2, z_dim=4, filters=filters, blocks=1),
+                 training_config=TrainingConfig(patch_size=32, batch_size=batch, device="cpu",
+                                                val_fraction=0.0, bn_chunk=4))
+    assert tr._micro_batch() == expected

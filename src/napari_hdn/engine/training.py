@@ -35,9 +35,12 @@ from .priors import initial_weights
 from .threads import ThreadGovernor
 
 OPTIM_PREFIX = "optim."
-# patches per forward/backward pass on CPU: of 8/16/32/64, 16 was fastest at the small and the paper
-# configuration (benchmarks/step_speed.py); BatchNorm statistics stay per bn_chunk either way
-CPU_MICRO_BATCH = 16
+# patch-channels per forward/backward pass on CPU (patches x filters): 16 patches at 32 filters, 8
+# at 64. Of 8/16/32/64 patches, 16 was fastest at the small configuration (32 filters; 8 took 1.12x
+# the time); at the paper configuration (64 filters) 8 and 16 ran at the same speed with the heap
+# kept (engine/heap.py) and 8 needs 43% less memory (benchmarks/step_speed.py, 2026-11-28).
+# BatchNorm statistics stay per bn_chunk either way.
+CPU_MICRO_BATCH_CHANNELS = 512
 
 
 def _noise_state(nm) -> tuple:
@@ -414,7 +417,8 @@ class Trainer:
         mb = self.tcfg.micro_batch
         if mb is None:  # CPU: cache-friendly passes (measured, see the config); GPU: one wide pass
             c = self.tcfg.bn_chunk  # whole BatchNorm chunks per pass
-            mb = c * max(1, CPU_MICRO_BATCH // c) if self.device.type == "cpu" else self.tcfg.batch_size
+            per_pass = CPU_MICRO_BATCH_CHANNELS // self.model.config.filters
+            mb = c * max(1, per_pass // c) if self.device.type == "cpu" else self.tcfg.batch_size
         return max(1, min(mb, self.tcfg.batch_size))
 
     def train_step(self) -> tuple[float, float, list[float]] | None:
