@@ -128,6 +128,9 @@ def noisy_frames(clean: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
     return frames
 
 
+PRETRAIN_DROPOUT = 0.1
+
+
 def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
              clean_npz: str | None = None, seed: int = 0, photos: str = "base",
              scales: tuple[float, ...] = (1.0,), threads: int = 4, init: str = "scratch"):
@@ -141,8 +144,10 @@ def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
     preset = get_preset("fast CPU")
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=seed, max_steps=10**6,
                                   time_budget_s=seconds, batch_size=batch, init=init)
+    # the shipped prior was pretrained with the preset's dropout, 0.1; recorded in its recipe
     trainer = Trainer(frames, PoissonGaussianNoiseModel(GAIN, READ_NOISE, OFFSET),
-                      model_config=preset.model_config(), training_config=tcfg)
+                      model_config=preset.model_config(dropout=PRETRAIN_DROPOUT),
+                      training_config=tcfg)
     t = time.perf_counter()
     model = trainer.run()
     model.info["prior"] = recipe(trainer.step, seconds, batch, phantoms, device, seed, photos, scales)
@@ -175,7 +180,8 @@ def recipe(steps: int, seconds: float, batch: int, phantoms: int, device: str, s
         "never_used": list(SCORED),
         "noise": {"kind": "poisson-gaussian", "gain": GAIN, "read_noise": READ_NOISE,
                   "offset": OFFSET, "peaks_photons": list(PEAKS), "background": BACKGROUND},
-        "preset": "fast CPU", "steps": steps, "seconds": seconds, "batch_size": batch,
+        "preset": "fast CPU", "dropout": PRETRAIN_DROPOUT, "steps": steps, "seconds": seconds,
+        "batch_size": batch,
         "device": device, "seed": seed,
     }
 

@@ -97,6 +97,9 @@ def parse_variant(variant: str) -> tuple[str, str, float, str, dict]:
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             overrides[key] = value
+    if start == "scratch" and "init" in overrides:
+        raise ValueError(f"variant {variant!r}: init= names the prior to start from; a 'scratch' "
+                         "variant starts from none (use start 'prior' with init=PRIOR.hdn)")
     return dsname, start, float(lr), noise, overrides
 
 

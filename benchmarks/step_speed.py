@@ -21,8 +21,8 @@ CONFIGS = {
     # the issue's two comparison configurations
     "small": (dict(levels=4, z_dim=32, filters=32, blocks=3), 16),
     "paper": (dict(levels=6, z_dim=32, filters=64, blocks=5), 64),
-    # the "fast CPU" preset's network
-    "fast": (dict(levels=4, z_dim=32, filters=32, blocks=1), 16),
+    # the "fast CPU" preset's network (with its dropout before 2026-11-28)
+    "fast": (dict(levels=4, z_dim=32, filters=32, blocks=1, dropout=0.1), 16),
 }
 
 _CHILD = r"""
@@ -67,16 +67,18 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round (small config)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-extra", default="{}", help="JSON TrainingConfig fields for the new tree")
+    ap.add_argument("--new-arch", default="{}", help="JSON ModelConfig fields for the new tree")
     a = ap.parse_args(argv)
-    extra_new = json.loads(a.new_extra)
+    extra_new, arch_new = json.loads(a.new_extra), json.loads(a.new_arch)
     for name in a.configs.split(","):
         arch, batch = CONFIGS[name]
         steps = max(2, a.steps // 4) if name == "paper" else a.steps
         res: dict[str, list[float]] = {"old": [], "new": []}
         rss: dict[str, float] = {"old": 0.0, "new": 0.0}
         for _ in range(a.rounds):
-            for which, tree, extra in (("old", a.old, {}), ("new", a.new, extra_new)):
-                out = measure(Path(tree), arch, batch, steps, a.threads, extra)
+            for which, tree, extra, arch_t in (("old", a.old, {}, arch),
+                                               ("new", a.new, extra_new, {**arch, **arch_new})):
+                out = measure(Path(tree), arch_t, batch, steps, a.threads, extra)
                 res[which] += out["times"]
                 rss[which] = max(rss[which], out.get("peak_rss_mb", 0.0))
         mo, mn = statistics.median(res["old"]), statistics.median(res["new"])

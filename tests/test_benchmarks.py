@@ -122,7 +122,8 @@ def test_prior_gain_variants_read_noise_and_training_overrides():
         "natural25:prior:5e-3:patch_size=96:batch_size=8:lr_schedule=cooldown")
     assert (noise, over) == ("gmm", {"patch_size": 96, "batch_size": 8, "lr_schedule": "cooldown"})
     assert parse_variant("natural25:prior:5e-3:init=/p/a.hdn")[4] == {"init": "/p/a.hdn"}  # own prior
-    for bad in ("natural25:pretrained:5e-3", "natural25:prior:5e-3:exact", "natural25:prior:fast"):
+    for bad in ("natural25:pretrained:5e-3", "natural25:prior:5e-3:exact", "natural25:prior:fast",
+                "natural25:scratch:5e-3:init=/p/a.hdn"):
         with pytest.raises(ValueError):
             parse_variant(bad)
 
