@@ -41,8 +41,7 @@ def conv_calls(tr) -> Counter:
     """The convolutions of one training step: Counter of (kind, weight shape, stride, padding,
     output padding, input shape, needs input gradient)."""
     calls: Counter = Counter()
-    first = tr.model.ladder.modules()
-    first_conv = next(m for m in first if isinstance(m, nn.Conv2d))
+    first_conv = tr.model.ladder.stem[0]  # its input is the image: no input gradient
 
     def hook(mod, inp, _out):
         kind = "T" if isinstance(mod, nn.ConvTranspose2d) else "C"

@@ -21,7 +21,7 @@ CONFIGS = {
     # the two comparison configurations
     "small": (dict(levels=4, z_dim=32, filters=32, blocks=3), 16),
     "paper": (dict(levels=6, z_dim=32, filters=64, blocks=5), 64),
-    # the "fast CPU" preset's network (with its dropout before 2026-11-28)
+    # the "fast CPU" preset's network
     "fast": (dict(levels=4, z_dim=32, filters=32, blocks=1, dropout=0.1), 16),
 }
 

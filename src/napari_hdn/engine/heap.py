@@ -66,8 +66,7 @@ def available() -> bool:
     return _glibc() is not None
 
 
-def _set(mmap: int, trim: int) -> None:
-    lib = _glibc()
+def _set(lib, mmap: int, trim: int) -> None:
     lib.mallopt(_M_MMAP_THRESHOLD, mmap)
     lib.mallopt(_M_TRIM_THRESHOLD, trim)
 
@@ -80,18 +79,19 @@ def keep_heap(device=None):
     counts as the CPU).
     """
     global _users
-    if _glibc() is None or (device is not None and getattr(device, "type", device) != "cpu"):
+    lib = _glibc()
+    if lib is None or (device is not None and getattr(device, "type", device) != "cpu"):
         yield
         return
     with _lock:
         _users += 1
         if _users == 1:
-            _set(KEEP_MMAP, KEEP_TRIM)
+            _set(lib, KEEP_MMAP, KEEP_TRIM)
     try:
         yield
     finally:
         with _lock:
             _users -= 1
             if _users == 0:
-                _set(_DEFAULT_MMAP, _DEFAULT_TRIM)
-                _libc.malloc_trim(0)
+                _set(lib, _DEFAULT_MMAP, _DEFAULT_TRIM)
+                lib.malloc_trim(0)
