@@ -35,7 +35,9 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     noise ``gmm`` (the GMM fitted from the calibration stack, the default) or ``true`` (the noise
     that made the data), and ``key=value`` overrides of the preset's training settings (e.g.
     ``patch_size=96:batch_size=8``; ``init=PRIOR.hdn`` starts this variant from another prior;
-    keys of the model's settings that change no weight, e.g. ``dropout=0``, go to the model)."""
+    keys of the model's settings that change no weight, e.g. ``dropout=0``, go to the model;
+    ``top_down_lr_scale=F`` runs the top-down path and the output layer at F times the rate of
+    the bottom-up path, see :func:`split_rates`)."""
     import torch
 
     from napari_hdn.engine import ModelConfig, Trainer
@@ -50,10 +52,13 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
     preset = get_preset("fast CPU")
     init = overrides.pop("init", prior) if start == "prior" else "scratch"
     model_overrides = {k: overrides.pop(k) for k in list(overrides) if k in ModelConfig.model_fields}
+    top_down_scale = overrides.pop("top_down_lr_scale", None)
     tcfg = preset.training_config(val_fraction=0.0, device=device, seed=0, max_steps=marks[-1],
                                   lr=lr, init=init, **overrides)
     tr = Trainer(list(ds.noisy), _noise_model(ds, noise, Path(cache)),
                  model_config=preset.model_config(**model_overrides), training_config=tcfg)
+    if top_down_scale is not None:
+        split_rates(tr, float(top_down_scale))
     t0 = time.perf_counter()
 
     def score(model, step: int) -> None:
@@ -75,6 +80,32 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
 
     tr.report.callbacks.append(on_step)
     score(tr.run(), tr.step)
+
+
+def split_rates(tr, top_down_scale: float) -> None:
+    """Give the trainer's Adamax two parameter groups: the bottom-up path (stem and encoder levels)
+    at the run's rate, the top-down path and the output layer (the prior and decoder a fine-tune
+    adapts) at ``top_down_scale`` times it. The warm-up sets one rate for all groups; the scale is
+    applied after it, and the plateau scheduler halves each group's rate alike (benchmark only)."""
+    import torch
+
+    cfg = tr.tcfg
+    enc, dec = [], []
+    for name, p in tr.model.ladder.named_parameters():
+        (enc if name.split(".")[0] in ("stem", "bottom_up_levels") else dec).append(p)
+    tr.optimizer = torch.optim.Adamax([{"params": enc, "scale": 1.0},
+                                       {"params": dec, "scale": top_down_scale}], lr=cfg.lr)
+    tr.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        tr.optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    warmup = tr._warmup_lr
+
+    def scaled_warmup() -> None:
+        warmup()
+        if cfg.lr_schedule != "plateau" or tr.step <= cfg.warmup_steps:  # the rate was just set
+            for g in tr.optimizer.param_groups:
+                g["lr"] *= g["scale"]
+
+    tr._warmup_lr = scaled_warmup
 
 
 def parse_variant(variant: str) -> tuple[str, str, float, str, dict]:
