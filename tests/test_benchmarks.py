@@ -128,6 +128,31 @@ def test_prior_gain_variants_read_noise_and_training_overrides():
             parse_variant(bad)
 
 
+def test_prior_gain_top_down_rate_scale_splits_the_optimiser():
+    """``top_down_lr_scale``: the encoder at the run's rate, the top-down path and output layer at
+    the scaled one, through the warm-up and after it, every parameter in exactly one group."""
+    from benchmarks.prior_gain import parse_variant, split_rates
+    from napari_hdn.engine import GaussianNoiseModel, ModelConfig, Trainer, TrainingConfig
+
+    assert parse_variant("natural25:prior:5e-3:top_down_lr_scale=0.3")[4] == {"top_down_lr_scale": 0.3}
+    rng = np.random.default_rng(0)
+    tr = Trainer(rng.normal(100, 10, (2, 48, 48)).astype(np.float32), GaussianNoiseModel(10.0),
+                 axes="SYX", model_config=ModelConfig(levels=2, z_dim=4, filters=8, blocks=1),
+                 training_config=TrainingConfig(patch_size=32, batch_size=4, device="cpu", lr=1e-3,
+                                                warmup_steps=4, val_fraction=0.0, max_steps=6))
+    split_rates(tr, 0.25)
+    enc, dec = tr.optimizer.param_groups
+    ids = [id(q) for g in (enc, dec) for q in g["params"]]
+    assert sorted(ids) == sorted(id(q) for q in tr.model.ladder.parameters())
+    assert any(n.startswith("final") for n, q in tr.model.ladder.named_parameters()
+               if any(q is d for d in dec["params"]))
+    for step in range(6):
+        tr.step = step
+        tr._warmup_lr()
+        peak = 1e-3 * min(step + 1, 5) / 5 if step < 4 else 1e-3
+        assert enc["lr"] == pytest.approx(peak) and dec["lr"] == pytest.approx(0.25 * peak)
+
+
 def test_prior_images_more_photographs_drop_the_duplicate_cap_the_size_and_add_scales(tmp_path):
     """``--photos more``: chelsea (the same photograph as cat) is left out, the extra photographs come
     in, none is longer than MAX_SIDE, and every scale adds a copy of each photograph."""
