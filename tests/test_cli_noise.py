@@ -124,6 +124,10 @@ def test_fit_with_pseudo_clean_and_bootstrap(files, tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["source"] == "n2v"
     assert tifffile.imread(tmp_path / "n2v.tif").shape == (3, 64, 64)
+    # a step limit that ends Noise2Void before it levels off is said in the verdict
+    assert d["verdict"] == "suspicious"
+    assert any("cut short by its step limit (5) after 5 steps" in r for r in d["reasons"])
+    assert d["pairs_record"]["n2v"]["stop_reason"] == "max_steps"
 
 
 def test_user_errors_exit_1_with_a_message(files, tmp_path, capsys):
@@ -189,3 +193,33 @@ def test_wired_into_the_main_cli(fitted, capsys):
 
     assert main(["noise-model", "describe", str(fitted), "--signal", "200"]) == 0
     assert "200" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_noise2void_still_predicts_and_fits(files, tmp_path):
+    """The first Ctrl-C ends Noise2Void; the pseudo-clean image is predicted and the GMM fitted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "c.hdnoise"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_hdn.cli", "noise-model", "fit", "--noisy",
+         str(files / "noisy.tif"), "--out", str(out), "--no-figure", "--json", "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    err = ""
+    deadline = time.monotonic() + 120
+    while "Noise2Void training" not in err and time.monotonic() < deadline:
+        err += proc.stderr.read(1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=120)
+    err += rest
+    assert proc.returncode == 0, err
+    assert "stopping Noise2Void" in err
+    d = json.loads(stdout)
+    assert d["pairs_record"]["n2v"]["stop_reason"] == "stopped"
+    assert d["fit"]["iterations"] >= 1 and not d["fit"]["stopped"]
+    assert any("cut short by a stop request" in r for r in d["reasons"])
+    assert out.exists()

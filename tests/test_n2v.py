@@ -11,9 +11,12 @@ from napari_hdn.engine.noise import (
     fit_from_calibration,
     heldout_nll,
 )
+from napari_hdn.engine.noise.fitting import n2v_notes
 from napari_hdn.engine.noise.n2v import (
     BlindSpotUNet,
+    N2VConfig,
     N2VDenoiser,
+    _Plateau,
     blind_spot_mask,
     load_n2v,
     train_n2v,
@@ -129,6 +132,37 @@ def test_time_budget_ends_training(data):
     _, noisy = data
     den = train_n2v(noisy, max_steps=10_000, time_budget_s=1.0, **TINY_N2V)
     assert 0 < den.info["steps"] < 10_000 and den.info["seconds"] < 5
+    assert den.info["stop_reason"] == "time_budget" and not den.info["converged"]
+    assert "time limit of 1 s" in n2v_notes(den.info)[0]
+
+
+def test_training_ends_when_the_validation_loss_levels_off(data):
+    """The rule counts evaluations, not seconds: the same steps on a quiet or a busy machine."""
+    _, noisy = data
+    events = []
+    kw = {**TINY_N2V, "eval_every": 10, "patience": 2, "lr_drops": 1}
+    den = train_n2v(noisy, callbacks=events.append, **kw)
+    info = den.info
+    assert info["converged"] and info["stop_reason"] == "converged" and info["lr_drops"] == 1
+    assert 0 < info["steps"] < 4000 and info["steps"] % 10 == 0
+    assert n2v_notes(info) == []
+    rates = [e.metrics["lr"] for e in events if e.kind == "step"]
+    assert rates[0] == kw.get("lr", 4e-3) and rates[-1] == rates[0] / 2  # halved once
+    assert events[-1].metrics["stop_reason"] == "converged"
+    again = train_n2v(noisy, **kw)  # seeded: the same run
+    assert again.info["steps"] == info["steps"]
+
+
+def test_plateau_rule():
+    rule = _Plateau(N2VConfig(patience=2, lr_drops=1, min_improvement=0.01, lr=1.0))
+    for v in (1.0, 0.9, 0.895, 0.894):  # two evaluations under 1 % better: the rate halves
+        rule.update(v)
+    assert rule.lr == 0.5 and rule.drops == 1 and not rule.done
+    rule.update(0.8)  # a real improvement resets the count
+    rule.update(0.81)
+    assert not rule.done
+    rule.update(0.805)
+    assert rule.done and rule.lr == 0.5
 
 
 def test_same_seed_same_network(data):
@@ -186,9 +220,13 @@ def test_bootstrapped_gmm_is_close_to_the_calibration_fit():
     noisy = camera(clean, rng)
 
     m_cal = fit_from_calibration(cal, compare_histogram=False)
-    m_boot = fit_bootstrap(noisy, n2v=dict(max_steps=100, filters=8, batch_size=8, patch_size=48),
-                           compare_histogram=False)
+    # Noise2Void trains until its validation loss levels off (a quicker rule than the default's)
+    m_boot = fit_bootstrap(noisy, n2v=dict(filters=8, batch_size=8, patch_size=48, eval_every=10,
+                                           patience=3, lr_drops=1), compare_histogram=False)
     assert m_boot.info["source"] == "n2v"
+    run = m_boot.info["pairs_record"]["n2v"]
+    assert run["converged"] and run["stop_reason"] == "converged" and run["lr_drops"] == 1
+    assert not any("cut short" in r for r in m_boot.info["reasons"])
     nll_cal = heldout_nll(m_cal, ev_s, ev_x)
     nll_boot = heldout_nll(m_boot, ev_s, ev_x)
     assert nll_boot < nll_cal + 0.05, (nll_boot, nll_cal)

@@ -18,6 +18,7 @@ from napari_hdn.engine.noise import (
     fit_from_calibration,
     fit_from_clean,
     fit_noise_model,
+    fit_verdict,
     heldout_nll,
     load_noise_model,
     pairs_from_calibration,
@@ -340,3 +341,32 @@ def test_a_diverging_fits_variance_law_gives_non_finite_numbers_not_an_error():
     sane = VarianceLaw(intercept=1.0, slope=2.0, floor=0.1, lo=10.0, hi=20.0)
     k2 = sane.factor(torch.tensor([5.0, 15.0, 25.0]), torch.tensor([21.0, 31.0, 41.0]))
     assert k2[1] == 1.0 and 0.0 < k2[0] < 1.0 < k2[2]  # 1 inside; the line outside
+
+
+def test_a_model_25_percent_off_in_a_covered_bin_is_never_good():
+    """However few pairs a covered bin holds, the tolerance stops at MAX_STD_TOLERANCE."""
+    from napari_hdn.engine.noise.diagnostics import MAX_STD_TOLERANCE, std_tolerance
+
+    assert std_tolerance(50) == pytest.approx(MAX_STD_TOLERANCE) and MAX_STD_TOLERANCE == 0.25
+    assert std_tolerance(1000) == pytest.approx(0.10)  # 3 standard errors are less than 10 %
+    nm = PoissonGaussianNoiseModel(GAIN, READ, OFFSET)
+    s = np.linspace(150, 1100, 20)
+    truth = np.sqrt(GAIN * (s - OFFSET) + READ**2)
+    binned = {"count": [60] * 20, "edges": list(np.linspace(100, 1150, 21)), "signal": list(s),
+              "empirical_std": list(truth / 1.26), "model_std": list(truth)}  # model 26 % high
+    # 60 pairs alone would allow 3 standard errors, 27.6 %
+    v = fit_verdict(nm, binned, 1_000_000)
+    assert v["verdict"] == "suspicious" and any("differs from the data's by +26%" in r
+                                                for r in v["reasons"]), v["reasons"]
+
+
+def test_verdict_warning_names_the_verdict_and_the_fix():
+    from napari_hdn.engine.noise import verdict_warning
+
+    assert verdict_warning(PoissonGaussianNoiseModel(GAIN, READ, OFFSET)) == ""  # known parameters
+    rng = np.random.default_rng(4)
+    m = fit_from_calibration(camera(ramp(16), rng, frames=8), compare_histogram=False)
+    text = verdict_warning(m)
+    assert "suspicious" in text and "few pairs" in text and "histogram model" in text
+    m.info["source"] = "n2v"
+    assert "more Noise2Void steps" in verdict_warning(m) and "calibration frames" in verdict_warning(m)

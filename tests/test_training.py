@@ -273,3 +273,41 @@ def test_cpu_micro_batch_scales_with_the_filters(filters, batch, expected):
                  training_config=TrainingConfig(patch_size=32, batch_size=batch, device="cpu",
                                                 val_fraction=0.0, bn_chunk=4))
     assert tr._micro_batch() == expected
+
+
+def test_training_on_a_suspicious_noise_model_warns_before_it_starts():
+    from napari_hdn.engine import SuspiciousNoiseModelWarning
+
+    _, noisy = _data(n=2)
+    nm = GaussianNoiseModel(20.0)
+    nm.info = {"verdict": "suspicious", "source": "n2v", "reasons": [
+        "the model's noise std differs from the data's by -21% at signal 2.344e+04"]}
+    events = []
+    with pytest.warns(SuspiciousNoiseModelWarning, match="judged suspicious: the model's noise "
+                      "std differs.*more Noise2Void steps"):
+        napari_hdn.train(noisy, nm, axes="SYX", callbacks=events.append, **{**FAST, "max_steps": 1})
+    assert "suspicious" in events[0].metrics["noise_warning"]
+
+
+def test_busy_monitor_notices_another_process_on_the_cores():
+    import subprocess
+    import sys
+    import time
+
+    from napari_hdn.engine.threads import BusyMonitor
+
+    mon = BusyMonitor(every_s=0.5)
+    if mon._last is None:
+        pytest.skip("no /proc/stat on this system: the monitor is Linux only")
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 3\n"
+                             "while time.time() < t: pass"])
+    try:
+        said = None
+        deadline = time.monotonic() + 2.5
+        while said is None and time.monotonic() < deadline:
+            time.sleep(0.6)
+            said = mon.poll()
+    finally:
+        spin.kill()
+    assert said is not None and mon.load >= 0.5, mon.load
+    assert "other processes are keeping about" in said and "cores busy" in said

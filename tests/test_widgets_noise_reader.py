@@ -118,15 +118,24 @@ def test_n2v_bootstrap_runs_and_stops(viewer, qtbot, notes):
     assert nw.fit()
     qtbot.waitUntil(lambda: not nw.task.running, timeout=WAIT)
     assert nw.state == TaskState.DONE, notes.errors
-    assert nw.last_entry.model.info["source"] == "n2v"
+    info = nw.last_entry.model.info
+    assert info["source"] == "n2v" and info["verdict"] == "suspicious"
+    assert any("cut short by its step limit (10)" in r for r in info["reasons"])
+    assert "cut short" in nw.verdict.text()
 
-    nw.n2v_steps.setValue(100000)
+    # Stop during Noise2Void ends Noise2Void only: the pseudo-clean image is predicted and fitted
+    nw.n2v_steps.setValue(0)  # auto: until its validation loss levels off
     nw.n2v_budget.setValue(0)
+    nw.kind.setCurrentIndex(nw.kind.findData("gmm"))
     assert nw.fit()
-    qtbot.waitUntil(lambda: "Noise2Void" in nw.status.text(), timeout=WAIT)
+    qtbot.waitUntil(lambda: "Noise2Void (pseudo" in nw.status.text(), timeout=WAIT)
     nw.stop_btn.click()
-    qtbot.waitUntil(lambda: not nw.task.running, timeout=10_000)
-    assert nw.state in (TaskState.STOPPED, TaskState.DONE)
+    qtbot.waitUntil(lambda: not nw.task.running, timeout=WAIT)
+    assert nw.state == TaskState.DONE, nw.status.text()
+    info = nw.last_entry.model.info
+    assert info["pairs_record"]["n2v"]["stop_reason"] == "stopped"
+    assert any("cut short by a stop request" in r for r in info["reasons"])
+    assert info["fit"]["iterations"] >= 1 and not info["fit"]["stopped"]
     assert nw.fit_btn.isEnabled()
     assert notes.errors == []
 

@@ -137,7 +137,9 @@ class Progress:
 
     TASKS = {"train": ("training", "step"), "predict": ("sampling", "sample"),
              "predict-chunks": ("predicting chunks", "chunk"),
-             "noise-fit": ("fitting noise model", "it"), "n2v": ("Noise2Void training", "step")}
+             "noise-fit": ("fitting noise model", "it"),
+             "n2v": ("Noise2Void training (until it levels off)", "step"),
+             "n2v-predict": ("Noise2Void prediction (pseudo-clean)", "frame")}
     SHOWN = ("train_loss", "val_loss", "train_nll", "val_nll")
 
     def __init__(self, quiet: bool = False, time_budget: dict | None = None) -> None:
@@ -152,6 +154,8 @@ class Progress:
         from tqdm import tqdm
 
         metrics = ev.metrics or {}
+        if metrics.get("busy"):
+            tqdm.write(f"napari-hdn: note: {metrics['busy']}", file=sys.stderr)
         if ev.task not in self.time_budget and metrics.get("time_budget_s"):
             self.time_budget[ev.task] = metrics["time_budget_s"]  # a run with a time budget
         budget = self.time_budget.get(ev.task)
@@ -176,6 +180,9 @@ class Progress:
         if ev.kind in ("done", "stopped"):
             if not budget:
                 bar.total = ev.step or bar.total
+            if ev.task == "n2v" and metrics.get("stop_reason"):
+                post["ended"] = str(metrics["stop_reason"]).replace("_", " ")
+                bar.set_postfix(post, refresh=False)
             bar.refresh()
             bar.close()
         else:
@@ -196,7 +203,9 @@ class SigintStop:
     """Within this block the first Ctrl-C asks the engine to stop through ``flag`` (what is done so
     far is kept and saved); a second one aborts with KeyboardInterrupt."""
 
-    def __init__(self, flag, what: str = "stopping: what is done so far will be saved") -> None:
+    def __init__(self, flag, what="stopping: what is done so far will be saved") -> None:
+        # ``what``: the message, or a callable giving it (for work whose stop means different
+        # things in different phases)
         self.flag, self.what, self.old = flag, what, None
 
     def __enter__(self) -> SigintStop:
@@ -207,7 +216,8 @@ class SigintStop:
     def _handle(self, *_) -> None:
         if self.flag.is_set():
             raise KeyboardInterrupt
-        print(f"\n{self.what} (Ctrl-C again to abort)", file=sys.stderr)
+        what = self.what() if callable(self.what) else self.what
+        print(f"\n{what} (Ctrl-C again to abort)", file=sys.stderr)
         self.flag.set()
 
     def __exit__(self, *exc) -> None:

@@ -70,20 +70,31 @@ def _describe_lines(desc: dict) -> list[str]:
 
 
 # -- fit -----------------------------------------------------------------------------------------
-def _n2v_pseudo_clean(noisy, args, cb, stop):
-    import numpy as np
-
-    from ..engine.noise.n2v import train_n2v
-    from ..engine.safeio import write_tiff
-
-    kw = {"max_steps": args.n2v_steps}
+def _n2v_options(args) -> dict:
+    kw = {}
+    if args.n2v_steps:
+        kw["max_steps"] = args.n2v_steps
     if args.n2v_minutes:
         kw["time_budget_s"] = 60.0 * args.n2v_minutes
-    den = train_n2v(noisy, device=args.device, seed=args.seed, callbacks=cb, stop_flag=stop, **kw)
-    pseudo = den.predict(noisy, device=args.device)
-    if args.save_pseudo_clean:
-        write_tiff(args.save_pseudo_clean, np.asarray(pseudo, np.float32), photometric="minisblack")
-    return pseudo
+    return kw
+
+
+class _Phase:
+    """Follows the progress events, so that Ctrl-C can say what it stops in each phase."""
+
+    TEXT = {"n2v": "stopping Noise2Void: the pseudo-clean image will be predicted with what it has "
+                   "learnt and the noise model fitted (Ctrl-C during the fit ends the fit)",
+            "noise-fit": "stopping the fit: the best fit so far will be saved"}
+
+    def __init__(self, progress) -> None:
+        self.progress, self.task = progress, ""
+
+    def __call__(self, ev) -> None:
+        self.task = ev.task
+        self.progress(ev)
+
+    def stop_text(self) -> str:
+        return self.TEXT.get(self.task, "stopping: the best fit so far will be saved")
 
 
 def cmd_fit(args) -> int:
@@ -103,6 +114,7 @@ def cmd_fit(args) -> int:
         save_figure,
     )
     from ..engine.noise.pairs import NoiseFitWarning
+    from ..engine.safeio import write_tiff
 
     p = args._parser
     if args.calibration and (args.clean or args.noisy or args.pseudo_clean or args.bootstrap):
@@ -127,13 +139,13 @@ def cmd_fit(args) -> int:
                    (args.save_pseudo_clean, "pseudo-clean image (--save-pseudo-clean)")],
                   [args.calibration, args.clean, args.noisy, args.pseudo_clean], args.overwrite)
     stop = StopFlag()
-    cb = Progress(args.quiet)
+    bar = Progress(args.quiet)
+    cb = _Phase(bar)
     fit_kw = dict(kind=args.kind, n_gaussians=args.gaussians, degree=args.degree,
                   min_variance=args.min_variance, method=args.method, iterations=args.iterations,
                   val_fraction=args.val_fraction, device=args.device, seed=args.seed,
                   callbacks=cb, stop_flag=stop)
-    with warnings.catch_warnings(record=True) as caught, cb, \
-            SigintStop(stop, "stopping: the best fit so far will be saved"):
+    with warnings.catch_warnings(record=True) as caught, bar, SigintStop(stop, cb.stop_text):
         warnings.simplefilter("always", NoiseFitWarning)
         if args.calibration:
             pairs = pairs_from_calibration(read_tiff(args.calibration, "calibration frames"))
@@ -146,12 +158,14 @@ def cmd_fit(args) -> int:
             if pseudo is not None and pseudo.shape != noisy.shape:
                 raise InputError(f"--pseudo-clean has shape {pseudo.shape} but --noisy has "
                                  f"{noisy.shape}: they must match pixel for pixel")
-            source = "pseudo-clean"
-            if pseudo is None:
-                pseudo = _n2v_pseudo_clean(noisy, args, cb, stop)
-                source = "n2v"
+            save = None
+            if args.save_pseudo_clean:
+                def save(frames):
+                    write_tiff(args.save_pseudo_clean, np.asarray(frames, np.float32).reshape(
+                        noisy.shape), photometric="minisblack")
             pairs = bootstrap_pairs(noisy, pseudo, clip_percentiles=args.clip_percentiles,
-                                    source=source)
+                                    n2v=_n2v_options(args), device=args.device, seed=args.seed,
+                                    callbacks=cb, stop_flag=stop, on_pseudo_clean=save)
         model = fit_noise_model(pairs, **fit_kw)
     for w in caught:
         if issubclass(w.category, NoiseFitWarning):
@@ -262,10 +276,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--clip-percentiles", type=_percentiles, default=(0.5, 99.5), metavar="LO,HI",
                    help="bootstrap only: leave out pairs whose pseudo-clean value is outside these "
                    "percentiles (default 0.5,99.5; 'none' keeps all)")
-    d.add_argument("--n2v-steps", type=int, default=1000, metavar="N",
-                   help="bootstrap n2v: training steps of the Noise2Void network (default 1000)")
+    d.add_argument("--n2v-steps", type=int, metavar="N",
+                   help="bootstrap n2v: at most N training steps of the Noise2Void network "
+                   "(default: until its validation loss levels off, at most 4000; a run cut "
+                   "short by this limit makes the verdict suspicious)")
     d.add_argument("--n2v-minutes", type=float, metavar="M",
-                   help="bootstrap n2v: stop Noise2Void training after M minutes at the latest")
+                   help="bootstrap n2v: stop Noise2Void training after M minutes at the latest "
+                   "(a run cut short by this limit makes the verdict suspicious)")
     d.add_argument("--save-pseudo-clean", metavar="FILE.tif",
                    help="bootstrap n2v: also write the Noise2Void prediction as a TIFF")
     o = f.add_argument_group("output")

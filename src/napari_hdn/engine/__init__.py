@@ -12,6 +12,7 @@ from .errors import (
     OptionError,
     OutputError,
     StopRequested,
+    SuspiciousNoiseModelWarning,
     TrainingDivergedError,
     TrainingStopped,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "ProgressEvent",
     "StopFlag",
     "StopRequested",
+    "SuspiciousNoiseModelWarning",
     "Trainer",
     "TrainingConfig",
     "TrainingDivergedError",

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from .errors import HDNWarning, InputError
+from .frames import MAX_ABS_VALUE, Frame, frame_statistics, frames_of, is_lazy
 
 FRAME_AXES = "STZ"  # leading axes treated as independent 2D frames (Z slice-wise)
-#: larger magnitudes overflow float32 when squared in the likelihood (3.4e38)
-MAX_ABS_VALUE = 1e18
 #: a guessed X axis this many times shorter than Y gets a warning (it is probably not X)
 SHORT_LAST_AXIS = 4
 
@@ -106,6 +105,29 @@ def to_frames(images, axes: str | None = None, name: str = "image") -> list[np.n
     return list(arr.reshape(-1, *arr.shape[-2:])) if len(ax) > 2 else [arr]
 
 
+def training_frames(images, axes: str | None = None, name: str = "image") -> list[Frame]:
+    """The 2D frames of training data as :class:`~.frames.Frame` s, read on demand: an array
+    (numpy, memory-mapped, dask, zarr, :class:`~.frames.TiffPages`) or a list of them is never
+    copied whole. Axes as :func:`to_frames`; the values are checked when they are read
+    (:func:`~.frames.frame_statistics`)."""
+    if isinstance(images, (list, tuple)):
+        if images and all(isinstance(f, Frame) for f in images):
+            return list(images)
+        out = []
+        for k, im in enumerate(images):
+            out += training_frames(im, axes, name=f"{name}[{k}]")
+        if not out:
+            raise InputError(f"{name}: the list of images is empty")
+        return out
+    arr = images if is_lazy(images) else np.asarray(images)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InputError(f"{name} has dtype {arr.dtype}; expected a numeric (integer or float) array")
+    if 0 in tuple(arr.shape):
+        raise InputError(f"{name} is empty (shape {tuple(arr.shape)})")
+    ax = check_axes(axes, tuple(arr.shape))
+    return frames_of(arr, ax, name=name)
+
+
 @dataclass
 class Normalisation:
     """Scalar mean/std of the training data; the model works on (x - mean) / std."""
@@ -114,14 +136,15 @@ class Normalisation:
     std: float
 
     @classmethod
-    def from_frames(cls, frames: Sequence[np.ndarray]) -> Normalisation:
-        flat = np.concatenate([f.ravel() for f in frames]).astype(np.float64)
-        std = float(flat.std())
+    def from_frames(cls, frames: Sequence) -> Normalisation:
+        """Mean and std of every pixel of ``frames`` (arrays or :class:`~.frames.Frame` s, read
+        one at a time), after checking their values."""
+        mean, std = frame_statistics(frames, "the training images")
         if not std > 0:
             raise InputError(
                 "the training images are constant (zero variance): there is nothing to denoise"
             )
-        return cls(float(flat.mean()), std)
+        return cls(mean, std)
 
     def forward(self, x):
         return (x - self.mean) / self.std
@@ -149,10 +172,20 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 class PatchSampler:
-    """Draws random square patches from a list of 2D frames (each at least one patch in size)."""
+    """Draws random square patches from a list of 2D frames (each at least one patch in size).
 
-    def __init__(self, frames: Sequence[np.ndarray], patch: int, gen: torch.Generator):
-        self.frames = [torch.from_numpy(np.ascontiguousarray(f)) for f in frames]
+    Frames that are numpy arrays are held as tensors; :class:`~.frames.Frame` s are read patch by
+    patch (nothing of them is kept), through ``transform`` (e.g. the normalisation) when given.
+    """
+
+    def __init__(self, frames: Sequence, patch: int, gen: torch.Generator, transform=None):
+        self.lazy = any(isinstance(f, Frame) for f in frames)
+        self.transform = transform
+        if self.lazy:
+            self.frames = list(frames)
+        else:
+            self.frames = [torch.from_numpy(np.ascontiguousarray(
+                transform(f) if transform is not None else f)) for f in frames]
         self.patch = patch
         self.gen = gen
         areas = np.array([(f.shape[0] - patch + 1) * (f.shape[1] - patch + 1) for f in frames], float)
@@ -168,22 +201,30 @@ class PatchSampler:
             f = self.frames[fi]
             y = int(torch.randint(0, f.shape[0] - p + 1, (1,), generator=self.gen))
             x = int(torch.randint(0, f.shape[1] - p + 1, (1,), generator=self.gen))
-            out[j, 0] = f[y : y + p, x : x + p]
+            if self.lazy:
+                a = f[y : y + p, x : x + p]
+                out[j, 0] = torch.from_numpy(self.transform(a) if self.transform is not None else a)
+            else:
+                out[j, 0] = f[y : y + p, x : x + p]
         return out
 
 
-def grid_patches(frames: Sequence[np.ndarray], patch: int, limit: int) -> torch.Tensor:
-    """Non-overlapping patches on a regular grid (deterministic validation set), at most ``limit``."""
-    out = []
-    for f in frames:
-        for y in range(0, f.shape[0] - patch + 1, patch):
-            for x in range(0, f.shape[1] - patch + 1, patch):
-                out.append(f[y : y + patch, x : x + patch])
-    if not out:
+def grid_patches(frames: Sequence, patch: int, limit: int, transform=None) -> torch.Tensor:
+    """Non-overlapping patches on a regular grid (deterministic validation set), at most
+    ``limit`` of them, evenly spread; only those are read (``transform``: e.g. the
+    normalisation, applied to each)."""
+    where = [(k, y, x) for k, f in enumerate(frames)
+             for y in range(0, f.shape[0] - patch + 1, patch)
+             for x in range(0, f.shape[1] - patch + 1, patch)]
+    if not where:
         raise InputError(f"no {patch}x{patch} validation patch fits in the validation data")
-    if len(out) > limit:
-        keep = np.linspace(0, len(out) - 1, limit).round().astype(int)
-        out = [out[k] for k in keep]
+    if len(where) > limit:
+        keep = np.linspace(0, len(where) - 1, limit).round().astype(int)
+        where = [where[k] for k in keep]
+    out = []
+    for k, y, x in where:
+        a = np.asarray(frames[k][y : y + patch, x : x + patch], dtype=np.float32)
+        out.append(transform(a) if transform is not None else a)
     return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
 
 

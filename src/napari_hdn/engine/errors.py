@@ -22,6 +22,10 @@ class HDNWarning(UserWarning):
     a model was trained on); the command line prints these as one line each."""
 
 
+class SuspiciousNoiseModelWarning(HDNWarning):
+    """Training was started with a noise model whose fit was judged "suspicious"."""
+
+
 class ModelFileError(HDNError, ValueError):
     """A model or noise-model file is missing, unreadable, corrupt, foreign, edited into something
     unusable (non-finite weights, a zero normalisation std) or from an incompatible version."""

@@ -129,3 +129,62 @@ class ThreadGovernor:
         else:
             self.interval[k] = min(2 * self.interval[k], self.max_interval)
             self._set(back)
+
+
+class BusyMonitor:
+    """Notices other processes keeping this machine's cores busy while a job runs.
+
+    Linux only (``/proc/stat``; elsewhere :meth:`poll` always returns None). Every ``every_s``
+    seconds :meth:`poll` compares the CPU time all processes used with what this process used: the
+    rest is other work competing for the same cores. Two CPU-heavy jobs on the same cores slow each
+    other 5-40x when both run as many threads as there are cores (OpenMP threads spin waiting for
+    each other), so a user should know when the machine is shared. :meth:`poll` returns a message
+    the first time the other work reaches ``threshold`` cores (and again if it grows by a core).
+    """
+
+    def __init__(self, every_s: float = 10.0, threshold: float = 0.5) -> None:
+        import os
+
+        self.every_s, self.threshold = every_s, threshold
+        self.cores = os.cpu_count() or 1
+        self.load: float | None = None  # other processes' load in cores over the last window
+        self._said = 0.0
+        self._last = self._sample()
+
+    @staticmethod
+    def _sample():
+        import os
+        import time
+
+        try:
+            with open("/proc/stat") as fh:
+                fields = fh.readline().split()[1:]
+        except OSError:
+            return None
+        if len(fields) < 4:
+            return None
+        v = [int(x) for x in fields[:8]]
+        busy = v[0] + v[1] + v[2] + sum(v[5:8])  # user nice system irq softirq steal
+        t = os.times()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+    def poll(self) -> str | None:
+        """A message when other work is competing for the cores (see the class), else None."""
+        import time
+
+        if self._last is None or time.monotonic() - self._last[0] < self.every_s:
+            return None
+        now = self._sample()
+        if now is None:
+            return None
+        dt = now[0] - self._last[0]
+        other = max(0.0, ((now[1] - self._last[1]) - (now[2] - self._last[2])) / dt)
+        self._last = now
+        self.load = other
+        if other < self.threshold or other < self._said + 1.0:
+            return None
+        self._said = other
+        return (f"other processes are keeping about {other:.1f} of this machine's {self.cores} "
+                "cores busy, so this job runs slower than on a quiet machine (two jobs that each "
+                "use every core can slow each other 5-40x); napari-hdn adapts its thread count "
+                f"(now {torch.get_num_threads()})")

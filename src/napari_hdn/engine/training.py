@@ -23,16 +23,25 @@ from .data import (
     augment_batch,
     grid_patches,
     split_train_val,
-    to_frames,
+    training_frames,
 )
+from .frames import frame_statistics, sample_pixels
 from .device import resolve_device
-from .errors import HDNWarning, InputError, ModelFileError, OptionError, TrainingDivergedError
+from .errors import (
+    HDNWarning,
+    InputError,
+    ModelFileError,
+    OptionError,
+    SuspiciousNoiseModelWarning,
+    TrainingDivergedError,
+)
 from .events import Callback, Reporter, StopFlag
 from .heap import keep_heap
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
+from .noise.diagnostics import verdict_warning
 from .priors import initial_weights
-from .threads import ThreadGovernor
+from .threads import BusyMonitor, ThreadGovernor
 
 OPTIM_PREFIX = "optim."
 # patch-channels per forward/backward pass on CPU (patches x filters): 16 patches at 32 filters, 8
@@ -57,7 +66,7 @@ def _check_shot_noise(nm, frames) -> None:
     noise it models is then zero everywhere, which is rarely what the camera did."""
     if getattr(nm, "kind", "") != "poisson-gaussian":
         return
-    vals = np.concatenate([f.ravel()[:: max(1, f.size // 100_000)] for f in frames])
+    vals = sample_pixels(frames, 100_000)
     hi = float(np.percentile(vals, 99))
     if hi <= nm.offset:
         warnings.warn(
@@ -172,7 +181,9 @@ class Trainer:
         self.report = Reporter("train", callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = resolve_device(self.tcfg.device)
-        frames = to_frames(images, axes, name="training images")
+        frames = training_frames(images, axes, name="training images")
+        # one pass over the data (a frame at a time): the values checked, the statistics kept
+        self.data_stats = frame_statistics(frames, "the training images")
         p = self.tcfg.patch_size
         self.train_frames, self.val_frames, self.split_note = split_train_val(
             frames, self.tcfg.val_fraction, p
@@ -208,7 +219,10 @@ class Trainer:
                     "noise model (napari_hdn.load_noise_model(path))"
                 )
             mcfg = model_config or ModelConfig()
-            norm = Normalisation.from_frames(frames)
+            if not self.data_stats[1] > 0:
+                raise InputError("the training images are constant (zero variance): there is "
+                                 "nothing to denoise")
+            norm = Normalisation(*self.data_stats)
             self.model = HDNModel(mcfg, noise_model, norm)
             # the start: only weights are taken; the noise model and normalisation are this data's
             weights, record = initial_weights(self.tcfg.init, mcfg)
@@ -221,6 +235,9 @@ class Trainer:
         if self.noise_range["level"] == "warning":
             warnings.warn(self.noise_range["message"], NoiseModelRangeWarning, stacklevel=3)
         _check_shot_noise(self.model.noise_model, frames)
+        self.noise_warning = verdict_warning(self.model.noise_model)
+        if self.noise_warning:
+            warnings.warn(self.noise_warning, SuspiciousNoiseModelWarning, stacklevel=3)
         self.model.to(self.device)
         self.model.ladder.set_bn_chunk(self.tcfg.bn_chunk)
         if self.tcfg.channels_last:
@@ -228,9 +245,9 @@ class Trainer:
         self.gen = torch.Generator()
         self.gen.manual_seed(self.tcfg.seed if self.tcfg.seed is not None else int(time.time_ns()))
         norm = self.model.normalisation
-        self.sampler = PatchSampler([norm.forward(f) for f in self.train_frames], p, self.gen)
+        self.sampler = PatchSampler(self.train_frames, p, self.gen, transform=norm.forward)
         self.val_batch = (
-            grid_patches([norm.forward(f) for f in self.val_frames], p, self.tcfg.val_patches)
+            grid_patches(self.val_frames, p, self.tcfg.val_patches, transform=norm.forward)
             if self.val_frames
             else None
         )
@@ -522,11 +539,13 @@ class Trainer:
     def _run(self, governor: ThreadGovernor | None) -> HDNModel:
         cfg = self.tcfg
         self.report("start", step=self.step, total=cfg.max_steps, epoch=self.epoch,
-                    metrics={"noise_range": self.noise_range, "time_budget_s": cfg.time_budget_s})
+                    metrics={"noise_range": self.noise_range, "time_budget_s": cfg.time_budget_s,
+                             "noise_warning": self.noise_warning})
         bad = 0
         stopped = False
         window: list[float] = []
         budget = cfg.time_budget_s
+        busy = BusyMonitor() if self.device.type == "cpu" else None
         t_last = time.perf_counter()
         while self.step < cfg.max_steps:
             if self._agree(self.stop_flag.is_set()):
@@ -555,16 +574,17 @@ class Trainer:
             self.step += 1
             loss, recon, kl = out
             window.append(loss)
-            self.report(
-                "step",
-                step=self.step,
-                total=cfg.max_steps,
-                epoch=self.epoch,
-                metrics={"train_loss": loss, "reconstruction": recon, "kl_per_level": kl,
-                         "train_seconds": self.train_seconds, "time_budget_s": budget,
-                         "lr": self.optimizer.param_groups[0]["lr"],
-                         "threads": threads},  # the count this step ran with
-            )
+            metrics = {"train_loss": loss, "reconstruction": recon, "kl_per_level": kl,
+                       "train_seconds": self.train_seconds, "time_budget_s": budget,
+                       "lr": self.optimizer.param_groups[0]["lr"],
+                       "threads": threads}  # the count this step ran with
+            said = busy.poll() if busy is not None else None
+            if said:
+                metrics["busy"] = said + (
+                    "; with a time budget this run trains fewer steps than it would alone"
+                    if budget is not None else "; the steps trained are the same, only later")
+            self.report("step", step=self.step, total=cfg.max_steps, epoch=self.epoch,
+                        metrics=metrics)
             out_of_time = budget is not None and self._agree(self.train_seconds >= budget)
             if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps or out_of_time:
                 if self._end_epoch(float(np.mean(window))):

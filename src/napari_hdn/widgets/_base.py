@@ -24,7 +24,7 @@ import time
 from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
 from ..session import get_session
-from ._forms import notify_error, notify_warning, set_message, status_label
+from ._forms import notify_error, notify_info, notify_warning, set_message, status_label
 from ._workers import EngineTask, Outcome, user_message
 
 log = logging.getLogger("napari_hdn")
@@ -57,6 +57,7 @@ class EngineWidget(QWidget):
         self.task = EngineTask(self, self._deliver, self._finished, poll_ms=poll_ms)
         self.meta: dict = {}
         self.t0 = 0.0
+        self.busy_note = ""  # what the engine said of other work on the machine, this job
         self._what = self.what
         self.run_tip = ""
         self.run_btn = QPushButton("Run")
@@ -130,6 +131,7 @@ class EngineWidget(QWidget):
             return False
         job, meta = prep
         self.meta, self._what, self.t0 = meta, what, time.perf_counter()
+        self.busy_note = ""
         self.on_start(meta)
         self.set_state(TaskState.RUNNING)
         self.task.start(job, name=f"napari-hdn {what.lower()}")
@@ -164,6 +166,11 @@ class EngineWidget(QWidget):
 
     def _deliver(self, events) -> None:
         self.on_events(events)
+        for ev in events:  # the engine noticed other work competing for the cores
+            said = (ev.metrics or {}).get("busy")
+            if said:
+                notify_info(f"{self._what}: {said}.")
+                self.busy_note = said
 
     def _finished(self, out: Outcome) -> None:
         if not out.ok:

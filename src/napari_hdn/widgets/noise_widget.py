@@ -128,9 +128,14 @@ class NoiseModelWidget(EngineWidget):
                                         or "clean" in ly.name)
         self.clean_noisy_layer = LayerChooser(napari_viewer, prefer=_plain_2d)
         self.n2v_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" not in ly.name)
-        self.n2v_steps = spin(10, 100000, 1500, 100, "Noise2Void training steps")
-        self.n2v_budget = spin(0, 36000, 120, 10, "Stop Noise2Void training after this many "
-                               "seconds (0: no limit)", special="no limit")
+        self.n2v_steps = spin(0, 100000, 0, 100, "At most this many Noise2Void training steps "
+                              "(auto: until its validation loss levels off, at most 4000; "
+                              "the same on a busy machine, only slower). A run cut short by a "
+                              "limit makes the verdict suspicious", special="auto (until converged)")
+        self.n2v_budget = spin(0, 36000, 0, 10, "Stop Noise2Void training after this many "
+                               "seconds (0: no limit). A limit makes the result depend on how busy "
+                               "the machine is; a run it cuts short makes the verdict suspicious",
+                               special="no limit")
         self.pseudo_noisy_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" not in ly.name)
         self.pseudo_layer = LayerChooser(napari_viewer, prefer=lambda ly: "MMSE" in ly.name)
         self.sigma = dspin(1e-6, 1e9, 10.0, 1.0, 4, "Standard deviation of the noise, in the "
@@ -306,11 +311,13 @@ class NoiseModelWidget(EngineWidget):
             if noisy.ndim > 3:
                 raise InputError(f"'{layer.name}' is {noisy.ndim}D: bootstrapping takes a 2D image "
                                  "or a stack of frames (3D)")
-            n2v = {"max_steps": self.n2v_steps.value()}
+            n2v = {}
+            if self.n2v_steps.value():
+                n2v["max_steps"] = self.n2v_steps.value()
             if self.n2v_budget.value():
                 n2v["time_budget_s"] = float(self.n2v_budget.value())
             short = f"N2V bootstrap of {layer.name}"
-            long = f"'{layer.name}' bootstrapped with the built-in Noise2Void ({n2v['max_steps']} steps)"
+            long = f"'{layer.name}' bootstrapped with the built-in Noise2Void"
 
             def make_pairs(report, stop):
                 return bootstrap_pairs(noisy, None, n2v=n2v, seed=seed, callbacks=report,
@@ -349,6 +356,7 @@ class NoiseModelWidget(EngineWidget):
         return job, {"kind": kind, "settings": settings, "short": short, "long": long}
 
     def on_start(self, meta: dict) -> None:
+        self._n2v_val = None
         self.progress.setRange(0, 0)  # busy until the first event gives a total
         self.show_status("Preparing pairs…")
 
@@ -376,19 +384,33 @@ class NoiseModelWidget(EngineWidget):
 
     # -- worker events (GUI thread) ----------------------------------------------------------------
     def on_events(self, events) -> None:
+        for ev in events:
+            if ev.task == "n2v" and ev.kind == "stopped" and self.state == TaskState.STOPPING:
+                # the stop ended Noise2Void only: the pseudo-clean image and the fit come next,
+                # and Stop can end the fit
+                self.set_state(TaskState.RUNNING)
+                notify_info("Noise2Void stopped early: predicting the pseudo-clean image and "
+                            "fitting with what it has learnt (Stop again ends the fit).")
         last = events[-1]
         if last.total:
             self.progress.setRange(0, last.total)
             self.progress.setValue(min(last.step, last.total))
         m = last.metrics
         if last.task == "n2v":
-            text = f"Noise2Void (pseudo-clean image): step {last.step} / {last.total}"
+            text = (f"Noise2Void (pseudo-clean image): step {last.step} (until its validation "
+                    f"loss levels off, at most {last.total})")
             if m.get("val_loss") is not None:
-                text += f", val loss {m['val_loss']:.4g}"
+                self._n2v_val = m["val_loss"]
+            if getattr(self, "_n2v_val", None) is not None:
+                text += f", val loss {self._n2v_val:.4g}"
+        elif last.task == "n2v-predict":
+            text = f"Noise2Void: predicting the pseudo-clean image, frame {last.step} / {last.total}"
         else:
             text = f"Fitting: iteration {last.step} / {last.total}"
             if m.get("val_nll") is not None:
                 text += f", held-out NLL {m['val_nll']:.4f} nats/px"
+        if self.state == TaskState.STOPPING:
+            text += " · stopping…"
         self.show_status(text)
 
     def on_result(self, out) -> TaskState:

@@ -12,6 +12,7 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
 from ..engine import DeviceError, InputError, ModelConfig, Trainer, TrainingConfig, resolve_device
+from ..engine.noise.diagnostics import verdict_warning
 from ..engine.presets import DEFAULT_PRESET, PRESETS
 from ..engine.priors import bundled_prior_for
 from ._base import EngineWidget, TaskState
@@ -26,7 +27,9 @@ from ._forms import (
     dspin,
     form,
     notify_info,
+    notify_warning,
     scroll_body,
+    set_message,
     spin,
     status_label,
 )
@@ -118,6 +121,9 @@ class TrainingWidget(EngineWidget):
         nm_row.addWidget(self.noise_load)
         f = form([("Image layer", self.layer_combo), ("Axes", self.axes_combo)])
         f.addRow("Noise model", nm_row)
+        self.noise_note = status_label()  # the warning of a noise model judged suspicious
+        self.noise_note.setVisible(False)
+        f.addRow(self.noise_note)
         data_box.setLayout(f)
         lay.addWidget(data_box)
 
@@ -211,12 +217,24 @@ class TrainingWidget(EngineWidget):
         self.noise_load.clicked.connect(lambda: self.load_noise_model())
         for w in (self.model_combo, self.noise_combo, self.layer_combo):
             w.currentIndexChanged.connect(self.update_controls)
+        self.noise_combo.currentIndexChanged.connect(self._show_noise_note)
+        self._show_noise_note()
         self._apply_preset(DEFAULT_PRESET)
         self.set_state(TaskState.IDLE)
         kept = self.session.kept_runs()
         if kept:
             more = f" ({len(kept) - 1} more kept in {kept[0].directory.parent})" if len(kept) > 1 else ""
             self.show_status(kept[0].message() + more)
+
+    def noise_warning(self) -> str:
+        """The warning of the chosen noise model when its fit was judged suspicious, else ""."""
+        entry = self.noise_combo.current_entry()
+        return verdict_warning(entry.model) if entry is not None else ""
+
+    def _show_noise_note(self, *_) -> None:
+        text = self.noise_warning()
+        set_message(self.noise_note, f"Warning: {text}" if text else "", error=bool(text))
+        self.noise_note.setVisible(bool(text))
 
     # -- presets ------------------------------------------------------------------------------------
     def _apply_preset(self, name: str) -> None:
@@ -359,6 +377,9 @@ class TrainingWidget(EngineWidget):
                 f"Patch size {tcfg.patch_size} is not a multiple of 2^levels = {mcfg.downscale}; "
                 "patches are padded (a multiple is slightly faster)."
             )
+        warning = verdict_warning(entry.model)
+        if warning:  # said before the run starts; training goes on (the user chose this model)
+            notify_warning(f"Training with '{entry.name}': {warning}")
         run = self._new_run(f"'{layer.name}' ({self.preset.currentText()}, {tcfg.max_steps} steps)")
         noise = entry.model
 

@@ -16,6 +16,7 @@ from .diagnostics import (
     fit_verdict,
     heldout_nll,
     save_figure,
+    verdict_warning,
 )
 from .fitting import (
     bootstrap_pairs,
@@ -66,4 +67,5 @@ __all__ = [
     "register_noise_model",
     "save_figure",
     "split_pairs",
+    "verdict_warning",
 ]

@@ -221,7 +221,7 @@ def signal_range_report(model: NoiseModel, images, max_pixels: int = 4_000_000) 
                 "above": 0.0, "message": ""}
     arr = np.asarray(images, dtype=np.float32) if not isinstance(images, (list, tuple)) else None
     frames = list(images) if arr is None else list(arr.reshape(-1, *arr.shape[-2:]))
-    total = sum(int(np.asarray(f).size) for f in frames)
+    total = sum(int(np.prod(np.shape(f))) for f in frames)  # Frames are not read for this
     step = max(1, int(np.ceil(total / max_pixels)))
     vals = np.concatenate([uniform_filter(np.asarray(f, np.float32), 3).ravel()
                            for f in frames[::step] or frames[:1]])

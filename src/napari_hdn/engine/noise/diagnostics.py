@@ -35,6 +35,9 @@ STD_TOLERANCE = 0.10
 #: n pairs is itself uncertain by about 1 / sqrt(2 (n - 1)) (8 % for 90 pairs), and the sparse
 #: bright end of a sample would otherwise call a correct model suspicious by chance
 STD_SIGMAS = 3.0
+#: ... but never more than this in a covered bin: a model that far from its own pairs is not "good"
+#: however few pairs the bin has
+MAX_STD_TOLERANCE = 0.25
 #: GMM held-out NLL this much above the histogram's (nats/pixel) is suspicious
 NLL_TOLERANCE = 0.05
 #: the variance floor is "dominating" where it is more than this fraction of the model variance
@@ -136,9 +139,12 @@ def binned_statistics(model: NoiseModel | None, signal, observation, n_bins: int
 
 
 def std_tolerance(count) -> np.ndarray:
-    """Largest |model std / data std - 1| accepted in a signal bin of ``count`` pairs."""
+    """Largest |model std / data std - 1| accepted in a signal bin of ``count`` pairs: the
+    bin's own sampling error (``STD_SIGMAS`` standard errors), at least ``STD_TOLERANCE`` and at
+    most ``MAX_STD_TOLERANCE``."""
     n = np.maximum(np.asarray(count, float), 2.0)
-    return np.maximum(STD_TOLERANCE, STD_SIGMAS / np.sqrt(2.0 * (n - 1.0)))
+    tol = np.maximum(STD_TOLERANCE, STD_SIGMAS / np.sqrt(2.0 * (n - 1.0)))
+    return np.minimum(tol, MAX_STD_TOLERANCE)
 
 
 def fit_verdict(model: NoiseModel, binned: dict, n_pairs: int, heldout: float | None = None,
@@ -234,6 +240,30 @@ def fit_verdict(model: NoiseModel, binned: dict, n_pairs: int, heldout: float | 
         reasons.append("fitting was stopped before it finished: the model may not have converged")
     reasons.extend(notes)
     return {"verdict": "suspicious" if reasons else "good", "reasons": reasons, "checks": checks}
+
+
+def verdict_warning(model) -> str:
+    """One paragraph for a noise model whose fit was judged "suspicious": the verdict, its first
+    reasons and what to do about it; ``""`` for a model judged good or with known parameters.
+
+    Training warns with it before it starts (the command line and the Training widget show it).
+    """
+    info = getattr(model, "info", None) or {}
+    if info.get("verdict") != "suspicious":
+        return ""
+    reasons = [str(r) for r in info.get("reasons") or []]
+    why = "; ".join(reasons[:2]) + (f" (and {len(reasons) - 2} more)" if len(reasons) > 2 else "")
+    source = info.get("source")
+    fixes = []
+    if source == "n2v":
+        fixes.append("fit it again with more Noise2Void steps (and no time limit)")
+    if source in ("n2v", "pseudo-clean"):
+        fixes.append("fit it from calibration frames (many frames of a static sample), if there are any")
+    if getattr(model, "kind", "") != "histogram":
+        fixes.append("try the histogram model")
+    fixes.append("look at its diagnostics figure")
+    return (f"the noise model's fit was judged suspicious: {why}. An HDN trained with it may "
+            f"restore the data poorly. What to do: {'; or '.join(fixes)}")
 
 
 # -- figure ------------------------------------------------------------------------------------

@@ -451,6 +451,7 @@ def diagnose(model: NoiseModel, train: NoisePairs, held: NoisePairs | None = Non
         "signal_range": [float(train.signal.min()), float(train.signal.max())],
         "nll_on": "held-out pairs" if held is not None else "training pairs",
         "notes": list(train.notes),
+        **({"pairs_record": dict(train.record)} if train.record else {}),
     }
     nll = heldout_nll(model, ev.signal, ev.observation)
     out["heldout_nll"] = nll if math.isfinite(nll) else None
@@ -490,9 +491,24 @@ def _axes(images):
     return {2: "YX", 3: "SYX"}.get(np.ndim(images))
 
 
+def n2v_notes(info: dict) -> list[str]:
+    """Why a Noise2Void run's pseudo-clean image may not be clean yet: it was cut short by a time
+    limit or a stop before its validation loss levelled off (``[]`` when it converged)."""
+    reason = info.get("stop_reason")
+    steps = info.get("steps")
+    if info.get("converged", True) or reason not in ("time_budget", "stopped", "max_steps"):
+        return []
+    how = {"time_budget": f"the time limit of {info.get('time_budget_s') or 0:g} s",
+           "stopped": "a stop request",
+           "max_steps": f"its step limit ({info.get('max_steps')})"}[reason]
+    return [f"Noise2Void was cut short by {how} after {steps} steps, before its validation loss "
+            "levelled off: the pseudo-clean image may still hold noise or blur, which biases the "
+            "fitted noise; let Noise2Void train until it converges (no time limit)"]
+
+
 def bootstrap_pairs(noisy, pseudo_clean=None, *, clip_percentiles=(0.5, 99.5), n2v: dict | None = None,
                     device="auto", seed: int = 0, callbacks=None, stop_flag=None,
-                    source: str | None = None) -> NoisePairs:
+                    source: str | None = None, on_pseudo_clean=None) -> NoisePairs:
     """Pairs (noisy, pseudo-clean) for fitting without calibration data.
 
     Parameters
@@ -500,22 +516,45 @@ def bootstrap_pairs(noisy, pseudo_clean=None, *, clip_percentiles=(0.5, 99.5), n
     noisy : array (Y, X) or (S, Y, X), or list of 2D arrays
     pseudo_clean : same structure as ``noisy``, optional
         Any denoised version of ``noisy`` (e.g. another denoiser's output). If omitted, the
-        built-in Noise2Void network is trained on ``noisy`` and its prediction is used.
+        built-in Noise2Void network is trained on ``noisy`` (until its validation loss levels
+        off) and its prediction is used.
     clip_percentiles : (low, high) or None
         Pairs whose pseudo-clean value is outside these percentiles are left out.
     n2v : dict, optional
         Options for :func:`napari_hdn.engine.noise.n2v.train_n2v` (``max_steps``, ``time_budget_s``...).
+    stop_flag : StopFlag, optional
+        A stop during Noise2Void training ends the training only: the pseudo-clean image is still
+        predicted and the pairs returned (the flag is cleared, so that a later stop can end the
+        fit), with a note that Noise2Void was cut short.
     source : str, optional
         Label stored with the fit (default ``"n2v"`` or ``"pseudo-clean"``).
+    on_pseudo_clean : callable, optional
+        Called with the Noise2Void prediction (a list of 2D frames) before the pairs are made,
+        e.g. to save it.
+
+    Notes
+    -----
+    Noise2Void reports events with task ``"n2v"``, its prediction of the pseudo-clean image
+    ``"n2v-predict"`` (a step per frame).
     """
     frames = _frames(noisy, "noisy image")
+    record: dict = {}
+    notes: list[str] = []
     if pseudo_clean is None:
         from .n2v import train_n2v
 
         den = train_n2v(frames, device=device, seed=seed, callbacks=callbacks, stop_flag=stop_flag,
                         **(n2v or {}))
-        pseudo = den.predict(frames, device=device)
+        if den.info.get("stopped") and stop_flag is not None:
+            stop_flag.clear()  # the stop ended Noise2Void; predicting and fitting go on
+        pseudo = den.predict(frames, device=device, callbacks=callbacks)
+        if on_pseudo_clean is not None:
+            on_pseudo_clean(pseudo)
         source = source or "n2v"
+        record["n2v"] = {k: den.info.get(k) for k in ("steps", "converged", "stop_reason",
+                                                      "seconds", "best_val_loss", "lr_drops",
+                                                      "time_budget_s")}
+        notes = n2v_notes(den.info)
     else:
         pseudo = _frames(pseudo_clean, "pseudo-clean image")
         source = source or "pseudo-clean"
@@ -527,7 +566,10 @@ def bootstrap_pairs(noisy, pseudo_clean=None, *, clip_percentiles=(0.5, 99.5), n
             )
     x = np.concatenate([f.ravel() for f in frames])
     s = np.concatenate([np.asarray(p, np.float32).ravel() for p in pseudo])
-    return pairs_from_pseudo_clean(x, s, clip_percentiles, source=source)
+    pairs = pairs_from_pseudo_clean(x, s, clip_percentiles, source=source)
+    pairs.notes.extend(notes)
+    pairs.record.update(record)
+    return pairs
 
 
 def fit_bootstrap(noisy, pseudo_clean=None, kind: str = "gmm", *, clip_percentiles=(0.5, 99.5),
@@ -535,7 +577,9 @@ def fit_bootstrap(noisy, pseudo_clean=None, kind: str = "gmm", *, clip_percentil
                   stop_flag=None, **kwargs) -> NoiseModel:
     """Fit without calibration data, on (noisy, pseudo-clean) pairs; see :func:`bootstrap_pairs`.
 
-    The N2V training (if any) reports events with task ``"n2v"``, then the fit with ``"noise-fit"``.
+    The N2V training (if any) reports events with task ``"n2v"``, its prediction
+    ``"n2v-predict"``, then the fit ``"noise-fit"``. A stop during Noise2Void ends Noise2Void and
+    the fit goes on; a stop during the fit keeps the best fit so far.
     """
     pairs = bootstrap_pairs(noisy, pseudo_clean, clip_percentiles=clip_percentiles, n2v=n2v,
                             device=device, seed=seed, callbacks=callbacks, stop_flag=stop_flag)

@@ -36,7 +36,14 @@ N2V_FILE_VERSION = 1
 
 @dataclass
 class N2VConfig:
-    """Network and training settings of the blind-spot U-Net (all have working defaults)."""
+    """Network and training settings of the blind-spot U-Net (all have working defaults).
+
+    Training ends when the masked validation loss has levelled off, whatever the machine's speed:
+    after ``patience`` evaluations (every ``eval_every`` steps) without a relative improvement of
+    ``min_improvement``, the learning rate halves; the plateau after ``lr_drops`` halvings ends
+    training. ``max_steps`` and ``time_budget_s`` are caps; a run they end before the loss has
+    levelled off says so (``info["converged"]`` is False, ``info["stop_reason"]`` why).
+    """
 
     depth: int = 2
     filters: int = 16
@@ -46,22 +53,30 @@ class N2VConfig:
     mask_fraction: float = 0.02
     neighbourhood: int = 5
     lr: float = 4e-3
-    max_steps: int = 1000
+    max_steps: int = 4000
     time_budget_s: float | None = None
     eval_every: int = 50
+    patience: int = 4
+    lr_drops: int = 3
+    min_improvement: float = 0.002
+    val_patches: int = 64
     augment: bool = True
 
     def validate(self) -> None:
         if not 1 <= self.depth <= 4:
             raise InputError(f"n2v depth must be 1..4, got {self.depth}")
-        if self.filters < 1 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
-            raise InputError("n2v filters, batch_size, max_steps and eval_every must be positive")
+        if (self.filters < 1 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1
+                or self.patience < 1 or self.lr_drops < 0 or self.val_patches < 1):
+            raise InputError("n2v filters, batch_size, max_steps, eval_every, patience and "
+                             "val_patches must be positive (lr_drops at least 0)")
         if not 0 < self.mask_fraction <= 0.25:
             raise InputError(f"n2v mask_fraction must be in (0, 0.25], got {self.mask_fraction}")
         if self.neighbourhood < 3 or self.neighbourhood % 2 == 0:
             raise InputError(f"n2v neighbourhood must be odd and >= 3, got {self.neighbourhood}")
         if not self.lr > 0:
             raise InputError(f"n2v lr must be positive, got {self.lr}")
+        if not 0 <= self.min_improvement < 1:
+            raise InputError(f"n2v min_improvement must be in [0, 1), got {self.min_improvement}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise InputError(f"n2v time_budget_s must be positive, got {self.time_budget_s}")
 
@@ -193,9 +208,10 @@ class N2VDenoiser:
         report = Reporter("n2v-predict", callbacks)
         try:
             out = []
+            report("start", step=0, total=len(frames))
             for k, f in enumerate(frames):
-                report("step", step=k, total=len(frames))
                 out.append(self._predict_frame(net, f, tile_size, tile_overlap, dev))
+                report("step", step=k + 1, total=len(frames))
             report("done", step=len(frames), total=len(frames))
         finally:
             self.net.cpu()
@@ -259,6 +275,27 @@ def _val_loss(net, val, dev) -> float:
     return float(((pred[bi, 0, y, x].cpu() - target) ** 2).mean())
 
 
+class _Plateau:
+    """The stopping rule of :func:`train_n2v`: after ``patience`` evaluations without a relative
+    improvement of ``min_improvement`` the rate halves; the plateau after ``lr_drops`` halvings
+    ends training."""
+
+    def __init__(self, cfg: N2VConfig) -> None:
+        self.cfg, self.lr = cfg, cfg.lr
+        self.best, self.waited, self.drops, self.done = math.inf, 0, 0, False
+
+    def update(self, val: float) -> None:
+        if val < self.best * (1.0 - self.cfg.min_improvement):
+            self.best, self.waited = val, 0
+            return
+        self.waited += 1
+        if self.waited >= self.cfg.patience:
+            if self.drops >= self.cfg.lr_drops:
+                self.done = True
+            else:
+                self.drops, self.lr, self.waited = self.drops + 1, self.lr * 0.5, 0
+
+
 def train_n2v(
     images,
     *,
@@ -284,27 +321,34 @@ def train_n2v(
         Seeds weights, patches and masks (same seed, same result on the same machine).
     callbacks : callable or list, optional
         Receive :class:`ProgressEvent` s with task ``"n2v"``: ``start``, ``step`` (``train_loss``,
-        and ``val_loss`` every ``eval_every`` steps), ``done`` or ``stopped``.
+        ``lr``, and ``val_loss`` every ``eval_every`` steps), ``done`` or ``stopped``.
     stop_flag : StopFlag, optional
         Checked before every step; a stop keeps the best weights so far.
 
     Returns
     -------
     N2VDenoiser
-        With ``info``: ``steps``, ``best_val_loss``, ``stopped``, ``seconds``.
+        With ``info``: ``steps``, ``best_val_loss``, ``stopped``, ``seconds``, ``converged``
+        (the validation loss levelled off), ``stop_reason`` (``"converged"``, ``"max_steps"``,
+        ``"time_budget"`` or ``"stopped"``), ``lr_drops``.
 
     Notes
     -----
-    Training ends after ``max_steps`` or ``time_budget_s``, whichever comes first; the learning rate
-    decays along a cosine over that span. The weights kept are those with the lowest masked loss on
-    a fixed set of validation patches (fixed masks). The masked pixels are never seen by the
-    network, so this loss is an honest estimate even on patches from the training images.
+    Training ends when the validation loss has levelled off (see :class:`N2VConfig`): a count of
+    steps, so the result does not depend on how busy the machine is. ``max_steps`` and
+    ``time_budget_s`` are caps. The weights kept are those with the lowest masked loss on a fixed
+    set of validation patches (fixed masks); the masked pixels are never seen by the network, so
+    this loss is an honest estimate even on patches from the training images. On the CPU the
+    thread count adapts to a busy machine (:class:`~napari_hdn.engine.threads.ThreadGovernor`).
     """
+    from ..threads import BusyMonitor, ThreadGovernor
+
     cfg = N2VConfig(**{**asdict(config or N2VConfig()), **overrides})
     cfg.validate()
     frames, _ = _as_frames(images, "noisy image")
     flat = np.concatenate([f.ravel() for f in frames]).astype(np.float64)
     mean, std = float(flat.mean()), float(flat.std())
+    del flat
     if not std > 0:
         raise InputError("the noisy images are constant: there is nothing to denoise or to learn from")
     m = 2**cfg.depth
@@ -324,27 +368,29 @@ def train_n2v(
     net = net.to(dev)
     sampler = PatchSampler(norm, patch, gen)
     val_gen = torch.Generator().manual_seed(int(seed) + 12345)
-    val_batch = PatchSampler(norm, patch, val_gen).sample(min(32, max(8, cfg.batch_size)))
+    val_batch = PatchSampler(norm, patch, val_gen).sample(cfg.val_patches)
     val = _masked_batch(val_batch, cfg, val_gen)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     report = Reporter("n2v", callbacks)
+    rule = _Plateau(cfg)
     t0 = time.perf_counter()
     best = _val_loss(net, val, dev)
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     report("start", step=0, total=cfg.max_steps, metrics={"val_loss": best})
-    step, stopped = 0, False
+    step, reason = 0, "max_steps"
+    threads_before = torch.get_num_threads()
+    governor = ThreadGovernor(threads_before) if dev.type == "cpu" else None
+    busy = BusyMonitor() if dev.type == "cpu" else None
+    t_last = time.perf_counter()
     try:
         for step in range(1, cfg.max_steps + 1):
             if stop_flag is not None:
                 stop_flag.check()
-            frac = (step - 1) / cfg.max_steps
-            if cfg.time_budget_s:
-                frac = max(frac, (time.perf_counter() - t0) / cfg.time_budget_s)
-            if frac >= 1.0:
-                step -= 1
+            if cfg.time_budget_s and time.perf_counter() - t0 >= cfg.time_budget_s:
+                step, reason = step - 1, "time_budget"
                 break
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+                g["lr"] = rule.lr
             batch = sampler.sample(cfg.batch_size)
             if cfg.augment:
                 batch = augment_batch(batch, gen)
@@ -355,25 +401,45 @@ def train_n2v(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            metrics = {"train_loss": float(loss.detach())}
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            metrics = {"train_loss": float(loss.detach()), "lr": rule.lr}
+            said = busy.poll() if busy is not None else None
+            if said:
+                metrics["busy"] = (said + "; Noise2Void stops when its validation loss levels "
+                                   "off, not on the clock, so its result is the same, only later"
+                                   + (" (unless the time limit ends it first)"
+                                      if cfg.time_budget_s else ""))
+            if governor is not None:
+                now = time.perf_counter()
+                governor.observe(now - t_last)
+                t_last = now
+            if step % cfg.eval_every == 0:
                 net.eval()
                 v = _val_loss(net, val, dev)
                 metrics["val_loss"] = v
                 if v < best:
                     best = v
                     best_state = {k: t.detach().clone() for k, t in net.state_dict().items()}
+                rule.update(v)
+                t_last = time.perf_counter()  # evaluations are not steps
             report("step", step=step, total=cfg.max_steps, metrics=metrics)
+            if rule.done:
+                reason = "converged"
+                break
     except TrainingStopped:
-        stopped = True
-        step -= 1
+        step, reason = step - 1, "stopped"
+    finally:
+        torch.set_num_threads(threads_before)
     net.eval()
     last = _val_loss(net, val, dev)
     if last < best:
         best, best_state = last, {k: t.detach().clone() for k, t in net.state_dict().items()}
     net.load_state_dict(best_state)
+    stopped = reason == "stopped"
     info = {"steps": step, "best_val_loss": best, "stopped": stopped,
-            "seconds": round(time.perf_counter() - t0, 3), "patch_size": patch, "seed": int(seed)}
+            "seconds": round(time.perf_counter() - t0, 3), "patch_size": patch, "seed": int(seed),
+            "converged": reason == "converged", "stop_reason": reason, "lr_drops": rule.drops,
+            "max_steps": cfg.max_steps, "time_budget_s": cfg.time_budget_s,
+            "other_load": None if busy is None or busy.load is None else round(busy.load, 2)}
     report("stopped" if stopped else "done", step=step, total=cfg.max_steps,
-           metrics={"val_loss": best})
+           metrics={"val_loss": best, "stop_reason": reason})
     return N2VDenoiser(net, mean, std, cfg, info)

@@ -44,6 +44,8 @@ class NoisePairs:
     observation: np.ndarray
     source: str = "pairs"
     notes: list[str] = field(default_factory=list)
+    #: how the pairs were made, kept with the fit (e.g. ``{"n2v": {...}}``: the Noise2Void run)
+    record: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.signal.size)
@@ -265,6 +267,8 @@ def split_pairs(pairs: NoisePairs, val_fraction: float, seed: int = 0):
             f"{n} pairs are too few to hold out {val_fraction:.0%} for validation: use more data or "
             "val_fraction=0"
         )
-    tr = NoisePairs(pairs.signal[~held], pairs.observation[~held], pairs.source, pairs.notes)
-    va = NoisePairs(pairs.signal[held], pairs.observation[held], pairs.source, pairs.notes)
+    tr = NoisePairs(pairs.signal[~held], pairs.observation[~held], pairs.source, pairs.notes,
+                    pairs.record)
+    va = NoisePairs(pairs.signal[held], pairs.observation[held], pairs.source, pairs.notes,
+                    pairs.record)
     return tr, va
