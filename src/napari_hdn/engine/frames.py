@@ -95,7 +95,7 @@ class Frame:
 
 def _numeric(dtype, name: str) -> np.dtype:
     dt = np.dtype(dtype)
-    if dt == object or dt.kind not in "biuf":
+    if dt.kind not in "biuf":
         raise InputError(f"{name} has dtype {dt}; expected a numeric (integer or float) array")
     return dt
 

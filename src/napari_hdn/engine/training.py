@@ -25,7 +25,6 @@ from .data import (
     split_train_val,
     training_frames,
 )
-from .frames import frame_statistics, sample_pixels
 from .device import resolve_device
 from .errors import (
     HDNWarning,
@@ -36,6 +35,7 @@ from .errors import (
     TrainingDivergedError,
 )
 from .events import Callback, Reporter, StopFlag
+from .frames import frame_statistics, sample_pixels
 from .heap import keep_heap
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
