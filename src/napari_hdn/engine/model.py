@@ -179,14 +179,24 @@ class HDNModel:
 
 
 def read_model_file(path) -> tuple[HDNModel, dict, dict]:
-    """Load a model file; return ``(model, meta, tensors)`` (the extras serve checkpoints)."""
+    """Load a one-channel model file; return ``(model, meta, tensors)`` (the extras serve
+    checkpoints). A file of a multi-channel model is refused (see :func:`load_model`)."""
     meta, tensors = read_file(path, MODEL_FILE_FORMAT, "napari-hdn model")
     version = meta.get("format_version")
+    if isinstance(version, int) and version == 2 and isinstance(meta.get("channels"), list):
+        raise ModelFileError(
+            f"{path} holds a multi-channel model ({len(meta['channels'])} channels): load it with "
+            "load_model; to continue its training, resume from its checkpoint folder")
     if not isinstance(version, int) or version > MODEL_FILE_VERSION:
         raise ModelFileError(
             f"{path} has model format version {version}; this napari-hdn reads up to "
             f"{MODEL_FILE_VERSION}. Update napari-hdn to load it."
         )
+    return model_from_parts(meta, tensors, path), meta, tensors
+
+
+def model_from_parts(meta: dict, tensors: dict, path) -> HDNModel:
+    """An :class:`HDNModel` from the description and the tensors of one model in a file."""
     for key, kind in (("config", dict), ("noise_model", dict), ("normalisation", dict),
                       ("info", dict)):
         if key in meta and not isinstance(meta[key], kind):
@@ -229,11 +239,12 @@ def read_model_file(path) -> tuple[HDNModel, dict, dict]:
         ) from None
     model = HDNModel(config, noise, norm, ladder, meta.get("info") or {})
     model.ladder.eval()
-    return model, meta, tensors
+    return model
 
 
-def load_model(path: str | os.PathLike, device=None) -> HDNModel:
-    """Load a napari-hdn model file.
+def load_model(path: str | os.PathLike, device=None):
+    """Load a napari-hdn model file: an :class:`HDNModel`, or a
+    :class:`~napari_hdn.engine.channels.MultiChannelModel` for a file with one model per channel.
 
     Raises
     ------
@@ -242,7 +253,18 @@ def load_model(path: str | os.PathLike, device=None) -> HDNModel:
         version, or holds values no model can have (NaN or infinite weights, a normalisation std
         that is not a positive finite number, metadata of the wrong types).
     """
-    model, _, _ = read_model_file(path)
+    from .channels import CHANNEL_FILE_VERSION, models_from_file
+
+    meta, tensors = read_file(path, MODEL_FILE_FORMAT, "napari-hdn model")
+    version = meta.get("format_version")
+    if version == CHANNEL_FILE_VERSION and isinstance(meta.get("channels"), list):
+        model = models_from_file(meta, tensors, path)
+    else:
+        if not isinstance(version, int) or version > MODEL_FILE_VERSION:
+            raise ModelFileError(
+                f"{path} has model format version {version}; this napari-hdn reads up to "
+                f"{CHANNEL_FILE_VERSION}. Update napari-hdn to load it.")
+        model = model_from_parts(meta, tensors, path)
     if device is not None:
         from .device import resolve_device
 

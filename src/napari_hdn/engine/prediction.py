@@ -171,6 +171,13 @@ def inference_model(model, device=None):
     on one CPU thread); passing the result to :func:`predict` or :class:`PosteriorSampler` again
     makes no further copy.
     """
+    from .channels import MultiChannelModel
+
+    if isinstance(model, MultiChannelModel):
+        ready = [inference_model(m, device) for m in model.models]
+        if all(a is b for a, b in zip(ready, model.models)):
+            return model
+        return MultiChannelModel(ready, model.info)
     device = resolve_device(device) if device is not None else model.device
     ladder = model.ladder
     if model.device == device and getattr(ladder, "fused_for_inference", False):
@@ -334,11 +341,12 @@ def as_model(model):
     """An HDNModel as it is; a path is loaded (so ``napari_hdn.predict("m.hdn", image)`` works)."""
     import os
 
+    from .channels import MultiChannelModel
     from .model import HDNModel, load_model
 
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
-    if not isinstance(model, HDNModel):
+    if not isinstance(model, (HDNModel, MultiChannelModel)):
         raise InputError(f"model must be an HDNModel or the path of a model file, not "
                          f"{type(model).__name__}")
     return model
@@ -499,7 +507,17 @@ def predict(
     ModelFileError
         ``model`` is a path to a file that is not a usable model.
     """
+    from .channels import MultiChannelModel, check_channels, layout_of
+
     model = as_model(model)
+    layout = layout_of(np.shape(image), axes)
+    check_channels(model, layout)
+    if isinstance(model, MultiChannelModel):
+        return _predict_channels(
+            model, image, layout, n_samples, levels=levels, tile_size=tile_size,
+            tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
+            return_samples=return_samples, device=device, callbacks=callbacks,
+            stop_flag=stop_flag, first_sample=first_sample, sampling=sampling, tta=tta)
     c = check_options(n_samples=n_samples, batch_size=batch_size, tile_size=tile_size,
                       tile_overlap=tile_overlap, seed=seed)
     n_samples, batch_size, tile_size, tile_overlap, seed = (
@@ -568,6 +586,45 @@ def predict(
         info={"axes": ax, "tile_size": tile, "tiles": len(ys) * len(xs), "sampling": sampling,
               "tta": len(views), **({"tta_seeds": seeds} if tta else {})},
     )
+
+
+def channel_seed(seed: int, channel: int) -> int:
+    """The latent-noise seed of ``channel`` (0-based; channel 0 keeps ``seed``): the channels'
+    samples do not share their latent noise."""
+    return seed if channel == 0 else _mix(seed, 0xC4A, channel) & 0x7FFFFFFF
+
+
+def _predict_channels(model, image, layout, n_samples, *, callbacks, seed, return_samples,
+                      **kwargs) -> Prediction:
+    """:func:`predict` of each channel with its own model, put back in the input's layout."""
+    arr = np.asarray(image)
+    report = Reporter("predict", callbacks)
+    n = layout.channels
+    offset, per, results = 0, 0, []
+
+    def relay(ev):
+        nonlocal per
+        if ev.kind == "start":
+            per = ev.total
+            if not results:
+                report("start", step=0, total=per * n)
+        elif ev.kind == "step":
+            report("step", step=offset + ev.step, total=per * n)
+
+    for c in range(n):
+        offset = c * per
+        results.append(predict(model.models[c], layout.channel_view(arr, c), n_samples,
+                               axes=layout.frame_axes, seed=channel_seed(seed, c),
+                               return_samples=return_samples, callbacks=relay, **kwargs))
+    report("done", step=per * n, total=per * n)
+    first = results[0]
+    return Prediction(
+        mmse=layout.stack([r.mmse for r in results]),
+        variance=layout.stack([r.variance for r in results]),
+        samples=None if first.samples is None else layout.stack([r.samples for r in results], 1),
+        levels=first.levels, n_samples=first.n_samples, seed=seed,
+        info={**first.info, "axes": layout.axes, "channels": n,
+              "channel_seeds": [channel_seed(seed, c) for c in range(n)]})
 
 
 def _tile_plan(H: int, W: int, tile_size, tile_overlap, m: int):

@@ -213,6 +213,11 @@ class Trainer:
                                   copy.deepcopy(initial_model.ladder).train(),
                                   dict(initial_model.info))
         else:
+            if type(noise_model).__name__ == "ChannelNoiseModels":
+                raise InputError(
+                    f"one noise model per channel ({len(noise_model)}) was given for images of "
+                    "one channel: give the images with their channel axis (axes with C) to "
+                    "train a model per channel, or one channel's noise model")
             if not isinstance(noise_model, NoiseModel):
                 raise InputError(
                     "a noise model is required: pass e.g. GaussianNoiseModel(sigma) or a fitted "
@@ -679,11 +684,16 @@ def train(
     Parameters
     ----------
     images : ndarray or list of ndarray
-        Noisy images: YX, a stack of frames (SYX/TYX) or a volume treated slice-wise (ZYX).
-    noise_model : NoiseModel
-        Pixel noise model in the units of ``images``, e.g. ``GaussianNoiseModel(sigma=25)``.
+        Noisy images: YX, a stack of frames (SYX/TYX) or a volume treated slice-wise (ZYX); with
+        a channel axis C (``CYX``, ``TCYX``, ``YXC`` for RGB) one HDN is trained per channel and
+        a :class:`~napari_hdn.engine.channels.MultiChannelModel` returned. A memory-mapped,
+        dask or zarr array is read patch by patch, never copied whole.
+    noise_model : NoiseModel or ChannelNoiseModels
+        Pixel noise model in the units of ``images``, e.g. ``GaussianNoiseModel(sigma=25)``; for
+        channels one per channel (or one for all).
     axes : str, optional
-        Axes of ``images`` when ambiguous (e.g. ``"TYX"``, ``"ZYX"``).
+        Axes of ``images`` when ambiguous (e.g. ``"TYX"``, ``"ZYX"``, ``"CYX"``); an array of
+        shape (Y, X, 3) is taken as RGB.
     model_config, training_config : ModelConfig, TrainingConfig, optional
         Full configurations (the names :class:`Trainer` uses; ``config=`` and ``training=`` are
         accepted too); individual fields can also be given as keyword ``options``
@@ -712,6 +722,18 @@ def train(
     m_over, t_over = _split_overrides(options)
     if m_over:
         config = validated(ModelConfig, {**(config or ModelConfig()).model_dump(), **m_over})
+    from .channels import ChannelNoiseModels, layout_of, train_channels
+
+    shape = np.shape(images) if not isinstance(images, (list, tuple)) else None
+    layout = layout_of(shape, axes) if shape is not None else None
+    if (layout is not None and layout.has_channels) or isinstance(noise_model, ChannelNoiseModels):
+        if layout is None or not layout.has_channels:
+            raise InputError("one noise model per channel was given, but the images have no "
+                             "channel axis: give their axes with C (e.g. 'CYX', 'YXC')")
+        return train_channels(images, noise_model, axes=layout.axes, model_config=config,
+                              training_config=training, checkpoint_dir=checkpoint_dir,
+                              callbacks=callbacks, stop_flag=stop_flag, resume=resume,
+                              training_overrides=t_over)
     trainer = Trainer(
         images,
         noise_model,

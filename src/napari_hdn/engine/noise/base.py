@@ -112,8 +112,9 @@ def noise_model_from_state(kind: str, params: dict, tensors: dict) -> NoiseModel
         raise ModelFileError(f"noise model parameters for kind {kind!r} are invalid: {exc}") from None
 
 
-def load_noise_model(path: str | os.PathLike) -> NoiseModel:
-    """Load a noise model file written by :meth:`NoiseModel.save`.
+def load_noise_model(path: str | os.PathLike):
+    """Load a noise model file written by :meth:`NoiseModel.save` (a :class:`NoiseModel`), or by
+    :meth:`~napari_hdn.engine.channels.ChannelNoiseModels.save` (one model per channel).
 
     Raises
     ------
@@ -122,10 +123,15 @@ def load_noise_model(path: str | os.PathLike) -> NoiseModel:
     """
     meta, tensors = read_file(path, NOISE_FILE_FORMAT, "napari-hdn noise model")
     version = meta.get("format_version")
+    if version == 2 and "channels" in meta:  # one noise model per channel
+        from ..channels import noise_models_from_file
+
+        check_finite_tensors(tensors, path, "noise model")
+        return noise_models_from_file(meta, tensors, path)
     if not isinstance(version, int) or version > NOISE_FILE_VERSION:
         raise ModelFileError(
             f"{path} has noise-model format version {version}, this napari-hdn reads up to "
-            f"{NOISE_FILE_VERSION}: update napari-hdn."
+            f"{NOISE_FILE_VERSION + 1}: update napari-hdn."
         )
     params = meta.get("params", {})
     if not isinstance(params, dict):
