@@ -41,6 +41,7 @@ from napari_hdn.engine import (
     load_noise_model,
     safeio,
 )
+from napari_hdn.engine.channels import ChannelNoiseModels
 
 TINY_FIT = ["--quiet", "--no-figure", "--kind", "histogram", "--device", "cpu"]
 
@@ -88,6 +89,7 @@ def inputs(tmp_path_factory):
     m = _model()
     m.save(d / "m.hdn")
     GaussianNoiseModel(10.0).save(d / "g.hdnoise")
+    ChannelNoiseModels([GaussianNoiseModel(10.0)] * 3).save(d / "g3.hdnoise")
     data = (d / "m.hdn").read_bytes()
     (d / "truncated.hdn").write_bytes(data[: len(data) // 2])
     (d / "junk.hdn").write_bytes(b"junk" * 100)
@@ -213,14 +215,16 @@ CLI_ROWS = [
      "--val-fraction"),
     ("demo-minutes-negative", ["demo", "--out-dir", "{out}", "--minutes", "-1"], 1, "--minutes"),
     # axes
-    ("train-imagej-cyx", ["train", "{in}/cyx.tif", "--gaussian-sigma", "10", "--out",
-                          "{out}/m.hdn"], 1, "channel axis"),
+    # channels: a channel count that does not fit, a C axis in the wrong place
+    ("train-imagej-cyx-3-noise-models", ["train", "{in}/cyx.tif", "--noise-model",
+                                         "{in}/g3.hdnoise", "--out", "{out}/m.hdn"], 1,
+     "3 noise model(s) for an image with 2 channels"),
     ("predict-imagej-cyx", ["predict", "{in}/m.hdn", "{in}/cyx.tif", "--out-dir", "{out}"], 1,
-     "channel axis"),
+     "trained on one channel, but"),
     ("fit-imagej-cyx", ["noise-model", "fit", "--calibration", "{in}/cyx.tif", "--out",
-                        "{out}/c.hdnoise", *TINY_FIT], 1, "channel axis"),
-    ("train-axes-cyx", ["train", "{in}/noisy.tif", "--gaussian-sigma", "10", "--axes", "CYX",
-                        "--out", "{out}/m.hdn"], 1, "channel axis"),
+                        "{out}/c.hdnoise", *TINY_FIT], 1, "stack of frames"),
+    ("train-axes-ycx", ["train", "{in}/noisy.tif", "--gaussian-sigma", "10", "--axes", "YCX",
+                        "--out", "{out}/m.hdn"], 1, "goes before Y and X"),
     # bad model and noise-model files
     *[(f"predict-{name}", ["predict", f"{{in}}/{name}.hdn", "{in}/noisy.tif", "--out-dir", "{out}"],
        1, words) for name, words in [

@@ -20,42 +20,45 @@ class CLIError(HDNError):
     """A user mistake detected by the command line itself (exit code 1, like the engine's)."""
 
 
-def read_tiff(path: str | Path, what: str = "input", with_axes: bool = False):
-    """The image in a TIFF file as a numpy array, or a CLIError saying what is wrong.
+def read_tiff(path: str | Path, what: str = "input", with_axes: bool = False, lazy: bool = False,
+              with_meta: bool = False):
+    """The image in a TIFF file, or a CLIError saying what is wrong.
 
     With ``with_axes``, returns ``(array, axes)`` where ``axes`` are those the file declares
-    (ImageJ or OME metadata), or None when it declares none. A declared channel axis with more than
-    one channel is refused (HDN restores one channel at a time); one of length 1 is dropped.
+    (ImageJ or OME metadata, or photometric RGB: ``C`` for the colour samples), or None when it
+    declares none; with ``with_meta`` also the file's :class:`~..engine.imageio.ImageMeta`
+    (axes, pixel sizes, units). ``lazy``: a large file comes back read on demand
+    (:class:`~..engine.frames.TiffPages`), for training. A channel axis of length 1 is dropped.
     """
-    import numpy as np
-    import tifffile
+    from ..engine.errors import InputError
+    from ..engine.imageio import read_tiff as read
 
-    p = Path(path)
-    if not p.exists():
-        raise CLIError(f"{what} file not found: {p}")
-    if p.is_dir():
-        raise CLIError(f"{what} {p} is a folder, not a TIFF file")
     try:
-        with tifffile.TiffFile(p) as tif:
-            series = tif.series[0]
-            arr = np.asarray(series.asarray())
-            declared = series.axes.upper() if (tif.is_imagej or tif.is_ome) else None
-    except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem
-        raise CLIError(f"could not read {what} {p} as a TIFF image ({exc})") from None
-    axes = None
-    if declared and len(declared) == arr.ndim:
-        for letter in ("C", "S"):  # S: RGB samples in tifffile's naming
-            if letter in declared:
-                n = arr.shape[declared.index(letter)]
-                if n > 1:
-                    raise CLIError(
-                        f"{what} {p} declares a channel axis ({declared}, {n} "
-                        f"{'channels' if letter == 'C' else 'colour samples'}): HDN restores one "
-                        "channel at a time; save one channel as its own TIFF first")
-                arr = arr.squeeze(declared.index(letter))
-                declared = declared.replace(letter, "")
-        axes = declared if set(declared) <= set("STZYX") and declared.endswith("YX") else None
+        arr, meta = read(path, what, lazy=lazy)
+    except InputError as exc:
+        raise CLIError(str(exc)) from None
+    axes = meta.axes
+    if axes and "C" in axes and arr.shape[axes.index("C")] == 1 and not hasattr(arr, "path"):
+        arr = arr.squeeze(axes.index("C"))
+        axes = axes.replace("C", "")
+        meta = meta.for_axes(axes)
+    if with_meta:
+        return arr, axes, meta
     return (arr, axes) if with_axes else arr
+
+
+def one_channel(arr, axes: str | None, path, what: str = "input"):
+    """Refuse (CLIError) an image with several channels where a command restores one."""
+    from ..engine.channels import layout_of
+    from ..engine.errors import InputError
+
+    try:
+        lay = layout_of(arr.shape, axes)
+    except InputError:
+        return
+    if lay.has_channels:
+        raise CLIError(f"{what} {path} has {lay.channels} channels (axes {lay.axes}): this command "
+                       "works on one channel; save one channel as its own TIFF first")
 
 
 def resolve_axes(given: str | None, declared: str | None, path) -> str | None:
@@ -160,8 +163,16 @@ class Progress:
             self.time_budget[ev.task] = metrics["time_budget_s"]  # a run with a time budget
         budget = self.time_budget.get(ev.task)
         bar = self.bars.get(ev.task)
+        channel = metrics.get("channel")
+        if bar is not None and channel is not None and self.last.get((ev.task, "channel")) != channel:
+            bar.close()  # the next channel's training: a bar of its own
+            bar = None
+            self.last[ev.task] = {}
         if bar is None:
             desc, unit = self.TASKS[ev.task]
+            if channel is not None:
+                self.last[(ev.task, "channel")] = channel
+                desc += f" (channel {channel + 1} of {metrics.get('channels', '?')})"
             total = budget if budget else (ev.total or None)
             bar = self.bars[ev.task] = tqdm(total=total, desc=desc, unit="s" if budget else unit,
                                             dynamic_ncols=True, file=sys.stderr)

@@ -20,9 +20,28 @@ def add_parser(sub) -> None:
     c.add_argument("model", help="model file")
     c.add_argument("noisy", help="noisy TIFF (YX or frames; the middle frame is analysed)")
     add_options(c)
-    c.add_argument("--axes", help="axes of the input, e.g. YX, TYX (default: guessed)")
+    c.add_argument("--axes", help="axes of the input, e.g. YX, TYX, CYX (default: the file's, "
+                   "else guessed)")
+    c.add_argument("--channel", type=int, metavar="K",
+                   help="with a multi-channel model: the channel to analyse (0 = the first)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=run)
+
+
+def pick_channel(args, model, image, axes):
+    """(model, image, axes) of one channel: ``--channel`` of a multi-channel model and image."""
+    from ..engine.channels import MultiChannelModel, check_channels, layout_of
+
+    lay = layout_of(image.shape, axes)
+    check_channels(model, lay, str(args.noisy))
+    if not isinstance(model, MultiChannelModel):
+        if getattr(args, "channel", None) is not None:
+            raise CLIError("--channel chooses a channel of a multi-channel model; this model has one")
+        return model, image, axes
+    if args.channel is None:
+        raise CLIError(f"the model has {model.channels} channels: choose the one to analyse with "
+                       f"--channel K (0..{model.channels - 1})")
+    return model.channel(args.channel), lay.channel_view(image, args.channel), lay.frame_axes
 
 
 def add_options(c, prefix: str = "") -> None:
@@ -62,6 +81,7 @@ def run(args) -> int:
     model = load_model(args.model)
     image, declared = read_tiff(args.noisy, "input", with_axes=True)
     axes = resolve_axes(args.axes, declared, args.noisy)
+    model, image, axes = pick_channel(args, model, image, axes)
     rep = describe(args, model, image, axes)
     if args.json:
         print(json.dumps(rep.to_dict(), indent=1))

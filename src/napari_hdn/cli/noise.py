@@ -16,6 +16,7 @@ from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    CLIError,
     Progress,
     SigintStop,
     check_numbers,
@@ -102,17 +103,9 @@ def cmd_fit(args) -> int:
 
     import numpy as np
 
-    from ..engine.errors import InputError
+    from ..engine.channels import ChannelNoiseModels
     from ..engine.events import StopFlag
-    from ..engine.noise import (
-        HistogramNoiseModel,
-        bootstrap_pairs,
-        diagnostics_figure,
-        fit_noise_model,
-        pairs_from_calibration,
-        pairs_from_clean,
-        save_figure,
-    )
+    from ..engine.noise import fit_noise_model
     from ..engine.noise.pairs import NoiseFitWarning
     from ..engine.safeio import write_tiff
 
@@ -147,69 +140,170 @@ def cmd_fit(args) -> int:
                   callbacks=cb, stop_flag=stop)
     with warnings.catch_warnings(record=True) as caught, bar, SigintStop(stop, cb.stop_text):
         warnings.simplefilter("always", NoiseFitWarning)
-        if args.calibration:
-            pairs = pairs_from_calibration(read_tiff(args.calibration, "calibration frames"))
-        elif args.clean:
-            pairs = pairs_from_clean(read_tiff(args.clean, "clean image"),
-                                     read_tiff(args.noisy, "noisy image"))
-        else:
-            noisy = read_tiff(args.noisy, "noisy image")
-            pseudo = read_tiff(args.pseudo_clean, "pseudo-clean image") if args.pseudo_clean else None
-            if pseudo is not None and pseudo.shape != noisy.shape:
-                raise InputError(f"--pseudo-clean has shape {pseudo.shape} but --noisy has "
-                                 f"{noisy.shape}: they must match pixel for pixel")
-            save = None
-            if args.save_pseudo_clean:
-                def save(frames):
-                    write_tiff(args.save_pseudo_clean, np.asarray(frames, np.float32).reshape(
-                        noisy.shape), photometric="minisblack")
-            pairs = bootstrap_pairs(noisy, pseudo, clip_percentiles=args.clip_percentiles,
-                                    n2v=_n2v_options(args), device=args.device, seed=args.seed,
-                                    callbacks=cb, stop_flag=stop, on_pseudo_clean=save)
-        model = fit_noise_model(pairs, **fit_kw)
+        sources = _channel_sources(args)
+        n = len(sources)
+        pseudo_all: list = [None] * n
+        fitted = []
+        for c, (make_pairs, shape) in enumerate(sources):
+            if n > 1 and not args.quiet:
+                print(f"channel {c + 1} of {n}", file=sys.stderr)
+
+            def keep(frames, c=c, shape=shape):
+                pseudo_all[c] = np.asarray(frames, np.float32).reshape(shape)
+
+            pairs = make_pairs(cb, stop, keep if args.save_pseudo_clean else None)
+            fitted.append((fit_noise_model(pairs, **fit_kw), pairs))
+            if stop.is_set():
+                break
     for w in caught:
         if issubclass(w.category, NoiseFitWarning):
             print(f"warning: {w.message}", file=sys.stderr)
-    model.save(out)
-    desc = model.describe()
-    if fig_path is not None:
-        # at most 2 million of the pairs keep the figure quick
-        n = len(pairs)
-        pick = slice(None)
-        if n > 2_000_000:
-            pick = np.random.default_rng(0).choice(n, 2_000_000, replace=False)
-        s, x = pairs.signal[pick], pairs.observation[pick]
-        hist = HistogramNoiseModel.from_pairs(s, x) if model.kind == "gmm" else None
-        fig = diagnostics_figure(model, s, x, histogram=hist)
-        save_figure(fig, fig_path)
-    if args.json:
-        print(json.dumps({"file": str(out), "figure": str(fig_path) if fig_path else None, **desc}))
+    if len(fitted) < n:
+        print(f"napari-hdn: stopped in channel {len(fitted)} of {n}: nothing was saved (a noise "
+              "model is needed for every channel)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.save_pseudo_clean and all(p is not None for p in pseudo_all):
+        lay = sources.layout
+        write_tiff(args.save_pseudo_clean, lay.stack(pseudo_all) if n > 1 else pseudo_all[0],
+                   photometric="minisblack")
+    models = [m for m, _ in fitted]
+    if n > 1:
+        ChannelNoiseModels(models).save(out)
     else:
-        if model.kind == "gmm":
-            what = f"gmm, {desc['n_gaussians']} Gaussians, degree {desc['degree']}"
-        else:
-            what = f"histogram, {desc['signal_bins']}x{desc['offset_bins']} bins"
-        print(f"saved {out} ({what})")
-        for line in _describe_lines(desc):
-            print(line)
-        if fig_path:
-            print(f"diagnostics figure: {fig_path}")
-    if desc.get("fit", {}).get("stopped"):
+        models[0].save(out)
+    figures = []
+    if fig_path is not None:
+        for c, (model, pairs) in enumerate(fitted):
+            path = fig_path if n == 1 else fig_path.with_name(
+                fig_path.name.replace(".png", f".channel-{c + 1}.png"))
+            _save_figure(model, pairs, path)
+            figures.append(str(path))
+    descs = [m.describe() for m in models]
+    if args.json:
+        body = descs[0] if n == 1 else {"kind": "per-channel", "channels": descs}
+        print(json.dumps({"file": str(out), "figure": figures[0] if n == 1 and figures else None,
+                          **({"figures": figures} if n > 1 else {}), **body}))
+    else:
+        for c, (model, desc) in enumerate(zip(models, descs)):
+            if model.kind == "gmm":
+                what = f"gmm, {desc['n_gaussians']} Gaussians, degree {desc['degree']}"
+            else:
+                what = f"histogram, {desc['signal_bins']}x{desc['offset_bins']} bins"
+            head = f"saved {out} ({what})" if n == 1 else f"channel {c + 1} of {n} ({what}):"
+            print(head)
+            for line in _describe_lines(desc):
+                print(("  " if n > 1 else "") + line)
+            if figures:
+                print(f"diagnostics figure: {figures[c]}")
+        if n > 1:
+            print(f"saved {out} (one noise model per channel, {n} channels)")
+    if any(d.get("fit", {}).get("stopped") for d in descs):
         print("fitting was interrupted: the best fit so far was saved", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
 
 
+def _save_figure(model, pairs, path) -> None:
+    import numpy as np
+
+    from ..engine.noise import HistogramNoiseModel, diagnostics_figure, save_figure
+
+    n = len(pairs)  # at most 2 million of the pairs keep the figure quick
+    pick = np.random.default_rng(0).choice(n, 2_000_000, replace=False) if n > 2_000_000 \
+        else slice(None)
+    s, x = pairs.signal[pick], pairs.observation[pick]
+    hist = HistogramNoiseModel.from_pairs(s, x) if model.kind == "gmm" else None
+    save_figure(diagnostics_figure(model, s, x, histogram=hist), path)
+
+
+class _Sources(list):
+    """``[(make_pairs(callbacks, stop, on_pseudo_clean), shape of the channel)]``, one a channel,
+    with the ``layout`` of the data."""
+
+    layout = None
+
+
+def _channel_sources(args) -> _Sources:
+    """How to make the pixel pairs of each channel of the data the options name."""
+    from ..engine.channels import layout_of
+    from ..engine.errors import InputError
+    from ..engine.noise import bootstrap_pairs, pairs_from_calibration, pairs_from_clean
+
+    def read(path, what):
+        arr, declared = read_tiff(path, what, with_axes=True)
+        axes = args.axes if (args.axes and path == main) else declared
+        try:
+            lay = layout_of(arr.shape, axes, what)
+        except InputError:  # e.g. a calibration stack of an unusual shape: one channel
+            lay = None
+        return arr, lay
+
+    main = args.calibration or args.noisy
+    out = _Sources()
+    if args.calibration:
+        stack, lay = read(args.calibration, "calibration frames")
+        for c in range(lay.channels if lay is not None and lay.has_channels else 1):
+            view = lay.channel_view(stack, c) if lay is not None else stack
+            out.append((lambda cb, stop, keep, v=view: pairs_from_calibration(v), view.shape))
+        out.layout = lay
+        return out
+    noisy, lay = read(args.noisy, "noisy image")
+    n = lay.channels if lay is not None and lay.has_channels else 1
+    other = None
+    if args.clean or args.pseudo_clean:
+        what = "clean image" if args.clean else "pseudo-clean image"
+        other, olay = read(args.clean or args.pseudo_clean, what)
+        m = olay.channels if olay is not None and olay.has_channels else 1
+        if m != n:
+            raise InputError(f"the {what} has {m} channel(s) but the noisy image has {n}: give "
+                             "both with the same channels")
+        if args.pseudo_clean and other.shape != noisy.shape:
+            raise InputError(f"--pseudo-clean has shape {other.shape} but --noisy has "
+                             f"{noisy.shape}: they must match pixel for pixel")
+    for c in range(n):
+        x = lay.channel_view(noisy, c) if n > 1 else noisy
+        o = None if other is None else (olay.channel_view(other, c) if n > 1 else other)
+        if args.clean:
+            out.append((lambda cb, stop, keep, x=x, o=o: pairs_from_clean(o, x), x.shape))
+        else:
+            out.append((lambda cb, stop, keep, x=x, o=o: bootstrap_pairs(
+                x, o, clip_percentiles=args.clip_percentiles, n2v=_n2v_options(args),
+                device=args.device, seed=args.seed, callbacks=cb, stop_flag=stop,
+                on_pseudo_clean=keep), x.shape))
+    out.layout = lay
+    return out
+
+
 # -- describe ------------------------------------------------------------------------------------
 def cmd_describe(args) -> int:
-    import numpy as np
-    import torch
-
-    from ..engine.noise import diagnostics_figure, load_noise_model, save_figure
+    from ..engine.channels import ChannelNoiseModels
+    from ..engine.noise import load_noise_model
 
     if args.figure:
         check_outputs([(args.figure, "figure (--figure)")], [args.file], args.overwrite)
-    model = load_noise_model(args.file)
+    loaded = load_noise_model(args.file)
+    if isinstance(loaded, ChannelNoiseModels):
+        if args.figure:
+            raise CLIError(f"{args.file} holds {len(loaded)} noise models, one per channel: "
+                           "--figure draws one model; the fit wrote a figure per channel")
+        rows = [_describe_one(args, m, quiet=args.json, title=f"channel {c + 1} of {len(loaded)}")
+                for c, m in enumerate(loaded)]
+        if args.json:
+            print(json.dumps({"file": str(args.file), "kind": "per-channel", "channels": rows}))
+        return EXIT_OK
+    row = _describe_one(args, loaded, quiet=args.json)
+    if args.json:
+        print(json.dumps({"file": str(args.file), **row}))
+    return EXIT_OK
+
+
+def _describe_one(args, model, quiet: bool, title: str | None = None) -> dict:
+    """Print (unless ``quiet``) and return the description of one noise model."""
+    import numpy as np
+    import torch
+
+    from ..engine.noise import diagnostics_figure, save_figure
+
     desc = model.describe()
     rng = getattr(model, "signal_range", None)
     if args.signal:
@@ -224,10 +318,9 @@ def cmd_describe(args) -> int:
             for s, m, sd in zip(levels, mean.tolist(), std.tolist())]
     if args.figure:
         save_figure(diagnostics_figure(model), args.figure)
-    if args.json:
-        print(json.dumps({"file": str(args.file), "model": desc, "levels": rows}))
-        return EXIT_OK
-    print(f"{args.file}: {model!r}")
+    if quiet:
+        return {"model": desc, "levels": rows}
+    print(f"{args.file}: {model!r}" if title is None else f"{args.file}, {title}: {model!r}")
     print(f"{'signal':>14} {'mean of x':>14} {'std of x':>12}")
     for r in rows:
         outside = ""
@@ -238,7 +331,7 @@ def cmd_describe(args) -> int:
         print(line)
     if args.figure:
         print(f"figure: {args.figure}")
-    return EXIT_OK
+    return {"model": desc, "levels": rows}
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -273,6 +366,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--bootstrap", choices=["n2v"],
                    help="with --noisy only: make the pseudo-clean image with the built-in Noise2Void "
                    "network (the default when neither --clean nor --pseudo-clean is given)")
+    d.add_argument("--axes", metavar="AXES",
+                   help="axes of the noisy image or calibration stack, e.g. CYX or TCYX (default: "
+                   "the file's, else guessed; (Y, X, 3) is RGB): with a channel axis C, one noise "
+                   "model is fitted per channel and saved together")
     d.add_argument("--clip-percentiles", type=_percentiles, default=(0.5, 99.5), metavar="LO,HI",
                    help="bootstrap only: leave out pairs whose pseudo-clean value is outside these "
                    "percentiles (default 0.5,99.5; 'none' keeps all)")

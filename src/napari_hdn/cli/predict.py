@@ -5,7 +5,6 @@ data larger than memory, chunk by chunk into a zarr store (``--out OUT.zarr``, s
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -39,7 +38,8 @@ def add_parser(sub) -> None:
     r.add_argument("--samples", type=int, default=100, help="posterior samples (default 100)")
     r.add_argument("--save-samples", action="store_true",
                    help="also write samples.tif (leading sample axis; memory: SAMPLES x image)")
-    r.add_argument("--axes", help="axes of the input, e.g. YX, TYX (default: guessed)")
+    r.add_argument("--axes", help="axes of the input, e.g. YX, TYX, CYX, YXC (default: the "
+                   "file's, else guessed; (Y, X, 3) is RGB)")
     r.add_argument("--tile-size", type=int,
                    help="tile side for large images (default: untiled up to 1024x1024, else 512)")
     r.add_argument("--tile-overlap", type=int, help="overlap between tiles (default 64)")
@@ -97,9 +97,10 @@ def run(args) -> int:
     import numpy as np
 
     from ..engine import InputError, StopFlag, load_model, predict_in_rounds
+    from ..engine.channels import check_channels, layout_of
+    from ..engine.imageio import write_tiff as write_image
     from ..engine.noise.diagnostics import cpu_threads
     from ..engine.prediction import check_some_level_active
-    from ..engine.safeio import write_tiff
 
     check_numbers(args, **NUMBERS)
     if wants_chunked(args):
@@ -116,8 +117,10 @@ def run(args) -> int:
     names = ["mmse.tif", "variance.tif"] + (["samples.tif"] if args.save_samples else [])
     check_outputs([(out / n, n) for n in names], [args.model, args.noisy], args.overwrite)
     model = load_model(args.model)
-    image, declared = read_tiff(args.noisy, "input", with_axes=True)
+    image, declared, meta = read_tiff(args.noisy, "input", with_meta=True)
     axes = resolve_axes(args.axes, declared, args.noisy)
+    lay = layout_of(image.shape, axes)
+    check_channels(model, lay, str(args.noisy))
     off = parse_levels(args.deactivate)
     if off and args.suggest_levels:
         raise CLIError("give --deactivate LEVELS or --suggest-levels, not both")
@@ -126,7 +129,11 @@ def run(args) -> int:
         check_some_level_active(model.resolve_modes(levels))
     except InputError as exc:
         raise CLIError(f"--deactivate {args.deactivate}: {exc}") from None
-    if off or args.suggest_levels:
+    if lay.has_channels and args.suggest_levels:
+        raise CLIError("--suggest-levels analyses one channel: run `napari-hdn levels MODEL NOISY "
+                       "--channel K` for each, then give --deactivate LEVELS (they apply to every "
+                       "channel)")
+    if (off or args.suggest_levels) and not lay.has_channels:
         levels = check_levels(args, model, image, axes, off)
     stop = StopFlag()
     threads = cpu_threads(args.threads) if args.threads else contextlib.nullcontext()
@@ -138,15 +145,18 @@ def run(args) -> int:
                                 return_samples=args.save_samples, device=args.device, callbacks=bar,
                                 stop_flag=stop, sampling=args.sampling, tta=args.tta)
     stopped = bool(res.info.get("stopped"))
-    meta = {"levels": res.levels, "n_samples": res.n_samples, "seed": res.seed,
+    desc = {"levels": res.levels, "n_samples": res.n_samples, "seed": res.seed,
             "sampling": res.info.get("sampling"), "tta": bool(args.tta),
-            "model": str(args.model), "stopped": stopped, "n_requested": args.samples}
-    desc = json.dumps(meta)
-    write_tiff(out / "mmse.tif", res.mmse.astype(np.float32), description=desc)
-    write_tiff(out / "variance.tif", res.variance.astype(np.float32), description=desc)
+            "model": str(args.model), "stopped": stopped, "n_requested": args.samples,
+            "axes": lay.axes}
+    # the outputs keep the input's axes, pixel size and units (OME-TIFF when the input had any)
+    meta = meta.for_axes(lay.axes)
+    write_image(out / "mmse.tif", res.mmse.astype(np.float32), lay.axes, meta, desc)
+    write_image(out / "variance.tif", res.variance.astype(np.float32), lay.axes, meta, desc)
     written = ["mmse.tif", "variance.tif"]
     if res.samples is not None:
-        write_tiff(out / "samples.tif", res.samples.astype(np.float32), description=desc)
+        write_image(out / "samples.tif", res.samples.astype(np.float32), lay.axes, meta, desc,
+                    sample_axis=True)
         written.append("samples.tif")
     levels_text = ", ".join(f"{i + 1}={m}" for i, m in enumerate(res.levels))
     if stopped:

@@ -15,6 +15,7 @@ from ._common import (
     SigintStop,
     check_numbers,
     check_outputs,
+    one_channel,
     parse_levels,
     pydantic_message,
     read_tiff,
@@ -31,7 +32,8 @@ def add_parser(sub) -> None:
                        description="Train an HDN on noisy data only (no clean images needed). The "
                        "model size and training settings come from a preset (--preset); the "
                        "options below override single values of it.")
-    t.add_argument("noisy", help="noisy TIFF: YX, or a stack of frames (TYX/SYX/ZYX)")
+    t.add_argument("noisy", help="noisy TIFF: YX, a stack of frames (TYX/SYX/ZYX), with channels "
+                   "(CYX, TCYX; RGB) one model per channel; a large file is read patch by patch")
     t.add_argument("--out", required=True, help="model file to write (e.g. model.hdn)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace --out (and the checkpoints of an earlier run) if they exist")
@@ -58,7 +60,8 @@ def add_parser(sub) -> None:
     a.add_argument("--deactivate", metavar="LEVELS",
                    help="train with these levels (e.g. 1,2) deactivated, as the paper's HDN_3-6")
     o = t.add_argument_group("training (default: the preset's)")
-    o.add_argument("--axes", help="axes of the input, e.g. YX, TYX, ZYX (default: guessed)")
+    o.add_argument("--axes", help="axes of the input, e.g. YX, TYX, ZYX, CYX, TCYX, YXC (default: "
+                   "the file's, else guessed)")
     o.add_argument("--patch-size", type=int, help="square training patch side")
     o.add_argument("--batch-size", type=int, help="patches per step")
     o.add_argument("--max-steps", type=int, help="optimizer steps")
@@ -80,7 +83,8 @@ def add_parser(sub) -> None:
                    "Only weights are taken; the noise model is this run's. Architecture options "
                    "that change the sizes start from scratch unless --init is given")
     o.add_argument("--checkpoint-dir", help="where best.hdn/last.hdn go (default: OUT.checkpoints)")
-    o.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. last.hdn)")
+    o.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. last.hdn; "
+                   "with channels: the checkpoint folder of the interrupted run)")
     o.add_argument("--fine-tune", metavar="MODEL",
                    help="start from this trained model and train it on with the levels of "
                    "--deactivate withheld from the image (the paper's recipe for line artefacts, "
@@ -170,6 +174,8 @@ def check_destinations(args, out: Path, ckdir: Path) -> None:
     check_folder(ckdir, "checkpoints")
     resuming_here = args.resume and Path(args.resume).resolve().parent == ckdir.resolve()
     old = [n for n in ("last.hdn", "best.hdn") if (ckdir / n).exists()]
+    old += sorted(p.name for p in ckdir.glob("channel-*") if p.is_dir()) if ckdir.is_dir() else []
+    resuming_here = resuming_here or (args.resume and Path(args.resume).resolve() == ckdir.resolve())
     if old and not (args.overwrite or resuming_here):
         raise CLIError(f"the checkpoint folder {ckdir} holds checkpoints of an earlier run "
                        f"({', '.join(old)}): add --overwrite to replace them, give another "
@@ -229,7 +235,9 @@ def run_torchrun(args, ckdir: Path) -> int:
 
 def run(args) -> int:
     from ..engine import OutputError, StopFlag, Trainer
+    from ..engine.channels import layout_of
     from ..engine.ddp import DDPTrainer, init_process_group, launched_by_torchrun, world
+    from ..engine.frames import frames_of
 
     check_numbers(args, **NUMBERS)
     if args.ddp is not None and args.ddp < 1:
@@ -257,8 +265,18 @@ def run(args) -> int:
         Trainer = DDPTrainer  # noqa: N806 - the class this rank trains with
     rank = world()[0]
     check_destinations(args, out, ckdir)
-    images, declared = read_tiff(args.noisy, "input", with_axes=True)
+    # a large file is read on demand, patch by patch: training never holds it in memory
+    images, declared, meta = read_tiff(args.noisy, "input", lazy=True, with_meta=True)
     args.axes = resolve_axes(args.axes, declared, args.noisy)
+    lay = layout_of(images.shape, args.axes)
+    if lay.has_channels and lay.channels == 1:  # one channel: its frames, read on demand
+        images = frames_of(images, lay.frame_axes, channel=(lay.channel_pos, 0), name="input")
+        args.axes = None
+    elif lay.has_channels:
+        if parallel:
+            raise CLIError("--ddp trains one channel's model; an image with channels trains one "
+                           "model per channel in one process: leave --ddp out")
+        return run_channels(args, images, lay, meta, out, ckdir)
     noise = noise_model_from_args(args)
     if noise is None and not args.resume:
         raise CLIError(
@@ -273,8 +291,9 @@ def run(args) -> int:
                           resume=args.resume, stop_flag=stop)
         with SigintStop(stop, "stopping after this step: the best model so far will be saved"):
             model = trainer.run()  # a stop ends the run within one step with the best model
-    if args.axes:
-        model.info["axes"] = args.axes.upper()
+    if args.axes or lay.frame_axes:
+        model.info["axes"] = (args.axes or lay.frame_axes).upper()
+    model.info["image"] = meta.for_axes(lay.axes).to_dict()  # pixel size etc. of the data
     if rank != 0:  # rank 0 writes the model and reports
         return EXIT_INTERRUPTED if model.info.get("stopped_early") else EXIT_OK
     try:
@@ -299,6 +318,51 @@ def run(args) -> int:
     return EXIT_OK
 
 
+def run_channels(args, images, lay, meta, out: Path, ckdir: Path) -> int:
+    """Train one HDN per channel of ``images`` (layout ``lay``) and write them as one model."""
+    from ..engine import StopFlag, StopRequested
+    from ..engine.channels import train_channels
+
+    noise = noise_model_from_args(args)
+    if noise is None and not args.resume:
+        raise CLIError(
+            f"a noise model is needed for the {lay.channels} channels: --noise-model FILE (one "
+            "per channel from `napari-hdn noise-model fit` on this image, or one for all), "
+            "--gaussian-sigma S, or --poisson-gain G --read-noise R (the same for every channel)")
+    resume = None
+    if args.resume:
+        resume = Path(args.resume)
+        resume = resume.parent if resume.name == "last.hdn" and resume.parent.name.startswith(
+            "channel-") else resume
+        resume = resume.parent if resume.name.startswith("channel-") else resume
+        if not resume.is_dir():
+            raise CLIError(f"--resume {args.resume}: a multi-channel run resumes from its checkpoint "
+                           f"folder (the --checkpoint-dir of the interrupted run, e.g. {ckdir})")
+    mcfg, tcfg, overrides = configs_from_args(args)
+    names = ["R", "G", "B", "A"][: lay.channels] if meta.rgb else None
+    stop = StopFlag()
+    with Progress(args.quiet) as bar, SigintStop(stop, "stopping after this step: the best model "
+                                                 "so far will be saved"):
+        try:
+            model = train_channels(images, noise, axes=lay.axes, model_config=mcfg,
+                                   training_config=tcfg, checkpoint_dir=ckdir, callbacks=bar,
+                                   stop_flag=stop, resume=resume, training_overrides=overrides,
+                                   channel_names=names)
+        except StopRequested as exc:
+            print(f"napari-hdn: {exc}: continue with --resume {ckdir}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    model.info["image"] = meta.for_axes(lay.axes).to_dict()
+    model.save(out)
+    steps = ", ".join(str(s) for s in model.info["steps"])
+    if model.info.get("stopped_early"):
+        print(f"stopped in the last channel: the best model so far saved to {out}; --resume {ckdir} "
+              "continues", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"saved {out} ({lay.channels} channels, axes {lay.axes}: one HDN per channel, steps "
+          f"{steps}; checkpoints in {ckdir})")
+    return EXIT_OK
+
+
 def run_fine_tune(args) -> int:
     from ..engine import InputError, ModelConfig, StopFlag, fine_tune, load_model
     from ..engine.config import validated
@@ -316,6 +380,7 @@ def run_fine_tune(args) -> int:
         raise CLIError(f"--deactivate {args.deactivate}: {exc}") from None
     images, declared = read_tiff(args.noisy, "input", with_axes=True)
     axes = resolve_axes(args.axes, declared, args.noisy)
+    one_channel(images, axes, args.noisy)
     stop = StopFlag()
     with Progress(args.quiet) as bar, SigintStop(stop, "stopping after this step: the best model "
                                                   "so far will be saved"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .data import check_axes
-from .errors import InputError, ModelFileError, StopRequested
+from .errors import InputError, ModelFileError, StopRequested, SuspiciousNoiseModelWarning
 from .events import Reporter, StopFlag
 
 CHANNEL_FILE_VERSION = 2  # of model and noise-model files holding channels
+#: where a multi-channel run keeps its noise models, in its checkpoint folder (for a resume)
+NOISE_FILE = "noise-models.hdnoise"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,10 @@ def layout_of(shape, axes: str | None = None, name: str = "image") -> Layout:
                          f"dimensions {shape}")
     pos = ax.index("C")
     rest = ax.replace("C", "")
-    if not (rest.endswith("YX") and (ax.endswith("YXC") or pos < len(ax) - 2)):
+    if not rest.endswith("YX"):
+        raise InputError(f"axes {ax!r} must end with 'YX' (rows, columns), or 'YXC' for colour "
+                         "samples")
+    if not (ax.endswith("YXC") or pos < len(ax) - 2):
         raise InputError(f"axes {ax!r}: the channel axis C goes before Y and X (CYX, TCYX) or "
                          "after them (YXC, colour samples), not between them")
     sub = shape[:pos] + shape[pos + 1:]
@@ -382,12 +388,27 @@ def train_channels(images, noise_model, *, axes: str | None = None, model_config
     if not layout.has_channels:
         raise InputError("train_channels needs an image with a channel axis C in its axes")
     n = layout.channels
-    noises = per_channel_noise(noise_model, n) if resume is None or noise_model is not None else \
-        [None] * n
+    base = Path(resume or checkpoint_dir) if (resume or checkpoint_dir) else None
+    if noise_model is not None:
+        noises = per_channel_noise(noise_model, n)
+    elif resume is not None and (base / NOISE_FILE).exists():  # the run's own noise models
+        from .noise.base import load_noise_model
+
+        noises = list(load_noise_model(base / NOISE_FILE))
+        if len(noises) != n:
+            raise InputError(f"{resume} is the checkpoint folder of a run on {len(noises)} "
+                             f"channels, not {n}: resume with the image it was trained on")
+    else:
+        noises = per_channel_noise(noise_model, n)  # raises: a noise model is needed
+    if base is not None and noise_model is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        ChannelNoiseModels(noises).save(base / NOISE_FILE)  # for a resume
     over = dict(training_overrides or {})
     if over.get("time_budget_s"):
         over["time_budget_s"] = float(over["time_budget_s"]) / n
-    base = Path(resume or checkpoint_dir) if (resume or checkpoint_dir) else None
+    said = verdict_warnings(ChannelNoiseModels(noises))
+    if said:  # once for all channels, before any training (the Trainers say nothing more)
+        warnings.warn(said, SuspiciousNoiseModelWarning, stacklevel=2)
     models = []
     arr = images if hasattr(images, "shape") else np.asarray(images)
     for c in range(n):
@@ -398,14 +419,14 @@ def train_channels(images, noise_model, *, axes: str | None = None, model_config
             continue
         res = ck / "last.hdn" if resume is not None and ck is not None and (ck / "last.hdn").exists() \
             else None
-        if resume is not None and res is None and noises[c] is None:
-            raise InputError(f"{resume} holds no checkpoint of channel {c + 1}: resume from the "
-                             "folder of the interrupted multi-channel run")
         frames = _channel_frames(arr, layout, c)
-        trainer = Trainer(frames, noises[c] if res is None else None, model_config=model_config
-                          if res is None else None, training_config=training_config,
-                          checkpoint_dir=ck, callbacks=_relay(callbacks, c, n), resume=res,
-                          stop_flag=stop_flag, training_overrides=over)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SuspiciousNoiseModelWarning)
+            trainer = Trainer(frames, noises[c] if res is None else None,
+                              model_config=model_config if res is None else None,
+                              training_config=training_config, checkpoint_dir=ck,
+                              callbacks=_relay(callbacks, c, n), resume=res, stop_flag=stop_flag,
+                              training_overrides=over)
         model = trainer.run()
         stopped = bool(model.info.get("stopped_early"))
         if not stopped and final is not None:

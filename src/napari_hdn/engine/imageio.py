@@ -14,7 +14,6 @@ metadata is a plain TIFF as before.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ LAZY_BYTES = int(float(os.environ.get("NAPARI_HDN_LAZY_MB", "512")) * 2**20)
 _TIFFFILE_LETTERS = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X", "Q": "S",
                      "I": "S"}
 #: length units, as written in files, -> micrometres per unit
-_LENGTH_UM = {"um": 1.0, "µm": 1.0, "\u00b5m": 1.0, "micron": 1.0, "microns": 1.0,
+_LENGTH_UM = {"um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0,
               "micrometer": 1.0, "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3,
               "millimeter": 1e3, "cm": 1e4, "m": 1e6, "inch": 25400.0, "\\u00B5m": 1.0}
 

@@ -252,7 +252,9 @@ def verdict_warning(model) -> str:
     if info.get("verdict") != "suspicious":
         return ""
     reasons = [str(r) for r in info.get("reasons") or []]
-    why = "; ".join(reasons[:2]) + (f" (and {len(reasons) - 2} more)" if len(reasons) > 2 else "")
+    why = reasons[0] if reasons else "see its diagnostics"
+    if len(reasons) > 1:
+        why += f" (and {len(reasons) - 1} more reason{'s' if len(reasons) > 2 else ''})"
     source = info.get("source")
     fixes = []
     if source == "n2v":
