@@ -128,7 +128,8 @@ def test_stack_training_and_prediction_keep_axes(viewer, qtbot, notes):
     get_session().add_noise_model(GaussianNoiseModel(10.0), "g10")
     tw = dock(viewer, "Training")
     assert tw.axes_combo.isEnabled()
-    assert [tw.axes_combo.itemText(i) for i in range(tw.axes_combo.count())] == ["TYX", "ZYX", "SYX"]
+    assert [tw.axes_combo.itemText(i) for i in range(tw.axes_combo.count())] == [
+        "TYX", "ZYX", "SYX", "CYX"]
     tw.axes_combo.setCurrentText("ZYX")
     set_tiny(tw, steps=2)
     tw.val_fraction.setValue(0.25)  # one of the 4 slices held out for validation
@@ -379,7 +380,7 @@ def test_bad_inputs_give_notifications(viewer, qtbot, notes, monkeypatch):
 
     viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
     viewer.add_labels(np.zeros((64, 64), int), name="seg")
-    viewer.add_image(np.zeros((2, 2, 2, 40, 40), np.float32), name="five")
+    viewer.add_image(np.zeros((2, 2, 2, 2, 40, 40), np.float32), name="six")
     viewer.add_image(np.random.default_rng(0).normal(size=(20, 20)).astype(np.float32), name="tiny")
     good = viewer.add_image(np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32),
                             name="good")
@@ -391,7 +392,8 @@ def test_bad_inputs_give_notifications(viewer, qtbot, notes, monkeypatch):
     get_session().add_noise_model(GaussianNoiseModel(1.0), "g1")
     set_tiny(tw, steps=2)
     viewer.add_image(np.zeros((64, 64), np.float32), name="blank")  # napari has no 0-size images
-    cases = {"rgb": "RGB", "seg": "Labels layer", "five": "5 dimensions",
+    # (an RGB layer trains a model per colour channel: this one is blank)
+    cases = {"rgb": "blank", "seg": "Labels layer", "six": "6 dimensions",
              "tiny": "too small for Patch size 32", "blank": "blank"}
     for name, needle in cases.items():
         tw.layer_combo.set_layer(name)

@@ -73,7 +73,9 @@ class ModelEntry:
 
     @property
     def steps(self) -> int:
-        return int(self.model.info.get("steps", 0) or 0)
+        """Training steps (with channels: of all channels together)."""
+        steps = self.model.info.get("steps", 0) or 0
+        return int(sum(s or 0 for s in steps)) if isinstance(steps, list) else int(steps)
 
 
 @dataclass(eq=False)

@@ -368,8 +368,10 @@ def train_channels(images, noise_model, *, axes: str | None = None, model_config
         Channel k's checkpoints go to ``checkpoint_dir/channel-k`` (k from 1), and its final
         model, once trained, to ``channel-k/final.hdn``.
     resume : path, optional
-        The ``checkpoint_dir`` of an interrupted run: finished channels are loaded, the
-        interrupted one resumes from its ``last.hdn``, the others train from the start.
+        The ``checkpoint_dir`` of an earlier run: finished channels are loaded (or, when
+        ``training_overrides`` ask for more ``max_steps`` than they had, trained on from their
+        ``last.hdn``), an interrupted one resumes from its ``last.hdn``, the others train from the
+        start with the run's noise models.
     training_overrides : dict, optional
         As for :class:`~.training.Trainer`; a ``time_budget_s`` is shared out between the
         channels.
@@ -415,8 +417,12 @@ def train_channels(images, noise_model, *, axes: str | None = None, model_config
         ck = base / f"channel-{c + 1}" if base is not None else None
         final = ck / "final.hdn" if ck is not None else None
         if resume is not None and final is not None and final.exists():
-            models.append(load_model(final))
-            continue
+            done = load_model(final)
+            want = over.get("max_steps")
+            if want is None or int(done.info.get("steps") or 0) >= int(want) \
+                    or not (ck / "last.hdn").exists():
+                models.append(done)  # trained: nothing more asked of it
+                continue
         res = ck / "last.hdn" if resume is not None and ck is not None and (ck / "last.hdn").exists() \
             else None
         frames = _channel_frames(arr, layout, c)

@@ -160,9 +160,23 @@ def _disconnect(signal, slot) -> None:
         pass
 
 
-def axes_choices(ndim: int) -> list[str]:
-    """Axes strings offered for a layer of ``ndim`` dimensions (all end with YX)."""
-    return {2: ["YX"], 3: ["TYX", "ZYX", "SYX"], 4: ["TZYX", "STYX", "SZYX"]}.get(ndim, [])
+def axes_choices(ndim: int, rgb: bool = False) -> list[str]:
+    """Axes strings offered for layer data of ``ndim`` dimensions: frames (T, Z, S) and a channel
+    axis C (one HDN per channel); ``rgb``: the last axis holds the colour channels (YXC)."""
+    if rgb:
+        return {3: ["YXC"], 4: ["TYXC", "ZYXC", "SYXC"]}.get(ndim, [])
+    return {2: ["YX"], 3: ["TYX", "ZYX", "SYX", "CYX"],
+            4: ["TZYX", "STYX", "SZYX", "TCYX", "CZYX", "SCYX"],
+            5: ["TZCYX", "TCZYX", "STZYX"]}.get(ndim, [])
+
+
+def layer_data_ndim(layer) -> tuple[int, bool]:
+    """(dimensions of the layer's data, whether it is RGB): an RGB layer's ``ndim`` leaves out
+    its colour axis, its data do not."""
+    if layer is None:
+        return 2, False
+    rgb = bool(getattr(layer, "rgb", False))
+    return int(getattr(layer, "ndim", 2)) + (1 if rgb else 0), rgb
 
 
 class AxesChooser(QComboBox):
@@ -176,7 +190,8 @@ class AxesChooser(QComboBox):
         layer_chooser.currentIndexChanged.connect(self.update_choices)
         self.setToolTip(
             "What the leading axes of the layer are. T (time), Z (slices) and S (samples) are all "
-            "restored frame by frame; the choice is recorded with the model."
+            "restored frame by frame; C (channels, or the colours of an RGB layer) gets a noise "
+            "model and an HDN per channel. The choice is recorded with the model."
         )
         self.update_choices()
 
@@ -185,9 +200,8 @@ class AxesChooser(QComboBox):
         self.update_choices(force=True)
 
     def update_choices(self, *_, force: bool = False) -> None:
-        layer = self._layers.current_layer()
-        ndim = getattr(layer, "ndim", 2) if layer is not None else 2
-        choices = axes_choices(ndim) or ["YX"]
+        ndim, rgb = layer_data_ndim(self._layers.current_layer())
+        choices = axes_choices(ndim, rgb) or ["YX"]
         if choices != [self.itemText(i) for i in range(self.count())]:
             self.clear()
             self.addItems(choices)
@@ -200,7 +214,8 @@ class AxesChooser(QComboBox):
         ax = self.currentText() or "YX"
         if len(ax) != arr.ndim:  # the layer changed shape since the choices were made
             self.update_choices()
-            ax = (axes_choices(arr.ndim) or ["YX"])[0]
+            rgb = layer_data_ndim(self._layers.current_layer())[1]
+            ax = (axes_choices(arr.ndim, rgb) or ["YX"])[0]
         return ax
 
 
@@ -217,11 +232,14 @@ def device_chooser() -> QComboBox:
 
 # -- checks ----------------------------------------------------------------------------------------
 
-MAX_WIDGET_NDIM = 4
+MAX_WIDGET_NDIM = 5
 
 
-def check_image_layer(layer, role: str = "image") -> np.ndarray:
-    """Return the layer's data as a numpy array, or raise InputError saying what to do instead."""
+def check_image_layer(layer, role: str = "image", channels: bool = False) -> np.ndarray:
+    """Return the layer's data as a numpy array, or raise InputError saying what to do instead.
+
+    ``channels``: the widget takes RGB layers and layers with a channel axis (one model per
+    channel); otherwise an RGB layer is refused with what to do."""
     from napari.layers import Image, Labels
 
     if layer is None:
@@ -237,10 +255,11 @@ def check_image_layer(layer, role: str = "image") -> np.ndarray:
         )
     if not isinstance(layer, Image):
         raise InputError(f"'{name}' is a {type(layer).__name__} layer: choose an Image layer")
-    if layer.rgb:
+    if layer.rgb and not channels:
         raise InputError(
-            f"'{name}' is an RGB(A) image; HDN restores one channel at a time: split it (right-click "
-            "the layer > Split RGB) or convert it to grayscale, then choose one channel"
+            f"'{name}' is an RGB(A) image; this widget works on one channel at a time: split it "
+            "(right-click the layer > Split RGB) and choose one channel (the Training and Predict "
+            "widgets take RGB layers whole, with a model per channel)"
         )
     if layer.multiscale:
         raise InputError(
@@ -250,12 +269,11 @@ def check_image_layer(layer, role: str = "image") -> np.ndarray:
     shape = tuple(layer.data.shape)
     if len(shape) < 2 or 0 in shape:
         raise InputError(f"'{name}' is empty (shape {shape}): choose a layer with image data")
-    if len(shape) > MAX_WIDGET_NDIM:
+    if len(shape) > MAX_WIDGET_NDIM + (1 if layer.rgb else 0):
         raise InputError(
-            f"'{name}' has {len(shape)} dimensions {shape}; the widgets take 2D images and 3D/4D "
-            "stacks of 2D frames (TYX, ZYX, TZYX...). If one axis is a channel, split it "
-            "(right-click the layer > Split Stack) and choose one channel; the Python API takes "
-            "up to 5D"
+            f"'{name}' has {len(shape)} dimensions {shape}; the widgets take 2D images and stacks "
+            "of 2D frames with up to 5 axes (TYX, ZYX, TZYX, CYX, TCYX, TZCYX...); the Python API "
+            "takes more"
         )
     arr = np.asarray(layer.data)
     if arr.dtype.kind not in "biuf":
@@ -266,26 +284,28 @@ def check_image_layer(layer, role: str = "image") -> np.ndarray:
 NO_MODEL = "no model: train one in the Training widget or load a .hdn file (Load…, or File > Open)"
 
 
-def lazy_layer_data(layer):
+def lazy_layer_data(layer, rgb: bool = False):
     """The data of an image layer backed by dask or zarr (e.g. an OME-Zarr opened by a zarr
-    reader; a pyramid's full-resolution level), which prediction must not load whole; else None."""
+    reader; a pyramid's full-resolution level) or memory-mapped, which prediction and training
+    must not load whole; else None (``rgb``: RGB layers count too)."""
     from napari.layers import Image
 
-    if not isinstance(layer, Image) or layer.rgb:
+    if not isinstance(layer, Image) or (layer.rgb and not rgb):
         return None
     data = layer.data[0] if layer.multiscale else layer.data
     module = type(data).__module__.split(".")[0]
-    return data if module in ("dask", "zarr") else None
+    return data if module in ("dask", "zarr") or isinstance(data, np.memmap) else None
 
 
 def chosen_model_and_image(model_chooser: SessionChooser, layer_chooser: LayerChooser,
-                           no_model: str = NO_MODEL):
-    """(model entry, image layer, its data) chosen in two boxes; InputError saying what is missing."""
+                           no_model: str = NO_MODEL, channels: bool = False):
+    """(model entry, image layer, its data) chosen in two boxes; InputError saying what is missing.
+    ``channels``: the widget takes layers with channels (RGB included)."""
     entry = model_chooser.current_entry()
     if entry is None:
         raise InputError(no_model)
     layer = layer_chooser.current_layer()
-    return entry, layer, check_image_layer(layer, "image")
+    return entry, layer, check_image_layer(layer, "image", channels=channels)
 
 
 def check_not_blank(arr: np.ndarray, name: str) -> None:
@@ -298,10 +318,13 @@ def check_not_blank(arr: np.ndarray, name: str) -> None:
         )
 
 
-def check_model_fits(model, arr, name: str) -> None:
-    """Prediction pads to multiples of 2**L; refuse only images smaller than one top-level pixel."""
+def check_model_fits(model, arr, name: str, axes: str | None = None) -> None:
+    """Prediction pads to multiples of 2**L; refuse only images smaller than one top-level pixel.
+    ``axes`` say where Y and X are (default: the last two axes)."""
     m = model.config.downscale
-    h, w = arr.shape[-2:]
+    ax = (axes or "").upper()
+    h, w = (arr.shape[ax.index("Y")], arr.shape[ax.index("X")]) if "Y" in ax and "X" in ax \
+        else arr.shape[-2:]
     if min(h, w) < 2:
         raise InputError(f"'{name}' is only {h}x{w} pixels: nothing to restore")
     if max(h, w) < m // 2:

@@ -30,22 +30,27 @@ def levels_text(modes) -> str:
 
 def add_or_replace_image(viewer, name: str, data: np.ndarray, like, *, leading: int = 0,
                          metadata: dict | None = None, contrast_limits=None, colormap=None,
-                         translate=None, visible: bool = True, labels: tuple | None = None):
+                         translate=None, visible: bool = True, labels: tuple | None = None,
+                         rgb: bool = False):
     """Put ``data`` in the Image layer ``name`` (replacing its data if it exists) or add one.
 
     The layer gets the scale and translate of the input layer ``like``; ``leading`` extra leading
     axes (e.g. the sample axis) get scale 1 and translate 0. ``labels`` are its axis labels.
+    ``rgb``: the last axis of ``data`` holds colours (as in an RGB input layer).
     """
     from napari.layers import Image
 
-    scale = (1.0,) * leading + tuple(like.scale)[-(data.ndim - leading):]
+    ndim = data.ndim - (1 if rgb else 0)  # napari's dimensions: an RGB layer's colours are not one
+    scale = (1.0,) * leading + tuple(like.scale)[-(ndim - leading):]
     if translate is None:
-        translate = (0.0,) * leading + tuple(like.translate)[-(data.ndim - leading):]
+        translate = (0.0,) * leading + tuple(like.translate)[-(ndim - leading):]
+    if rgb and labels is not None:
+        labels = labels[:-1]
     meta = dict(metadata or {})
     if contrast_limits is None:
         contrast_limits = robust_limits(data)
     existing = viewer.layers[name] if name in viewer.layers else None
-    if isinstance(existing, Image) and existing.ndim == data.ndim and not existing.rgb:
+    if isinstance(existing, Image) and existing.ndim == ndim and existing.rgb == rgb:
         # only what changed: each of scale, translate and visible costs a refresh (~9 ms each on
         # a 2-core CPU under Xvfb) even when set to its current value, which the artefact
         # preview, updated on every level toggle, would pay every time
@@ -68,7 +73,7 @@ def add_or_replace_image(viewer, name: str, data: np.ndarray, like, *, leading: 
     if labels is not None:
         kwargs["axis_labels"] = labels
     return viewer.add_image(data, name=name, scale=scale, translate=translate, metadata=meta,
-                            contrast_limits=contrast_limits, visible=visible, **kwargs)
+                            contrast_limits=contrast_limits, visible=visible, rgb=rgb, **kwargs)
 
 
 def robust_limits(data: np.ndarray) -> tuple[float, float]:
@@ -112,19 +117,21 @@ def add_result_layers(viewer, layer, res, model_name: str, axes: str, settings: 
             "levels": list(res.levels), "tiles": res.info.get("tiles"), **(extra or {})}
     lims = input_limits(layer, res.mmse)
     labels = axis_labels(axes)
+    rgb = bool(getattr(layer, "rgb", False)) and axes.upper().endswith("YXC")
     out = [
         add_or_replace_image(viewer, output_name(base, "MMSE", settings), res.mmse, layer,
                              metadata={"hdn": {**meta, "output": "mmse"}}, contrast_limits=lims,
-                             labels=labels),
+                             labels=labels, rgb=rgb),
         add_or_replace_image(viewer, output_name(base, "variance", settings), res.variance, layer,
-                             metadata={"hdn": {**meta, "output": "variance"}}, colormap="magma",
-                             visible=False, labels=labels),
+                             metadata={"hdn": {**meta, "output": "variance"}},
+                             colormap=None if rgb else "magma", visible=False, labels=labels,
+                             rgb=rgb),
     ]
     if res.samples is not None:
         out.insert(0, add_or_replace_image(
             viewer, output_name(base, "samples", settings), res.samples, layer, leading=1,
             metadata={"hdn": {**meta, "output": "samples"}}, contrast_limits=lims, visible=False,
-            labels=axis_labels(axes, (SAMPLE_AXIS,))))
+            labels=axis_labels(axes, (SAMPLE_AXIS,)), rgb=rgb))
     # keep the MMSE selected: it is what one looks at first
     viewer.layers.selection.active = out[-2]
     return out

@@ -25,6 +25,7 @@ from qtpy.QtGui import QStandardItemModel
 from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
 from ..engine import LATENT_MODES, InputError, describe_levels, fine_tune, predict_in_rounds
+from ..engine.channels import MultiChannelModel
 from ..engine.levels import MAX_GROWTH, STRUCTURE_LIMIT
 from ..engine.levels import mean_log_likelihood as _mean_log_likelihood
 from ..engine.prediction import inference_model
@@ -451,6 +452,12 @@ class ArtefactWidget(EngineWidget):
     def _checked_inputs(self):
         """(model entry, layer, its data, model, level modes), checked; raises InputError."""
         entry, layer, arr = chosen_model_and_image(self.model_combo, self.layer_combo)
+        if isinstance(entry.model, MultiChannelModel):
+            raise InputError(
+                f"'{entry.name}' holds one HDN per channel ({entry.model.channels} channels); "
+                "artefact removal works on one channel's model: restore every channel in Predict "
+                "and explore (its latent levels stay on), or train a model on the channel with "
+                "artefacts alone (right-click its layer > Split Stack) and use that one here")
         check_model_fits(entry.model, arr, layer.name)
         return entry, layer, arr, entry.model, entry.model.resolve_modes(self.level_modes())
 

@@ -8,6 +8,7 @@ import numpy as np
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QPushButton, QSizePolicy, QStackedWidget, QWidget
 
 from ..engine import GaussianNoiseModel, InputError, PoissonGaussianNoiseModel
+from ..engine.channels import ChannelNoiseModels, layout_of
 from ..engine.noise import (
     bootstrap_pairs,
     diagnostics_figure,
@@ -31,7 +32,7 @@ from ._forms import (
     spin,
     status_label,
 )
-from ._inputs import LayerChooser, SessionChooser, check_image_layer
+from ._inputs import AxesChooser, LayerChooser, SessionChooser, check_image_layer
 from ._plot import FigureCanvas
 
 #: (label shown, key) of the noise-model sources
@@ -56,7 +57,18 @@ def _plain_2d(layer) -> bool:
     return getattr(layer, "ndim", 0) == 2
 
 
-def dock_figure(model, heldout=None):
+def _heldout(pairs, val_fraction: float, seed: int):
+    """The held-out pairs of a fit (at most FIGURE_PAIRS of them), for its diagnostics figure."""
+    _, held = split_pairs(pairs, val_fraction, seed)
+    ev = held if held is not None else pairs
+    s, x = ev.signal, ev.observation
+    if s.size > FIGURE_PAIRS:
+        pick = np.random.default_rng(seed).choice(s.size, FIGURE_PAIRS, replace=False)
+        s, x = s[pick], x[pick]
+    return s, x
+
+
+def dock_figure(model, heldout=None, title: str = ""):
     """The diagnostics figure sized for the dock: two signal levels (10 % and 90 % quantiles)."""
     if heldout is not None:
         s = np.asarray(heldout[0])
@@ -67,7 +79,8 @@ def dock_figure(model, heldout=None):
         fig = diagnostics_figure(model, levels=[lo + 0.1 * (hi - lo), lo + 0.9 * (hi - lo)],
                                  figsize=(4.2, 4.8))
     info = getattr(model, "info", {}) or {}
-    fig.suptitle(f"{model.kind} noise model: {info.get('verdict', 'fitted')}", fontsize=9)
+    what = f"{title}: " if title else ""
+    fig.suptitle(f"{what}{model.kind} noise model: {info.get('verdict', 'fitted')}", fontsize=9)
     return fig
 
 
@@ -128,6 +141,7 @@ class NoiseModelWidget(EngineWidget):
                                         or "clean" in ly.name)
         self.clean_noisy_layer = LayerChooser(napari_viewer, prefer=_plain_2d)
         self.n2v_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" not in ly.name)
+        self.n2v_axes = AxesChooser(self.n2v_layer)  # with C: a noise model per channel
         self.n2v_steps = spin(0, 100000, 0, 100, "At most this many Noise2Void training steps "
                               "(auto: until its validation loss levels off, at most 4000; "
                               "the same on a busy machine, only slower). A run cut short by a "
@@ -145,8 +159,8 @@ class NoiseModelWidget(EngineWidget):
         self.offset = dspin(-1e9, 1e9, 100.0, 10.0, 3, "Camera offset (intensity of zero photons)")
         for rows in ([("Stack (N, Y, X)", self.calib_layer)],
                      [("Clean", self.clean_layer), ("Noisy", self.clean_noisy_layer)],
-                     [("Noisy", self.n2v_layer), ("N2V steps", self.n2v_steps),
-                      ("N2V time limit (s)", self.n2v_budget)],
+                     [("Noisy", self.n2v_layer), ("Axes", self.n2v_axes),
+                      ("N2V steps", self.n2v_steps), ("N2V time limit (s)", self.n2v_budget)],
                      [("Noisy", self.pseudo_noisy_layer), ("Pseudo-clean", self.pseudo_layer)],
                      [("Sigma", self.sigma)],
                      [("Gain", self.gain), ("Read noise", self.read_noise), ("Offset", self.offset)]):
@@ -307,15 +321,14 @@ class NoiseModelWidget(EngineWidget):
                 return pairs_from_clean(clean, noisy)
         elif key == "n2v":
             layer = self.n2v_layer.current_layer()
-            noisy = check_image_layer(layer, "noisy")
+            noisy = check_image_layer(layer, "noisy", channels=True)
+            lay = layout_of(noisy.shape, self.n2v_axes.axes_for(noisy), f"'{layer.name}'")
+            if lay.has_channels:
+                return self._prepare_channels(layer, noisy, lay, kind, opts, vf, seed)
             if noisy.ndim > 3:
                 raise InputError(f"'{layer.name}' is {noisy.ndim}D: bootstrapping takes a 2D image "
-                                 "or a stack of frames (3D)")
-            n2v = {}
-            if self.n2v_steps.value():
-                n2v["max_steps"] = self.n2v_steps.value()
-            if self.n2v_budget.value():
-                n2v["time_budget_s"] = float(self.n2v_budget.value())
+                                 "or a stack of frames (3D), or channels (Axes with C)")
+            n2v = self._n2v_options()
             short = f"N2V bootstrap of {layer.name}"
             long = f"'{layer.name}' bootstrapped with the built-in Noise2Void"
 
@@ -344,16 +357,51 @@ class NoiseModelWidget(EngineWidget):
                 return None
             nm = fit_noise_model(pairs, kind=kind, val_fraction=vf, seed=seed, callbacks=report,
                                  stop_flag=stop, **opts)
-            _, held = split_pairs(pairs, vf, seed)
-            ev = held if held is not None else pairs
-            s, x = ev.signal, ev.observation
-            if s.size > FIGURE_PAIRS:
-                pick = np.random.default_rng(seed).choice(s.size, FIGURE_PAIRS, replace=False)
-                s, x = s[pick], x[pick]
-            return nm, dock_figure(nm, (s, x)), (s, x)
+            held = _heldout(pairs, vf, seed)
+            return nm, dock_figure(nm, held), held
 
         settings = {**opts, "val_fraction": vf, "seed": seed}
         return job, {"kind": kind, "settings": settings, "short": short, "long": long}
+
+    def _n2v_options(self) -> dict:
+        n2v = {}
+        if self.n2v_steps.value():
+            n2v["max_steps"] = self.n2v_steps.value()
+        if self.n2v_budget.value():
+            n2v["time_budget_s"] = float(self.n2v_budget.value())
+        return n2v
+
+    def _prepare_channels(self, layer, noisy, lay, kind, opts, vf, seed):
+        """Bootstrap a noise model for each channel of ``noisy`` (Noise2Void per channel)."""
+        n2v, n = self._n2v_options(), lay.channels
+
+        def job(report, stop):
+            models, shown = [], None
+            for c in range(n):
+                def tagged(ev, c=c):
+                    ev.metrics = {**(ev.metrics or {}), "channel": c, "channels": n}
+                    report(ev)
+
+                pairs = bootstrap_pairs(lay.channel_view(noisy, c), None, n2v=n2v, seed=seed,
+                                        callbacks=tagged, stop_flag=stop)
+                if stop.is_set():
+                    return None
+                nm = fit_noise_model(pairs, kind=kind, val_fraction=vf, seed=seed,
+                                     callbacks=tagged, stop_flag=stop, **opts)
+                models.append(nm)
+                if shown is None or (nm.info.get("verdict") == "suspicious"
+                                     and shown[0].info.get("verdict") != "suspicious"):
+                    shown = (nm, _heldout(pairs, vf, seed), c)
+                if stop.is_set() and c < n - 1:
+                    return None
+            nm, held, c = shown  # the figure of the first suspicious channel, else channel 1
+            self._shown_channel = c
+            return ChannelNoiseModels(models), dock_figure(nm, held, f"channel {c + 1}"), held
+
+        settings = {**opts, "val_fraction": vf, "seed": seed}
+        return job, {"kind": kind, "settings": settings, "short": f"N2V bootstrap of {layer.name} "
+                     f"({n} channels)", "long": f"'{layer.name}' bootstrapped with the built-in "
+                     f"Noise2Void, one noise model for each of its {n} channels ({lay.axes})"}
 
     def on_start(self, meta: dict) -> None:
         self._n2v_val = None
@@ -396,6 +444,7 @@ class NoiseModelWidget(EngineWidget):
             self.progress.setRange(0, last.total)
             self.progress.setValue(min(last.step, last.total))
         m = last.metrics
+        ch = f"channel {m['channel'] + 1} of {m['channels']}: " if m.get("channels") else ""
         if last.task == "n2v":
             text = (f"Noise2Void (pseudo-clean image): step {last.step} (until its validation "
                     f"loss levels off, at most {last.total})")
@@ -411,7 +460,7 @@ class NoiseModelWidget(EngineWidget):
                 text += f", held-out NLL {m['val_nll']:.4f} nats/px"
         if self.state == TaskState.STOPPING:
             text += " · stopping…"
-        self.show_status(text)
+        self.show_status(ch + text)
 
     def on_result(self, out) -> TaskState:
         self.progress.setRange(0, 1)
@@ -426,6 +475,8 @@ class NoiseModelWidget(EngineWidget):
             nm, fit_name(meta["kind"], meta["settings"], meta["short"]), f"fitted on {meta['long']}",
             heldout=held, description=fit_description(meta["kind"], meta["settings"], meta["long"], nm))
         self._pending_fig = None
+        if isinstance(nm, ChannelNoiseModels):
+            entry.shown_channel = getattr(self, "_shown_channel", 0)
         self.last_entry = entry
         self.show_status(f"{'Stopped' if out.stopped else 'Fitted'} in {self.elapsed():.1f} s: "
                          f"'{entry.name}' is ready for training.")
@@ -438,6 +489,12 @@ class NoiseModelWidget(EngineWidget):
             return
         info = getattr(entry.model, "info", None) or {}
         verdict = info.get("verdict")
+        if isinstance(entry.model, ChannelNoiseModels) and verdict is not None:
+            self.verdict.setText("<br>".join(
+                f"<b>Channel {c + 1}</b> · {verdict_html(ch)}" if ch.get("verdict") else
+                f"<b>Channel {c + 1}</b>: known parameters" for c, ch in enumerate(info["channels"])))
+            self._show_pending_or_stored(entry)
+            return
         if verdict is None:
             self.verdict.setText(f"<b>{html.escape(entry.name)}</b>: known parameters "
                                  f"({html.escape(repr(entry.model))}); no fit, no diagnostics.")
@@ -445,11 +502,17 @@ class NoiseModelWidget(EngineWidget):
                 self.canvas.setVisible(False)
             return
         self.verdict.setText(verdict_html(info))
+        self._show_pending_or_stored(entry)
+
+    def _show_pending_or_stored(self, entry) -> None:
         if self._pending_fig is not None:
             self._show_figure(self._pending_fig, entry)
             self._pending_fig = None
         elif entry is not self._figure_entry or self.canvas is None:
-            fig = self.guard("Diagnostics", dock_figure, entry.model, entry.heldout)
+            model = entry.model
+            if isinstance(model, ChannelNoiseModels):  # the channel whose pairs were kept
+                model = model[getattr(entry, "shown_channel", 0)]
+            fig = self.guard("Diagnostics", dock_figure, model, entry.heldout)
             if fig is not None:
                 self._show_figure(fig, entry)
         else:
@@ -466,7 +529,10 @@ class NoiseModelWidget(EngineWidget):
         if entry is None or not (getattr(entry.model, "info", None) or {}).get("verdict"):
             notify_warning("No fitted noise model to show: fit one (or load a fitted .hdnoise).")
             return None
-        fig = self.guard("Diagnostics", diagnostics_figure, entry.model, *(entry.heldout or ()),
+        model = entry.model
+        if isinstance(model, ChannelNoiseModels):  # the channel whose pairs were kept
+            model = model[getattr(entry, "shown_channel", 0)]
+        fig = self.guard("Diagnostics", diagnostics_figure, model, *(entry.heldout or ()),
                          figsize=(11, 5.5))
         if fig is None:
             return None

@@ -9,6 +9,7 @@ from pathlib import Path
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
 from ..engine import InputError, predict_in_rounds, resolve_device
+from ..engine.channels import MultiChannelModel, check_channels, layout_of
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, MODEL_FILTER, ask_open, form, notify_info, scroll_body, spin, status_label
 from ._inputs import (
@@ -94,7 +95,10 @@ class PredictWidget(EngineWidget):
             self.model_info.setText("No model yet: train one (Training widget) or load a .hdn file.")
         else:
             c = e.model.config
-            self.model_info.setText(f"{c.levels} levels, {c.filters} filters, {e.steps} steps; {e.source}")
+            ch = f"{e.model.channels} channels (one HDN each), " if isinstance(
+                e.model, MultiChannelModel) else ""
+            self.model_info.setText(f"{ch}{c.levels} levels, {c.filters} filters, {e.steps} "
+                                    f"steps; {e.source}")
             self.axes_combo.prefer(e.axes)  # the axes it was trained on, when the layer has them
         self.update_controls()
 
@@ -117,13 +121,17 @@ class PredictWidget(EngineWidget):
     def prepare(self):
         layer = self.layer_combo.current_layer()
         lazy = lazy_layer_data(layer)
-        if lazy is not None:
+        entry = self.model_combo.current_entry()
+        if lazy is not None and not isinstance(getattr(entry, "model", None), MultiChannelModel):
             return self._prepare_lazy(layer, lazy)
-        entry, layer, arr = chosen_model_and_image(self.model_combo, self.layer_combo)
+        entry, layer, arr = chosen_model_and_image(self.model_combo, self.layer_combo,
+                                                   channels=True)
         axes = self.axes_combo.axes_for(arr)
+        check_channels(entry.model, layout_of(arr.shape, axes, f"'{layer.name}'"),
+                       f"'{layer.name}'")
         device = self.device.currentData()
         resolve_device(device)
-        check_model_fits(entry.model, arr, layer.name)
+        check_model_fits(entry.model, arr, layer.name, axes)
         n = self.n_samples.value()
         keep = self.keep_samples.isChecked()
         if keep and n * arr.size * 4 > SAMPLES_LAYER_LIMIT:

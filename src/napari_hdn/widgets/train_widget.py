@@ -12,7 +12,15 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
 from ..engine import DeviceError, InputError, ModelConfig, Trainer, TrainingConfig, resolve_device
-from ..engine.noise.diagnostics import verdict_warning
+from ..engine.channels import (
+    ChannelNoiseModels,
+    MultiChannelModel,
+    check_channels,
+    layout_of,
+    per_channel_noise,
+    train_channels,
+)
+from ..engine.channels import verdict_warnings as verdict_warning
 from ..engine.presets import DEFAULT_PRESET, PRESETS
 from ..engine.priors import bundled_prior_for
 from ._base import EngineWidget, TaskState
@@ -42,6 +50,7 @@ from ._inputs import (
     check_training_fits,
     chosen_model_and_image,
     device_chooser,
+    lazy_layer_data,
 )
 from ._plot import TrainingPlot
 from ._workers import default_cpu_threads
@@ -358,8 +367,10 @@ class TrainingWidget(EngineWidget):
 
     def prepare(self):
         layer = self.layer_combo.current_layer()
-        arr = check_image_layer(layer, "image")
+        lazy = lazy_layer_data(layer, rgb=True)  # dask, zarr, memory-mapped: read patch by patch
+        arr = lazy if lazy is not None else check_image_layer(layer, "image", channels=True)
         axes = self.axes_combo.axes_for(arr)
+        lay = layout_of(arr.shape, axes, f"'{layer.name}'")
         entry = self.noise_combo.current_entry()
         if entry is None:
             raise InputError(
@@ -369,9 +380,20 @@ class TrainingWidget(EngineWidget):
             )
         self._check_device()
         mcfg, tcfg = self.model_config(), self.training_config()
-        check_training_fits(arr.shape, axes, tcfg.patch_size, tcfg.val_fraction, layer.name,
-                            PATCH_LABEL, VAL_LABEL)
-        check_not_blank(arr, layer.name)
+        frame_shape = arr.shape if not lay.has_channels else tuple(
+            v for i, v in enumerate(arr.shape) if i != lay.channel_pos)
+        check_training_fits(frame_shape, lay.frame_axes, tcfg.patch_size, tcfg.val_fraction,
+                            layer.name, PATCH_LABEL, VAL_LABEL)
+        if lazy is None:
+            check_not_blank(arr, layer.name)
+        noise = entry.model
+        if lay.has_channels:
+            per_channel_noise(noise, lay.channels)  # a count that does not fit: said now
+        elif isinstance(noise, ChannelNoiseModels):
+            raise InputError(
+                f"'{entry.name}' holds a noise model per channel ({len(noise)}), but '{layer.name}' "
+                f"has no channel axis with these Axes ({axes}): choose the Axes with C, or a "
+                "noise model of one channel")
         if tcfg.patch_size % mcfg.downscale:
             notify_info(
                 f"Patch size {tcfg.patch_size} is not a multiple of 2^levels = {mcfg.downscale}; "
@@ -381,10 +403,16 @@ class TrainingWidget(EngineWidget):
         if warning:  # said before the run starts; training goes on (the user chose this model)
             notify_warning(f"Training with '{entry.name}': {warning}")
         run = self._new_run(f"'{layer.name}' ({self.preset.currentText()}, {tcfg.max_steps} steps)")
-        noise = entry.model
+        names = ["R", "G", "B", "A"][: lay.channels] if layer.rgb else None
 
         def job(report, stop):
             with _RunGuard(run, stop):
+                if lay.has_channels:  # one HDN per channel, one after the other
+                    model = train_channels(arr, noise, axes=lay.axes, model_config=mcfg,
+                                           training_config=tcfg, checkpoint_dir=run.directory,
+                                           callbacks=report, stop_flag=stop, channel_names=names)
+                    return TrainResult(model, sum(model.info["steps"]), math.nan, run.directory,
+                                       bool(model.info.get("stopped_early")))
                 trainer = Trainer(arr, noise, axes=axes, model_config=mcfg, training_config=tcfg,
                                   checkpoint_dir=run.directory, callbacks=report, stop_flag=stop)
                 model = trainer.run()
@@ -392,13 +420,16 @@ class TrainingWidget(EngineWidget):
                                    bool(model.info.get("stopped_early")))
 
         return job, {"layer": layer.name, "axes": axes, "noise": entry.name, "name": layer.name,
-                     "total": tcfg.max_steps, "step0": 0, "curves": None}
+                     "total": tcfg.max_steps, "step0": 0, "curves": None,
+                     "channels": lay.channels if lay.has_channels else 0}
 
     def _prepare_resume(self):
         entry, layer, arr = chosen_model_and_image(
             self.model_combo, self.layer_combo,
-            "nothing to resume: train a model first (or open a .hdn model file)")
+            "nothing to resume: train a model first (or open a .hdn model file)", channels=True)
         axes = self.axes_combo.axes_for(arr)
+        if isinstance(entry.model, MultiChannelModel):
+            return self._prepare_resume_channels(entry, layer, arr, axes)
         device = self._check_device()
         model = entry.model
         if self._arch() != {k: getattr(model.config, k) for k in ARCH_FIELDS}:
@@ -445,6 +476,38 @@ class TrainingWidget(EngineWidget):
                      "name": entry.layer_name or layer.name, "total": total, "step0": step0,
                      "curves": entry.curves}
 
+    def _prepare_resume_channels(self, entry, layer, arr, axes):
+        """Resume of a model per channel: each channel trains on from its checkpoint for
+        'Steps' more steps, in the training's checkpoint folder."""
+        model = entry.model
+        lay = layout_of(arr.shape, axes, f"'{layer.name}'")
+        check_channels(model, lay, f"'{layer.name}'")
+        folder = entry.checkpoint
+        if folder is None or not folder.is_dir():
+            raise InputError(
+                f"'{entry.name}' has no checkpoint folder here (it was loaded from a file): a "
+                "model per channel resumes from the folder of its training; train it again, or "
+                "resume it from the command line (napari-hdn train --resume FOLDER)")
+        device = self._check_device()
+        per = [int(s or 0) for s in model.info.get("steps") or []]
+        more = self.steps.value()
+        overrides = {"max_steps": max(per or [0]) + more, "device": device}
+        run = self.session.new_run(f"'{layer.name}' (resuming '{entry.name}')", "resume-")
+        run.directory = folder  # the channels' checkpoints live there
+        self._runs[:] = [r for r in self._runs if not r.done.is_set()] + [run]
+
+        def job(report, stop):
+            with _RunGuard(run, stop):
+                m = train_channels(arr, None, axes=lay.axes, resume=folder, callbacks=report,
+                                   stop_flag=stop, training_overrides=overrides,
+                                   channel_names=model.info.get("channel_names"))
+                return TrainResult(m, sum(m.info["steps"]), math.nan, folder,
+                                   bool(m.info.get("stopped_early")))
+
+        return job, {"layer": layer.name, "axes": lay.axes, "noise": "from model",
+                     "name": entry.layer_name or layer.name, "total": overrides["max_steps"],
+                     "step0": 0, "curves": None, "channels": lay.channels}
+
     def _new_run(self, label: str, prefix: str = "train-"):
         run = self.session.new_run(label, prefix)
         self._runs[:] = [r for r in self._runs if not r.done.is_set()] + [run]
@@ -479,6 +542,12 @@ class TrainingWidget(EngineWidget):
             self.plot.reset()
         self.show_status("Starting…")
 
+    def _overall(self, ev) -> tuple[int, int]:
+        """(steps done, steps planned) of the whole run: with channels, of every channel."""
+        n = int(ev.metrics.get("channels") or 1)
+        c = int(ev.metrics.get("channel") or 0)
+        return c * ev.total + ev.step, n * ev.total
+
     def on_events(self, events) -> None:
         last = None
         for ev in events:
@@ -491,25 +560,32 @@ class TrainingWidget(EngineWidget):
                 self.plot.add_epoch(ev.step, ev.metrics)
                 last = ev
             elif ev.kind == "start":
-                self.progress.setRange(0, max(1, ev.total))
-                self.progress.setValue(ev.step)
-                self._step0 = ev.step
+                done, total = self._overall(ev)
+                if ev.metrics.get("channel"):  # the next channel: its own curves
+                    self.plot.reset()
+                self.progress.setRange(0, max(1, total))
+                self.progress.setValue(done)
+                if not ev.metrics.get("channel"):
+                    self._step0 = done
         if last is not None:
-            self.progress.setValue(min(last.step, self.progress.maximum()))
+            self.progress.setValue(min(self._overall(last)[0], self.progress.maximum()))
             self.show_status(self._status_text(last))
         self.plot.redraw()
 
     def _status_text(self, ev) -> str:
         el = self.elapsed()
-        rate = (ev.step - self._step0) / el if el > 0 else 0.0
+        done, total = self._overall(ev)
+        rate = (done - self._step0) / el if el > 0 else 0.0
         parts = [f"step {ev.step} / {ev.total}"]
+        if ev.metrics.get("channels"):
+            parts[0] = f"channel {ev.metrics['channel'] + 1} of {ev.metrics['channels']}, " + parts[0]
         if self.plot.train:
             parts.append(f"loss {self.plot.train[-1]:.4g}")
         if self.plot.val:
             parts.append(f"val {self.plot.val[-1]:.4g}")
         if rate > 0:
             parts.append(f"{rate:.2f} steps/s")
-            parts.append(f"about {_duration((ev.total - ev.step) / rate)} left")
+            parts.append(f"about {_duration((total - done) / rate)} left")
         if self.state == TaskState.STOPPING:
             parts.append("stopping…")
         return " · ".join(parts)
@@ -521,20 +597,35 @@ class TrainingWidget(EngineWidget):
         self.plot.redraw(force=True)
         res: TrainResult = out.value
         meta = self.meta
+        if res is None:  # stopped in a channel before the last: no model of every channel
+            self.show_status("Stopped before every channel was trained: no model was made (the "
+                             "channels trained so far are in the run's checkpoint folder).")
+            notify_info("Training stopped before every channel was trained; no model was made.")
+            return TaskState.STOPPED
+        channels = meta.get("channels") or 0
         # (a run stopped from outside keeps its folder even when its model still arrives here: as
         # the viewer closes, this handler may or may not run before the widget goes)
         best = res.best_loss if math.isfinite(res.best_loss) else float("nan")
         res.model.info["axes"] = meta["axes"]  # saved with the model: Predict defaults to it
-        ck = res.checkpoint_dir / "last.hdn"
+        # Resume continues a checkpoint: with channels, the run's folder (one folder a channel)
+        ck = res.checkpoint_dir if channels else res.checkpoint_dir / "last.hdn"
         src = f"trained on '{meta['layer']}' ({meta['axes']}), noise model {meta['noise']}"
-        if res.model.info.get("start", {}).get("init") == "prior":
+        first = res.model.models[0] if channels else res.model
+        if first.info.get("start", {}).get("init") == "prior":
             src += ", started from the pretrained prior"
+        what = f"{channels} channels, {res.steps} steps" if channels else f"{res.steps} steps"
         entry = self.session.add_model(
-            res.model, f"{meta['name']} HDN ({res.steps} steps)", src,
+            res.model, f"{meta['name']} HDN ({what})", src,
             checkpoint=ck if ck.exists() else None, layer_name=meta["layer"], axes=meta["axes"],
             curves=self.plot.snapshot(),
             description=f"{src}; {res.steps} steps, best validation loss {best:.4g}")
         el = _duration(self.elapsed())
+        if channels:
+            text = (f"{'Stopped in the last channel' if res.stopped else 'Done'}: {channels} "
+                    f"channels (one HDN each, {res.steps} steps in all) in {el}. Model: "
+                    f"'{entry.name}'.")
+            self.show_status(text + " Use it in Predict and explore.")
+            return TaskState.STOPPED if res.stopped else TaskState.DONE
         if res.stopped:
             text = (f"Stopped at step {res.steps} after {el}; the best model so far "
                     f"(validation loss {best:.4g}) is '{entry.name}'.")
