@@ -133,3 +133,15 @@ def test_cli_zarr_in_process_and_local_cluster(model_file, tmp_path, capsys):
                               scheduler=client, **KW)
     assert sorted(loads.values()) == [1, 1], loads
     np.testing.assert_allclose(res.mmse.compute(), np.asarray(a["mmse"][...]), atol=1e-5)
+
+
+def test_zarr_output_keeps_the_input_pixel_size(tiny_model, tmp_path):
+    img = np.clip(_stack(frames=2), 0, None).astype(np.float32)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, img, imagej=True, resolution=(1 / 0.3, 1 / 0.3),
+                     metadata={"axes": "TYX", "unit": "um"})
+    out = tmp_path / "out.zarr"
+    L.predict_to_zarr(tiny_model, str(src), out, **KW)
+    image = dict(zarr.open_group(str(out), mode="r").attrs)["napari_hdn"]["image"]
+    assert image["axes"] == "TYX" and image["scale"]["X"] == pytest.approx(0.3)
+    assert image["units"]["X"] == "µm"

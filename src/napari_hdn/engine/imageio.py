@@ -291,3 +291,124 @@ def scale_for(meta: ImageMeta | None, axes: str) -> tuple[float, ...]:
     file gives it, 1 elsewhere."""
     meta = meta or ImageMeta()
     return tuple(float(meta.scale.get(a, 1.0)) if a in "ZYX" else 1.0 for a in axes.upper())
+
+
+# -- napari layers -----------------------------------------------------------------------------------
+
+#: napari axis labels (those napari-hdn's result layers get, and common ones) -> our letters
+_LABEL_LETTERS = {"t": "T", "time": "T", "z": "Z", "c": "C", "channel": "C", "y": "Y", "x": "X",
+                  "frame": "S", "s": "S", "sample": "S"}
+_TIME_UNITS = {"second": "s", "millisecond": "ms", "minute": "min", "hour": "h"}
+
+
+def meta_from_layer(layer_meta: dict, ndim: int) -> tuple[str, ImageMeta, bool]:
+    """``(axes, metadata, sample_axis)`` of a napari image layer's state (a writer's ``meta``)
+    whose data have ``ndim`` dimensions: axes from its axis labels (napari's defaults: guessed
+    from the dimensions), physical sizes from its scale and units (a scale in napari's default
+    unit, pixels, is taken as µm: it is what a scale of a microscopy layer means).
+    ``sample_axis``: a leading "sample" axis (posterior samples), left out of ``axes``."""
+    from .data import default_axes
+
+    rgb = bool(layer_meta.get("rgb"))
+    space = ndim - (1 if rgb else 0)  # napari's dimensions (an RGB layer's colours are not one)
+    labels = [str(v).lower() for v in (layer_meta.get("axis_labels") or ())][-space:]
+    letters = [_LABEL_LETTERS.get(v) for v in labels]
+    sample = labels[:1] == ["sample"]
+    if sample:
+        letters = letters[1:]
+    if len(letters) != space - sample or None in letters or len(set(letters)) != len(letters):
+        n = space - sample
+        letters = list(default_axes(n)) if n <= 5 else ["S"] * (n - 2) + ["Y", "X"]
+    axes = "".join(letters) + ("C" if rgb else "")
+    meta = ImageMeta(axes, kind="ome", rgb=rgb)
+    scale = list(layer_meta.get("scale") or [1.0] * space)[-space:][int(sample):]
+    units = [str(u) for u in (layer_meta.get("units") or ["pixel"] * space)][-space:][int(sample):]
+    for letter, size, unit in zip(letters, scale, units):
+        if letter in "ZYX" and (float(size) != 1.0 or unit not in ("pixel", "")):
+            meta.scale[letter], meta.units[letter] = _um(
+                float(size), "µm" if unit == "pixel" else unit)
+        elif letter == "T" and unit in _TIME_UNITS:
+            meta.scale["T"], meta.units["T"] = float(size), _TIME_UNITS[unit]
+    return axes, meta, sample
+
+
+def write_ome_zarr(path: str | os.PathLike, array, axes: str, meta: ImageMeta | None = None,
+                   description: dict | None = None, name: str = "image") -> Path:
+    """Write ``array`` as an OME-Zarr image (NGFF 0.4, one resolution level) with its axes and
+    physical sizes. NGFF orders axes time, channel, space: a channel axis that comes last (RGB)
+    is moved before Y and X. Written to a temporary folder, renamed when complete."""
+    import secrets
+    import shutil
+
+    import zarr
+
+    from .errors import OutputError
+
+    arr = np.asarray(array)
+    axes = axes.upper()
+    if axes.endswith("YXC"):
+        arr, axes = np.moveaxis(arr, -1, -3), axes[:-3] + "CYX"
+    order = {"T": 0, "S": 1, "C": 1, "Z": 2, "Y": 3, "X": 4}
+    if [order[a] for a in axes] != sorted(order[a] for a in axes) or \
+            sum(a in "SC" for a in axes) > 1 or arr.ndim > 5:
+        raise OutputError(f"{path}: OME-Zarr (NGFF 0.4) takes axes in the order T, C, Z, Y, X; "
+                          f"these are {axes}: save as OME-TIFF (.ome.tif) instead")
+    meta = meta or ImageMeta()
+    kinds = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+    ax_meta = []
+    for a in axes:
+        entry = {"name": a.lower() if a != "S" else "frame"}
+        if a in kinds:
+            entry["type"] = kinds[a]
+        if a in meta.scale and a in "ZYX":
+            entry["unit"] = "micrometer"
+        if a == "T" and "T" in meta.scale:
+            entry["unit"] = {"s": "second", "ms": "millisecond", "min": "minute",
+                             "h": "hour"}.get(meta.units.get("T", "s"), "second")
+        ax_meta.append(entry)
+    scale = [float(meta.scale.get(a, 1.0)) if a in "TZYX" else 1.0 for a in axes]
+    target = Path(path)
+    if target.exists():
+        raise OutputError(f"{target} exists: remove it or give another name")
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        chunks = tuple([1] * (arr.ndim - 2) + [min(512, arr.shape[-2]), min(512, arr.shape[-1])])
+        root.create_array("0", shape=arr.shape, dtype=arr.dtype, chunks=chunks)[...] = arr
+        attrs = {"multiscales": [{"version": "0.4", "name": name, "axes": ax_meta,
+                                  "datasets": [{"path": "0", "coordinateTransformations": [
+                                      {"type": "scale", "scale": scale}]}]}]}
+        if description is not None:
+            attrs["napari_hdn"] = description
+        root.attrs.update(attrs)
+        tmp.rename(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        from .safeio import write_failure
+
+        raise OutputError(write_failure(exc, target)) from None
+    return target
+
+
+def read_zarr_meta(path: str | os.PathLike) -> tuple[str | None, ImageMeta]:
+    """(axes, metadata) of an OME-Zarr image written by :func:`write_ome_zarr` (or another NGFF
+    0.4 / 0.5 writer): the axes and the scale of the full-resolution level."""
+    import zarr
+
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    if not ms:
+        return None, ImageMeta()
+    m0 = ms[0]
+    names = [a["name"] if isinstance(a, dict) else a for a in m0.get("axes", [])]
+    axes = "".join(_LABEL_LETTERS.get(str(n).lower(), "?") for n in names)
+    meta = ImageMeta(axes if "?" not in axes else None, kind="ome")
+    for t in m0["datasets"][0].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            for a, v, ax in zip(axes, t["scale"], m0.get("axes", [])):
+                unit = ax.get("unit") if isinstance(ax, dict) else None
+                if a in "ZYX" and unit:
+                    meta.scale[a], meta.units[a] = _um(float(v), unit)
+                elif a == "T" and unit:
+                    meta.scale["T"], meta.units["T"] = float(v), _TIME_UNITS.get(unit, unit)
+    return meta.axes, meta

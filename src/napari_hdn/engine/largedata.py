@@ -597,6 +597,9 @@ def predict_to_zarr(model, image, out, n_samples: int = 100, *, axes: str | None
                                        return_samples, tile_size, margin, device, channel)
     source = str(image) if isinstance(image, (str, os.PathLike)) else "array"
     attrs = _run_attrs(spec, model_fingerprint(m_obj), source)
+    meta = _input_meta(image)
+    if meta is not None:  # the input's axes, pixel size and units go with the results
+        attrs["image"] = meta.for_axes(ax).to_dict()
     inputs = [image] if isinstance(image, (str, os.PathLike)) else []
     done, resumed = prepare_store(out, spec, attrs, ax, overwrite, inputs)
     out = str(Path(out).resolve())
@@ -625,6 +628,21 @@ def predict_to_zarr(model, image, out, n_samples: int = 100, *, axes: str | None
               "chunks_before": before, "chunks_run": n_done - before, "chunks_done": n_done,
               "resumed": resumed, "stopped": stopped, "store": out},
     )
+
+
+def _input_meta(image):
+    """The axes, pixel size and units a TIFF or OME-Zarr input declares (None otherwise)."""
+    from .imageio import read_tiff_meta, read_zarr_meta
+
+    if not isinstance(image, (str, os.PathLike)):
+        return None
+    p = Path(image)
+    try:
+        if p.suffix.lower() in (".tif", ".tiff"):
+            return read_tiff_meta(p)[2]
+        return read_zarr_meta(p)[1]
+    except Exception:  # noqa: BLE001 - metadata are a courtesy; the prediction does not need them
+        return None
 
 
 def _run_here(x, ref, spec, pending, out, report, before, total, stop_flag) -> bool:

@@ -49,6 +49,9 @@ def add_or_replace_image(viewer, name: str, data: np.ndarray, like, *, leading: 
     meta = dict(metadata or {})
     if contrast_limits is None:
         contrast_limits = robust_limits(data)
+    units = None
+    if getattr(like, "units", None) is not None:  # napari 0.6+: the input's units too
+        units = ("pixel",) * leading + tuple(str(u) for u in like.units)[-(ndim - leading):]
     existing = viewer.layers[name] if name in viewer.layers else None
     if isinstance(existing, Image) and existing.ndim == ndim and existing.rgb == rgb:
         # only what changed: each of scale, translate and visible costs a refresh (~9 ms each on
@@ -66,12 +69,16 @@ def add_or_replace_image(viewer, name: str, data: np.ndarray, like, *, leading: 
             existing.visible = visible
         if labels is not None and tuple(existing.axis_labels) != tuple(labels):
             existing.axis_labels = labels
+        if units is not None and tuple(str(u) for u in existing.units) != units:
+            existing.units = units
         return existing
     if existing is not None:
         viewer.layers.remove(existing)
     kwargs = {"colormap": colormap} if colormap else {}
     if labels is not None:
         kwargs["axis_labels"] = labels
+    if units is not None:
+        kwargs["units"] = units
     return viewer.add_image(data, name=name, scale=scale, translate=translate, metadata=meta,
                             contrast_limits=contrast_limits, visible=visible, rgb=rgb, **kwargs)
 
