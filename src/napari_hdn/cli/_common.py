@@ -152,13 +152,15 @@ class Progress:
         self.last: dict = {}
 
     def __call__(self, ev) -> None:
+        metrics = ev.metrics or {}
+        if metrics.get("busy"):  # said with or without bars: the machine is shared
+            from tqdm import tqdm
+
+            tqdm.write(f"napari-hdn: note: {metrics['busy']}", file=sys.stderr)
         if self.quiet or ev.task not in self.TASKS:
             return
         from tqdm import tqdm
 
-        metrics = ev.metrics or {}
-        if metrics.get("busy"):
-            tqdm.write(f"napari-hdn: note: {metrics['busy']}", file=sys.stderr)
         if ev.task not in self.time_budget and metrics.get("time_budget_s"):
             self.time_budget[ev.task] = metrics["time_budget_s"]  # a run with a time budget
         budget = self.time_budget.get(ev.task)

@@ -39,8 +39,9 @@ def check_axes(axes: str | None, shape: Sequence[int]) -> str:
         axes = default_axes(ndim)
         if ndim == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
             raise InputError(
-                f"array of shape {tuple(shape)} looks like an RGB(A) image; HDN works on one "
-                "channel: convert to grayscale or pass axes='SYX' if the last axis really is X."
+                f"array of shape {tuple(shape)} looks like an RGB(A) image; this works on one "
+                "channel: train and predict with axes='YXC' (an HDN per colour channel), select "
+                "one channel, or pass axes='SYX' if the last axis really is X."
             )
         if ndim >= 3 and shape[-1] * SHORT_LAST_AXIS <= min(shape[:-1]):
             warnings.warn(
@@ -54,8 +55,8 @@ def check_axes(axes: str | None, shape: Sequence[int]) -> str:
     ax = str(axes).upper().replace(" ", "")
     if "C" in ax:
         raise InputError(
-            f"axes {axes!r} contain a channel axis C; HDN restores one channel at a time: select "
-            "one channel first."
+            f"axes {axes!r} contain a channel axis C; this works on one channel: select one "
+            "channel first, or train (and predict) with these axes to get an HDN per channel."
         )
     if len(ax) != ndim:
         raise InputError(f"axes {axes!r} have {len(ax)} letters but the image has {ndim} dimensions")

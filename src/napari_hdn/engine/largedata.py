@@ -106,11 +106,12 @@ class ModelRef:
     (models are never pickled: a model file runs no code when it is loaded, a pickle would).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, channel: int | None = None):
         from .model import HDNModel
 
         self.model = None
         self.path = None
+        self.channel = channel  # of a file holding a model per channel: the one to use
         if isinstance(model, HDNModel):
             self.model = model
         elif isinstance(model, (str, os.PathLike)):
@@ -127,7 +128,7 @@ class ModelRef:
             raise InputError(
                 "a dask.distributed cluster loads the model from its file and never receives a "
                 "pickled model: save it first (model.save('model.hdn')) and pass the path")
-        return {"path": self.path, "model": None}
+        return {"path": self.path, "model": None, "channel": self.channel}
 
     def get(self, device=None):
         """The model ready for sampling on ``device`` (eval, channels-last on CPUs); loaded from
@@ -138,7 +139,7 @@ class ModelRef:
             key = ("mem", id(self.model), str(device))
         else:
             st = os.stat(self.path)
-            key = (self.path, st.st_mtime_ns, st.st_size, str(device))
+            key = (self.path, st.st_mtime_ns, st.st_size, str(device), self.channel)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
             if hit is None:
@@ -149,6 +150,8 @@ class ModelRef:
                     from .model import load_model
 
                     model = load_model(self.path)
+                    if self.channel is not None:
+                        model = model.channel(self.channel)
                     LOADS["count"] += 1
                 hit = _CACHE[key] = inference_model(model, device)
             return hit
@@ -414,8 +417,18 @@ def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_sam
 
     c = check_options(n_samples=n_samples, batch_size=batch_size, tile_size=tile_size,
                       tile_overlap=margin, seed=seed)
+    from .channels import MultiChannelModel
+
     ref = ModelRef(model)
     m_obj = ref.model if ref.model is not None else as_model(ref.path)
+    if isinstance(m_obj, MultiChannelModel):  # chunk by chunk: one channel, with its own model
+        if channel is None:
+            raise InputError(
+                f"the model holds one HDN per channel ({m_obj.channels}); chunked prediction "
+                "restores one channel at a time: give the channel (--channel K on the command "
+                f"line, channel=K in Python; 0..{m_obj.channels - 1}), once for each channel")
+        m_obj = m_obj.channel(channel)
+        ref = ModelRef(ref.path, channel) if ref.path is not None else ModelRef(m_obj)
     m = m_obj.config.downscale
     modes = m_obj.resolve_modes(levels)
     check_some_level_active(modes)

@@ -56,8 +56,8 @@ class N2VConfig:
     max_steps: int = 4000
     time_budget_s: float | None = None
     eval_every: int = 50
-    patience: int = 4
-    lr_drops: int = 3
+    patience: int = 3
+    lr_drops: int = 2
     min_improvement: float = 0.002
     val_patches: int = 64
     augment: bool = True
