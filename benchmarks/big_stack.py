@@ -7,8 +7,9 @@ GB) with ImageJ metadata (TYX, 0.2 µm pixels), then runs ``napari-hdn train`` o
 ``PYTHONPATH``), run one after the other on the same file; ``--old-frames`` gives it a shorter
 file (the old code read the whole file and copied it several times over: 22 GB for 2.1 GB).
 
-Also predicts a few frames of the stack with the trained model (``--out-dir``) and checks that
-the outputs keep the pixel size.
+``--widget`` also trains from the Training widget in a napari viewer (under Xvfb), the stack
+opened as a dask layer (what a lazy TIFF or OME-Zarr reader gives napari), and prints the viewer
+process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -75,6 +76,46 @@ def run(tree: Path, stack: Path, out: Path, steps: int) -> dict:
     return {"rc": int(rc), "wall_s": round(wall, 1), "peak_mb": round(int(peak) / 1024)}
 
 
+WIDGET_CODE = """
+import resource, sys, time
+import dask.array as da
+import napari
+from qtpy.QtWidgets import QApplication
+from napari_hdn.engine import PoissonGaussianNoiseModel
+from napari_hdn.engine.frames import TiffPages
+from napari_hdn.session import get_session
+path, steps = sys.argv[1], int(sys.argv[2])
+pages = TiffPages(path)  # a lazy layer: what a lazy TIFF or OME-Zarr reader gives napari
+viewer = napari.Viewer(show=False)
+viewer.add_image(da.from_array(pages, chunks=(1, pages.shape[1], pages.shape[2])), name="timelapse")
+get_session().add_noise_model(PoissonGaussianNoiseModel(2.0, 5.0, 100.0), "camera")
+_, w = viewer.window.add_plugin_dock_widget("napari-hdn", "Training")
+w.layer_combo.set_layer("timelapse")
+w.noise_combo.setCurrentText("camera")
+w.steps.setValue(steps)
+t = time.perf_counter()
+assert w.start_training()
+app = QApplication.instance()
+while w.task.running:
+    app.processEvents()
+    time.sleep(0.02)
+print("RESULT", w.state.value, time.perf_counter() - t,
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+viewer.close()
+"""
+
+
+def run_widget(stack: Path, steps: int) -> dict:
+    """The Training widget on the stack as a dask layer, in napari under Xvfb: peak RSS."""
+    proc = subprocess.run(["xvfb-run", "-a", sys.executable, "-c", WIDGET_CODE, str(stack),
+                           str(steps)], capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None:
+        return {"error": proc.stderr.strip().splitlines()[-3:]}
+    _, state, wall, peak = line.split()
+    return {"state": state, "wall_s": round(float(wall), 1), "peak_mb": round(int(peak) / 1024)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=4000)
@@ -82,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the stack is written")
     p.add_argument("--old", help="a checkout of another commit to run beside this tree")
     p.add_argument("--old-frames", type=int, help="frames of the old tree's stack (default: same)")
+    p.add_argument("--widget", action="store_true",
+                   help="also train from the Training widget (this tree), the stack as a dask layer")
     a = p.parse_args(argv)
     here = Path(__file__).resolve().parents[1]
     d = Path(a.dir)
@@ -98,6 +141,13 @@ def main(argv=None) -> int:
                   f"{time.perf_counter() - t:.0f} s", flush=True)
         res = run(tree, stack, d / f"big-{name}.hdn", a.steps)
         res.update(tree=name, frames=frames, file_gib=round(stack.stat().st_size / 2**30, 2))
+        print(json.dumps(res), flush=True)
+        rows.append(res)
+    if a.widget:
+        stack = d / f"timelapse-{a.frames}x{SIDE}x{SIDE}.tif"
+        res = run_widget(stack, a.steps)
+        res.update(tree="new, Training widget (dask layer)", frames=a.frames,
+                   file_gib=round(stack.stat().st_size / 2**30, 2))
         print(json.dumps(res), flush=True)
         rows.append(res)
     print("| tree | frames | file (GiB) | steps | peak RSS (MiB) | wall (s) |")

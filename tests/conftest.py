@@ -34,6 +34,16 @@ def _few_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for a test, restored after: tiny networks and small tensors run as fast
+    on one, and repeat bit for bit (modules use it with ``pytest.mark.usefixtures``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
     model = HDNModel(ModelConfig(**TINY), GaussianNoiseModel(10.0), Normalisation(50.0, 30.0))

@@ -22,12 +22,7 @@ FAST = dict(TINY, patch_size=32, batch_size=8, bn_chunk=4, device="cpu", lr=3e-3
             val_fraction=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _two_channels(shape=(64, 64), sigma=(10.0, 20.0), seed=0):

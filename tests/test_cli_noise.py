@@ -6,20 +6,13 @@ import json
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from napari_hdn.cli.noise import add_parser
 
 GAIN, READ, OFFSET = 2.0, 5.0, 100.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks and small tensors: one thread is as fast, and robust on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv):

@@ -25,13 +25,7 @@ from napari_hdn.engine.noise.n2v import (
 GAIN, READ, OFFSET = 2.0, 5.0, 100.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks and small tensors: one thread is as fast, and robust on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_N2V = dict(filters=8, batch_size=8, patch_size=32, eval_every=20)
 
 

@@ -30,13 +30,7 @@ from napari_hdn.engine.noise import (
 GAIN, READ, OFFSET = 2.0, 5.0, 100.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks and small tensors: one thread is as fast, and robust on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIGNALS = np.array([110.0, 150.0, 200.0, 400.0, 700.0, 1000.0])
 
 
@@ -370,3 +364,36 @@ def test_verdict_warning_names_the_verdict_and_the_fix():
     assert "suspicious" in text and "few pairs" in text and "histogram model" in text
     m.info["source"] = "n2v"
     assert "more Noise2Void steps" in verdict_warning(m) and "calibration frames" in verdict_warning(m)
+
+
+def test_a_mixture_component_that_ran_away_from_the_data_is_found():
+    """A light component far from the others (seen in a bootstrapped fit: weight 0.8 %, its mean
+    560 ADU below the signal, std 400) holds no pairs; the fit drops it and fits again."""
+    from napari_hdn.engine.noise.fitting import dead_components
+
+    theta = torch.zeros(3, 3, 2)
+    theta[0, :, 0] = torch.tensor([0.0, 0.0, 0.0])
+    healthy = GMMNoiseModel((100.0, 1000.0), 3, 1, 1e-3, 10.0, theta.clone())
+    assert dead_components(healthy) == []
+    theta[0, 2, 0] = -6.0  # about 0.1 % of the weight ...
+    theta[1, 2, 0] = -60.0  # ... 600 ADU away (scale 10)
+    theta[2, 2, 0] = 7.0  # ... and wide
+    assert dead_components(GMMNoiseModel((100.0, 1000.0), 3, 1, 1e-3, 10.0, theta)) == [2]
+
+
+def test_the_fit_is_done_again_without_a_dead_component(monkeypatch):
+    from napari_hdn.engine.noise import fitting
+
+    calls = []
+    real = fitting._fit_gmm
+
+    def spy(*a, n_gaussians, **k):
+        calls.append(n_gaussians)
+        return real(*a, n_gaussians=n_gaussians, **k)
+
+    monkeypatch.setattr(fitting, "_fit_gmm", spy)
+    monkeypatch.setattr(fitting, "dead_components", lambda m: [0] if m.n_gaussians == 3 else [])
+    rng = np.random.default_rng(7)
+    m = fit_from_calibration(camera(ramp(48), rng, frames=30), compare_histogram=False)
+    assert calls == [3, 2] and m.n_gaussians == 2
+    assert m.info["fit"]["n_gaussians"] == 2 and m.info["fit"]["refitted"]["from_gaussians"] == 3

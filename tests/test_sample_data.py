@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from napari_hdn.cli import main
 from napari_hdn.engine.imageio import read_tiff, read_tiff_meta
@@ -22,12 +21,7 @@ TINY_CLI = ["--levels", "2", "--z-dim", "2", "--filters", "8", "--blocks", "1", 
             "scratch", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_files_are_read_as_they_are():

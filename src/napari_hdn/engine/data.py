@@ -92,15 +92,20 @@ def as_float_array(image, name: str = "image") -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def _frames_of_list(images, axes, name: str, frames_of_one) -> list:
+    """The frames of every image of a list, in order (``frames_of_one(image, axes, name)``)."""
+    frames = []
+    for k, im in enumerate(images):
+        frames += frames_of_one(im, axes, name=f"{name}[{k}]")
+    if not frames:
+        raise InputError(f"{name}: the list of images is empty")
+    return frames
+
+
 def to_frames(images, axes: str | None = None, name: str = "image") -> list[np.ndarray]:
     """Turn an array (YX, SYX, TYX, ZYX, ...) or a list of 2D arrays into a list of 2D float frames."""
     if isinstance(images, (list, tuple)):
-        frames = []
-        for k, im in enumerate(images):
-            frames += to_frames(im, axes, name=f"{name}[{k}]")
-        if not frames:
-            raise InputError(f"{name}: the list of images is empty")
-        return frames
+        return _frames_of_list(images, axes, name, to_frames)
     arr = as_float_array(images, name)
     ax = check_axes(axes, arr.shape)
     return list(arr.reshape(-1, *arr.shape[-2:])) if len(ax) > 2 else [arr]
@@ -114,12 +119,7 @@ def training_frames(images, axes: str | None = None, name: str = "image") -> lis
     if isinstance(images, (list, tuple)):
         if images and all(isinstance(f, Frame) for f in images):
             return list(images)
-        out = []
-        for k, im in enumerate(images):
-            out += training_frames(im, axes, name=f"{name}[{k}]")
-        if not out:
-            raise InputError(f"{name}: the list of images is empty")
-        return out
+        return _frames_of_list(images, axes, name, training_frames)
     arr = images if is_lazy(images) else np.asarray(images)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise InputError(f"{name} has dtype {arr.dtype}; expected a numeric (integer or float) array")

@@ -404,15 +404,52 @@ def fit_noise_model(
                     iterations=int(iterations), batch_size=int(batch_size), lr=float(lr), seed=seed)
 
 
+#: a mixture component this light ...
+DEAD_WEIGHT = 0.02
+#: ... whose mean lies this many of the other components' stds from theirs, somewhere in the
+#: fitted range, holds no pairs: a fit that ran into it (L-BFGS can push a component away from the
+#: data, where it costs only log(1 - weight) nats) inflates the mixture's std and, as the mixture
+#: mean is kept at the signal, shifts the other components' means
+DEAD_DISTANCE = 5.0
+
+
+def dead_components(model) -> list[int]:
+    """Components of a GMM that hold (almost) no pairs anywhere in its fitted range."""
+    lo, hi = model.signal_range
+    s = torch.linspace(lo, hi, 33, dtype=torch.float32)
+    with torch.no_grad():
+        log_w, delta, var = model.components(s)
+    w = log_w.exp()
+    dead = []
+    for k in range(w.shape[-1]):
+        others = [j for j in range(w.shape[-1]) if j != k]
+        if not others:
+            break
+        wo = w[:, others] / w[:, others].sum(-1, keepdim=True)
+        mo = (wo * delta[:, others]).sum(-1)
+        so = ((wo * (var[:, others] + delta[:, others] ** 2)).sum(-1) - mo**2).clamp_min(0).sqrt()
+        far = (delta[:, k] - mo).abs() > DEAD_DISTANCE * so
+        if bool(((w[:, k] < DEAD_WEIGHT) & far).any()):
+            dead.append(k)
+    return dead
+
+
 def _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag, *, n_gaussians,
          degree, min_variance, method, iterations, batch_size, lr, seed):
     if kind == "gmm":
-        model, run = _fit_gmm(train, held, n_gaussians=n_gaussians, degree=degree,
-                              min_variance=min_variance, method=method, iterations=iterations,
-                              batch_size=batch_size, lr=lr, device=dev, seed=seed, report=report,
-                              stop_flag=stop_flag)
+        fit_kw = dict(degree=degree, min_variance=min_variance, method=method,
+                      iterations=iterations, batch_size=batch_size, lr=lr, device=dev, seed=seed,
+                      report=report, stop_flag=stop_flag)
+        model, run = _fit_gmm(train, held, n_gaussians=n_gaussians, **fit_kw)
+        k = n_gaussians
+        while k > 1 and not run.get("stopped") and dead_components(model):
+            # a component ran away from the data: fit again with one fewer and keep it
+            k -= 1
+            model, run = _fit_gmm(train, held, n_gaussians=k, **fit_kw)
+            run["refitted"] = {"from_gaussians": n_gaussians, "why": "a mixture component held "
+                               "no pairs (it had run away from the data)"}
         model = model.cpu()
-        settings.update(n_gaussians=n_gaussians, degree=degree, iterations_planned=iterations, **run)
+        settings.update(n_gaussians=k, degree=degree, iterations_planned=iterations, **run)
         if method == "minibatch":
             settings.update(lr=lr, batch_size=batch_size)
         if not all(torch.isfinite(t).all() for t in model.buffers()):
