@@ -88,3 +88,15 @@ def test_training_from_a_large_tiff_reads_it_on_demand(tmp_path, monkeypatch):
     assert model.normalisation.mean == pytest.approx(eager.normalisation.mean)
     for (k, a), b in zip(model.ladder.state_dict().items(), eager.ladder.state_dict().values()):
         assert torch.equal(a, b), k  # the same patches, the same training
+
+
+def test_tiff_pages_take_any_box_so_dask_can_wrap_them(tmp_path):
+    da = pytest.importorskip("dask.array")
+    data = (np.arange(5 * 3 * 16 * 20) % 997).reshape(5, 3, 16, 20).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "tz.tif", data, imagej=True, metadata={"axes": "TZYX"})
+    pages = TiffPages(tmp_path / "tz.tif")
+    for key in [(slice(0, 2),), (slice(1, 4), 2), (3, slice(0, 3), slice(2, 9)),
+                (slice(None), slice(None), slice(4, 8), slice(1, 5)), (2, 1), (slice(5, 5),)]:
+        np.testing.assert_array_equal(pages[key], data[key])
+    lazy = da.from_array(pages, chunks=(1, 1, 16, 20))  # a lazy napari layer of a large TIFF
+    np.testing.assert_array_equal(lazy.compute(), data)

@@ -85,6 +85,14 @@ def test_channel_axis_layer_and_a_model_that_does_not_fit(viewer, qtbot, notes):
     assert tw.state == TaskState.DONE, (tw.status.text(), notes.errors)
     entry = tw.model_combo.current_entry()
     assert isinstance(entry.model, MultiChannelModel) and entry.axes == "CYX"
+    assert entry.model.info["steps"] == [2, 2]
+    # Resume trains every channel on for 'Steps' more steps, from its checkpoint folder
+    tw.steps.setValue(3)
+    assert tw.resume_training()
+    _wait(qtbot, tw)
+    assert tw.state == TaskState.DONE, (tw.status.text(), notes.errors)
+    resumed = tw.model_combo.current_entry()
+    assert resumed is not entry and resumed.model.info["steps"] == [5, 5]
     pw = dock(viewer, "Predict and explore")
     pw.model_combo.setCurrentText(entry.name)
     pw.layer_combo.set_layer("two")

@@ -236,6 +236,11 @@ class TiffPages:
         return page, ys, xs, sample
 
     def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        lead_n = self.ndim - len(self.page_shape)
+        if any(isinstance(k, slice) for k in key[:lead_n]) or len(key) < self.ndim:
+            return self._block(key, lead_n)  # slices of the leading axes too (e.g. from dask)
         page, ys, xs, sample = self._split(key)
         h, w = self.page_shape[0], self.page_shape[1]
         y0, y1, _ = ys.indices(h) if isinstance(ys, slice) else (int(ys), int(ys) + 1, 1)
@@ -255,6 +260,22 @@ class TiffPages:
         if len(self.page_shape) > 2:
             a = a[..., sample]
         return a.astype(self.dtype, copy=False)
+
+    def _block(self, key: tuple, lead_n: int) -> np.ndarray:
+        """Any box of the array (slices or integers per axis), page by page."""
+        key = key + (slice(None),) * (self.ndim - len(key))
+        lead = [range(*k.indices(n)) if isinstance(k, slice) else [int(k)]
+                for k, n in zip(key[:lead_n], self.shape[:lead_n])]
+        rest = key[lead_n:]
+        sizes = [len(r) for r in lead]
+        page_key = tuple(rest)
+        one = self[(*[r[0] if len(r) else 0 for r in lead], *page_key)]
+        out = np.empty((*sizes, *one.shape), one.dtype)
+        for pos in np.ndindex(*sizes):
+            out[pos] = self[(*[r[i] for r, i in zip(lead, pos)], *page_key)]
+        # integer keys drop their axes
+        shape = [n for n, k in zip(sizes, key[:lead_n]) if isinstance(k, slice)]
+        return out.reshape(*shape, *one.shape)
 
     def _page(self, k: int) -> np.ndarray:
         with self._lock:
