@@ -550,7 +550,9 @@ class Trainer:
         stopped = False
         window: list[float] = []
         budget = cfg.time_budget_s
-        busy = BusyMonitor() if self.device.type == "cpu" else None
+        # (the other processes of a multi-process run are not competition)
+        busy = BusyMonitor() if self.device.type == "cpu" and getattr(self, "world", 1) == 1 \
+            else None
         t_last = time.perf_counter()
         while self.step < cfg.max_steps:
             if self._agree(self.stop_flag.is_set()):
