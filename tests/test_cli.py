@@ -252,3 +252,52 @@ def test_levels_suggest_and_fine_tune(tmp_path, noisy_tif, capsys):
         rc = main(["train", str(noisy_tif), "--fine-tune", str(model), "--out",
                    str(tmp_path / "x.hdn"), "--quiet", *extra])
         assert rc == 1 and msg in capsys.readouterr().err, extra
+
+
+def test_predict_auto_samples_per_frame_and_a_stop_keeps_finished_frames(tmp_path, noisy_tif,
+                                                                         capsys, monkeypatch):
+    """The default `--samples auto`: files, the samples per frame in their description; Ctrl-C
+    (SIGINT from the progress callback, after 2 of 6 frames) writes the finished frames only."""
+    import signal
+
+    from napari_hdn.cli import _common, predict
+    from napari_hdn.engine.imageio import hdn_description
+
+    model = tmp_path / "m.hdn"
+    assert main(["train", str(noisy_tif), "--gaussian-sigma", "10", "--out", str(model),
+                 "--max-steps", "2", "--axes", "TYX", *TINY_ARGS]) == 0
+    capsys.readouterr()
+    out = tmp_path / "auto"
+    assert main(["predict", str(model), str(noisy_tif), "--out-dir", str(out), "--quiet",
+                 "--save-samples"]) == 0
+    said = capsys.readouterr().out
+    assert "samples per frame" in said
+    desc = hdn_description(out / "mmse.tif")
+    assert desc["n_requested"] == "auto" and len(desc["samples_per_frame"]) == 2
+    assert min(desc["samples_per_frame"]) >= 8
+    assert tifffile.imread(out / "samples.tif").shape == (8, 2, 64, 64)  # the floor of each
+
+    with pytest.raises(SystemExit):
+        main(["predict", str(model), str(noisy_tif), "--out-dir", str(tmp_path / "x"),
+              "--samples", "many"])
+    assert "whole number or 'auto'" in capsys.readouterr().err
+
+    six = tmp_path / "six.tif"
+    tifffile.imwrite(six, np.concatenate([tifffile.imread(noisy_tif)] * 3))
+
+    class InterruptAfterTwo(_common.Progress):
+        def __call__(self, ev):
+            super().__call__(ev)
+            if ev.task == "predict" and ev.kind == "step" and ev.step == 2:
+                signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(predict, "Progress", InterruptAfterTwo)
+    stopped = tmp_path / "stopped"
+    rc = main(["predict", str(model), str(six), "--out-dir", str(stopped), "--axes", "TYX",
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "the 2 finished frames of 6" in err
+    assert tifffile.imread(stopped / "mmse.tif").shape == (2, 64, 64)
+    assert hdn_description(stopped / "variance.tif")["frames_done"] == 2
+    assert not list(stopped.glob("*.tmp*"))  # nothing half-written

@@ -124,13 +124,13 @@ def test_prediction_runs_inside_keep_heap_and_gives_the_same_numbers(fake, tiny_
     from napari_hdn.engine import prediction as pred_mod
 
     inside = []
-    real = pred_mod._predict_frames
+    real = pred_mod._predict_group
 
     def spy(*a, **k):
         inside.append(heap._users)
         return real(*a, **k)
 
-    monkeypatch.setattr(pred_mod, "_predict_frames", spy)
+    monkeypatch.setattr(pred_mod, "_predict_group", spy)
     img = np.random.default_rng(1).normal(50, 30, (32, 32)).astype(np.float32)
     a = predict(tiny_model, img, n_samples=20, device="cpu")
     b = predict_in_rounds(tiny_model, img, n_samples=20, device="cpu")  # two rounds: 8 + 12

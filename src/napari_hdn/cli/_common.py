@@ -95,7 +95,7 @@ def check_numbers(args, **keys) -> None:
 
     for rule, attr in keys.items():
         value = getattr(args, attr, None)
-        if value is not None:
+        if value is not None and value != "auto":
             check_option(rule, value, style="cli")
 
 
@@ -172,6 +172,7 @@ class Progress:
             self.last[ev.task] = {}
         if bar is None:
             desc, unit = self.TASKS[ev.task]
+            unit = metrics.get("unit", unit)
             if channel is not None:
                 self.last[(ev.task, "channel")] = channel
                 desc += f" (channel {channel + 1} of {metrics.get('channels', '?')})"
@@ -180,6 +181,8 @@ class Progress:
                                             dynamic_ncols=True, file=sys.stderr)
         post = self.last.setdefault(ev.task, {})
         post.update({k: f"{ev.metrics[k]:.4f}" for k in self.SHOWN if ev.metrics.get(k) is not None})
+        if metrics.get("samples_per_frame") is not None and metrics.get("unit") != "sample":
+            post["samples/frame"] = f"{metrics['samples_per_frame']:.1f}"
         if budget:
             spent = metrics.get("train_seconds", ev.elapsed)  # training time, if reported
             bar.n = min(round(spent, 1), budget)

@@ -264,7 +264,7 @@ class MultiChannelModel:
     def default_modes(self) -> list[str]:
         return self.models[0].default_modes()
 
-    def predict(self, image, n_samples: int = 100, **kwargs):
+    def predict(self, image, n_samples="auto", **kwargs):
         """Samples, MMSE and variance of every channel; see :func:`napari_hdn.predict`."""
         from .prediction import predict
 

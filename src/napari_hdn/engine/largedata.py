@@ -336,12 +336,22 @@ class ChunkSpec:
     shape: tuple  # the input's shape (leading axes, Y, X)
     tile: int
     margin: int
-    n_samples: int
+    n_samples: int | str  # a count, or "auto" (AutoSamples' default rule, per chunk)
     modes: tuple
     seed: int
     batch_size: int | None
     keep_samples: bool
     device: str | None
+
+    @property
+    def kept_samples(self) -> int:
+        """Samples kept per pixel with ``keep_samples``: all of a fixed count; the rule's floor
+        (the fewest every chunk draws) with "auto"."""
+        if isinstance(self.n_samples, str):
+            from .prediction import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
+
+            return _auto_floor(AUTO_SAMPLES, DEFAULT_SAMPLING)
+        return self.n_samples
 
     @property
     def grid(self) -> tuple:
@@ -413,10 +423,11 @@ class LazyPrediction:
 
 def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_samples, tile_size,
              margin, device, channel):
-    from .prediction import as_model, check_some_level_active, check_training_range
+    from .prediction import as_model, check_some_level_active, check_training_range, resolve_samples
 
-    c = check_options(n_samples=n_samples, batch_size=batch_size, tile_size=tile_size,
-                      tile_overlap=margin, seed=seed)
+    fixed, _ = resolve_samples(n_samples)
+    c = check_options(batch_size=batch_size, tile_size=tile_size, tile_overlap=margin, seed=seed)
+    c["n_samples"] = fixed if fixed is not None else "auto"
     from .channels import MultiChannelModel
 
     ref = ModelRef(model)
@@ -450,7 +461,7 @@ def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_sam
     return ref, m_obj, x, ax, spec
 
 
-def predict_dask(model, image, n_samples: int = 100, *, axes: str | None = None, levels=None,
+def predict_dask(model, image, n_samples: int | str = "auto", *, axes: str | None = None, levels=None,
                  seed: int = 0, batch_size: int | None = None, return_samples: bool = False,
                  tile_size: int | None = None, margin: int | None = None, device=None,
                  channel: int | None = None) -> LazyPrediction:
@@ -468,7 +479,7 @@ def predict_dask(model, image, n_samples: int = 100, *, axes: str | None = None,
     ref, _, x, ax, spec = _prepare(model, image, n_samples, axes, levels, seed, batch_size,
                                    return_samples, tile_size, margin, device, channel)
     grid = spec.grid
-    k = 2 + (spec.n_samples if spec.keep_samples else 0)
+    k = 2 + (spec.kept_samples if spec.keep_samples else 0)
     parts = np.empty(grid, dtype=object)
     token = hashlib.sha1(repr((spec, ref.path or id(ref.model), x.name)).encode()).hexdigest()[:12]
     for idx in np.ndindex(*grid):
@@ -572,8 +583,8 @@ def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool 
             g.create_array(name, shape=spec.shape, chunks=ch, dtype="float32", fill_value=np.nan,
                            dimension_names=dims)
         if spec.keep_samples:
-            g.create_array("samples", shape=(spec.n_samples, *spec.shape),
-                           chunks=(spec.n_samples, *ch), dtype="float32", fill_value=np.nan,
+            g.create_array("samples", shape=(spec.kept_samples, *spec.shape),
+                           chunks=(spec.kept_samples, *ch), dtype="float32", fill_value=np.nan,
                            dimension_names=["sample", *dims])
         g.create_array("done", shape=spec.grid, chunks=(1,) * len(spec.grid), dtype="uint8",
                        fill_value=0)
@@ -583,7 +594,7 @@ def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool 
     return np.zeros(spec.grid, np.uint8), False
 
 
-def predict_to_zarr(model, image, out, n_samples: int = 100, *, axes: str | None = None,
+def predict_to_zarr(model, image, out, n_samples: int | str = "auto", *, axes: str | None = None,
                     levels=None, seed: int = 0, batch_size: int | None = None,
                     return_samples: bool = False, tile_size: int | None = None,
                     margin: int | None = None, device=None, channel: int | None = None,

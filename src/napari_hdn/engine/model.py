@@ -128,7 +128,7 @@ class HDNModel:
         return recon + kl_term, recon.detach(), kl_levels
 
     # -- prediction ----------------------------------------------------------------------------
-    def predict(self, image, n_samples: int = 100, **kwargs):
+    def predict(self, image, n_samples="auto", **kwargs):
         """Posterior samples, MMSE and variance of ``image``; see :func:`napari_hdn.predict`."""
         from .prediction import predict
 

@@ -106,20 +106,34 @@ def input_limits(layer, data: np.ndarray) -> tuple[float, float]:
     return robust_limits(data)
 
 
+def result_settings(res, settings: str = "") -> str:
+    """The settings part of a prediction's layer names: a stopped one says what it holds."""
+    requested = res.info.get("n_requested", res.n_samples)
+    if res.info.get("stopped"):
+        if requested == "auto" and res.info.get("frames", 1) > 1:
+            count = f"{res.info['frames_done']} of {res.info['frames']} frames"
+        elif requested == "auto":
+            count = f"{res.n_samples} samples"
+        else:
+            count = f"{res.n_samples} of {int(requested)} samples"
+        settings = f"{settings}, {count}" if settings else count
+    return settings
+
+
 def add_result_layers(viewer, layer, res, model_name: str, axes: str, settings: str = "",
                       extra: dict | None = None) -> list:
     """Add (or replace) the MMSE, variance and, when present, samples layers of a prediction.
 
     A prediction stopped early (``res.info["stopped"]``) gets its own layers, named with the
-    number of samples it averages, so that it never overwrites a finished one.
+    number of samples (or frames) it holds, so that it never overwrites a finished one.
     """
     base = layer.name
     stopped = bool(res.info.get("stopped"))
-    requested = int(res.info.get("n_requested", res.n_samples))
-    if stopped:
-        count = f"{res.n_samples} of {requested} samples"
-        settings = f"{settings}, {count}" if settings else count
+    requested = res.info.get("n_requested", res.n_samples)
+    requested = requested if requested == "auto" else int(requested)
+    settings = result_settings(res, settings)
     meta = {"source_layer": base, "model": model_name, "axes": axes, "n_samples": res.n_samples,
+            "samples_per_frame": res.info.get("samples_per_frame"),
             "n_requested": requested, "stopped": stopped, "seed": res.seed,
             "levels": list(res.levels), "tiles": res.info.get("tiles"), **(extra or {})}
     lims = input_limits(layer, res.mmse)
