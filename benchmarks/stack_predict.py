@@ -164,6 +164,80 @@ def run_stack(name, noisy, clean, model, args) -> dict:
     return res
 
 
+WIDGET_CODE = r"""
+import json, sys, time
+import numpy as np, napari
+from qtpy.QtCore import QEventLoop, QTimer
+stack = np.load(sys.argv[1])
+viewer = napari.Viewer(show=True)
+viewer.add_image(stack, name="nuclei")
+_, pw = viewer.window.add_plugin_dock_widget("napari-hdn", "Predict and explore")
+pw.load_model(sys.argv[2])
+pw.layer_combo.set_layer("nuclei")
+pw.axes_combo.setCurrentText("ZYX")
+seen = []
+orig = pw.on_events
+def on_events(events):
+    orig(events)
+    for ev in events:
+        if ev.kind == "step" and ev.task == "predict":
+            seen.append((time.perf_counter(), ev.step, (ev.metrics or {}).get("eta_s")))
+pw.on_events = on_events
+ticks = []
+tick = QTimer(); tick.timeout.connect(lambda: ticks.append(time.perf_counter())); tick.start(10)
+loop = QEventLoop()
+poll = QTimer(); poll.timeout.connect(lambda: None if pw.task.running else loop.quit())
+QTimer.singleShot(300, lambda: (globals().__setitem__("t0", time.perf_counter()),
+                                pw.run_prediction(), poll.start(50)))
+loop.exec()
+t_end = time.perf_counter()
+QTimer.singleShot(300, loop.quit); loop.exec()  # the repaint of the result layers
+tick.stop()
+gaps = np.diff(ticks)
+after5 = next((s for s in seen if s[1] >= 5 and s[2] is not None), None)
+mmse = viewer.layers["HDN MMSE · nuclei"]
+print("RESULT", json.dumps({
+    "seconds": t_end - t0, "frames": int(mmse.data.shape[0]),
+    "max_gap_ms": float(gaps.max() * 1000), "gaps_over_100ms": int((gaps > 0.1).sum()),
+    "p99_gap_ms": float(np.percentile(gaps, 99) * 1000),
+    "eta_after_5": None if after5 is None else {
+        "at_s": after5[0] - t0, "eta_s": after5[2],
+        "predicted_total_s": after5[0] - t0 + after5[2]},
+    "samples_per_frame": mmse.metadata["hdn"]["samples_per_frame"],
+    "status": pw.status.text(), "threads": pw.task.threads}))
+viewer.close()
+"""
+
+
+def widget(args, noisy) -> dict:
+    """The Predict widget (its defaults) on the stack in napari under Xvfb: wall time, the
+    longest the Qt event loop went without running a 10 ms timer, the ETA after 5 frames."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stack.npy"
+        np.save(path, noisy)
+        proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable,
+                               "-c", WIDGET_CODE, str(path), str(args.cache)],
+                              capture_output=True, text=True, env={**os.environ})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None:
+        sys.exit(proc.stderr[-3000:])
+    res = json.loads(line[len("RESULT "):])
+    eta = res.get("eta_after_5")
+    if eta:
+        eta["error_of_total"] = round(eta["predicted_total_s"] / res["seconds"] - 1, 3)
+    counts = res.pop("samples_per_frame")
+    res["samples_mean"] = round(float(np.mean(counts)), 2)
+    off = "-" if not eta else f"{eta['error_of_total']:+.1%} of the total"
+    print(f"[widget] {res['frames']} frames in {res['seconds']:.1f} s; longest event-loop gap "
+          f"{res['max_gap_ms']:.0f} ms ({res['gaps_over_100ms']} over 100 ms); ETA after 5 frames "
+          f"{off}", flush=True)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="folder with nuclei.tif (else the installed package)")
@@ -179,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-frames", default="auto",
                     help="frames of the 1000-sample MMSE: auto (one), none, or indices")
     ap.add_argument("--big", action="store_true", help="also the 4 x 1024 x 1024 stack")
+    ap.add_argument("--widget", action="store_true",
+                    help="also the Predict widget on the stack in napari (under Xvfb)")
+    ap.add_argument("--only-widget", action="store_true", help="the widget run only")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
     import torch
@@ -188,6 +265,11 @@ def main(argv=None) -> int:
     noisy, clean = noisy[: a.frames], clean[: a.frames]
     model, train_s = get_model(noisy, a.steps, Path(a.cache))
     out = {"threads": a.threads, "train_seconds": train_s, "steps": a.steps, "results": []}
+    if a.widget or a.only_widget:
+        out["widget"] = widget(a, noisy)
+    if a.only_widget:
+        print(json.dumps(out, indent=1))
+        return 0
     out["results"].append(run_stack(f"{len(noisy)}x256x256", noisy, clean, model, a))
     if a.big:
         bn, bc = make_data(a.data, a.seed + 1, big=True)

@@ -50,7 +50,7 @@ def test_auto_prediction_shows_frames_as_they_finish(viewer, qtbot, notes):
     qtbot.waitUntil(lambda: not pw.task.running, timeout=WAIT)
     t.stop()
     assert pw.state == TaskState.DONE, notes.errors
-    assert seen and 0 < min(seen) and max(seen) <= 12  # partial results were on screen
+    assert any(0 < v < 12 for v in seen), seen  # partial results were on screen
     assert "HDN MMSE · stack · in progress" not in viewer.layers  # replaced by the final layers
     mmse = viewer.layers["HDN MMSE · stack"]
     assert mmse.data.shape == (12, 64, 64)

@@ -31,12 +31,14 @@ def levels_text(modes) -> str:
 def add_or_replace_image(viewer, name: str, data: np.ndarray, like, *, leading: int = 0,
                          metadata: dict | None = None, contrast_limits=None, colormap=None,
                          translate=None, visible: bool = True, labels: tuple | None = None,
-                         rgb: bool = False):
+                         rgb: bool = False, same_data: bool = False):
     """Put ``data`` in the Image layer ``name`` (replacing its data if it exists) or add one.
 
     The layer gets the scale and translate of the input layer ``like``; ``leading`` extra leading
     axes (e.g. the sample axis) get scale 1 and translate 0. ``labels`` are its axis labels.
     ``rgb``: the last axis of ``data`` holds colours (as in an RGB input layer).
+    ``same_data``: an existing layer already shows exactly ``data`` (filled as it was computed):
+    its data are not set again (each set costs napari a refresh and a thumbnail).
     """
     from napari.layers import Image
 
@@ -57,7 +59,8 @@ def add_or_replace_image(viewer, name: str, data: np.ndarray, like, *, leading: 
         # only what changed: each of scale, translate and visible costs a refresh (~9 ms each on
         # a 2-core CPU under Xvfb) even when set to its current value, which the artefact
         # preview, updated on every level toggle, would pay every time
-        existing.data = data
+        if not (same_data and existing.data.shape == data.shape):
+            existing.data = data
         if not np.array_equal(np.asarray(existing.scale, float), np.asarray(scale, float)):
             existing.scale = scale
         if not np.array_equal(np.asarray(existing.translate, float), np.asarray(translate, float)):
@@ -121,11 +124,13 @@ def result_settings(res, settings: str = "") -> str:
 
 
 def add_result_layers(viewer, layer, res, model_name: str, axes: str, settings: str = "",
-                      extra: dict | None = None) -> list:
+                      extra: dict | None = None, shown: dict | None = None) -> list:
     """Add (or replace) the MMSE, variance and, when present, samples layers of a prediction.
 
     A prediction stopped early (``res.info["stopped"]``) gets its own layers, named with the
     number of samples (or frames) it holds, so that it never overwrites a finished one.
+    ``shown``: outputs ("mmse", "variance", "samples") whose layer of the result's name already
+    shows exactly the result, with its contrast limits (filled frame by frame as they finished).
     """
     base = layer.name
     stopped = bool(res.info.get("stopped"))
@@ -139,20 +144,24 @@ def add_result_layers(viewer, layer, res, model_name: str, axes: str, settings: 
     lims = input_limits(layer, res.mmse)
     labels = axis_labels(axes)
     rgb = bool(getattr(layer, "rgb", False)) and axes.upper().endswith("YXC")
+    shown = shown or {}
     out = [
         add_or_replace_image(viewer, output_name(base, "MMSE", settings), res.mmse, layer,
-                             metadata={"hdn": {**meta, "output": "mmse"}}, contrast_limits=lims,
-                             labels=labels, rgb=rgb),
+                             metadata={"hdn": {**meta, "output": "mmse"}},
+                             contrast_limits=shown.get("mmse", lims), labels=labels, rgb=rgb,
+                             same_data="mmse" in shown),
         add_or_replace_image(viewer, output_name(base, "variance", settings), res.variance, layer,
                              metadata={"hdn": {**meta, "output": "variance"}},
                              colormap=None if rgb else "magma", visible=False, labels=labels,
-                             rgb=rgb),
+                             rgb=rgb, contrast_limits=shown.get("variance"),
+                             same_data="variance" in shown),
     ]
     if res.samples is not None:
         out.insert(0, add_or_replace_image(
             viewer, output_name(base, "samples", settings), res.samples, layer, leading=1,
-            metadata={"hdn": {**meta, "output": "samples"}}, contrast_limits=lims, visible=False,
-            labels=axis_labels(axes, (SAMPLE_AXIS,)), rgb=rgb))
+            metadata={"hdn": {**meta, "output": "samples"}},
+            contrast_limits=shown.get("samples", lims), visible=False,
+            labels=axis_labels(axes, (SAMPLE_AXIS,)), rgb=rgb, same_data="samples" in shown))
     # keep the MMSE selected: it is what one looks at first
     viewer.layers.selection.active = out[-2]
     return out

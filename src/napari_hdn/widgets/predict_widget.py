@@ -5,9 +5,12 @@ from __future__ import annotations
 import gc
 import hashlib
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
 from ..engine import InputError, ProgressEvent, predict_in_rounds, resolve_device
@@ -180,17 +183,25 @@ class PredictWidget(EngineWidget):
 
             extra["on_frames"] = on_frames
 
+        ready = threading.Event()
+
         def job(report, stop):
             kw = {}
             if live:
                 extra["report"] = report
                 kw["on_frames"] = extra["on_frames"]
+                # the GUI adds the live layers first, one per event-loop turn, with no worker
+                # competing for the GIL (see _add_next_live)
+                t_end = time.monotonic() + 10.0
+                while not ready.wait(0.05) and time.monotonic() < t_end:
+                    stop.check()
             return predict_in_rounds(model, arr, n_samples=n, axes=axes, tile_size=tile, seed=seed,
                                      return_samples=keep, device=device, callbacks=report,
                                      stop_flag=stop, **kw)
 
         return job, {"layer": layer.name, "model": entry.name, "axes": axes, "n": n, "seed": seed,
-                     "total": 0 if n == "auto" else n, "live": live}
+                     "total": 0 if n == "auto" else n, "live": live, "keep": keep,
+                     "ready": ready, "shape": tuple(arr.shape), "kept": kept}
 
     def _prepare_lazy(self, layer, data):
         """A dask- or zarr-backed layer (e.g. an OME-Zarr): predicted chunk by chunk into a zarr
@@ -222,6 +233,8 @@ class PredictWidget(EngineWidget):
         super().on_start(meta)
         gc_freeze()
         self._live = {}
+        if meta.get("live"):
+            self._start_live(meta)
         auto = meta.get("n") == "auto" and not meta.get("lazy")
         self.progress.setFormat("%v / %m frames" if auto else "%v / %m samples")
         self.show_status("Computing…")
@@ -247,45 +260,59 @@ class PredictWidget(EngineWidget):
 
     LIVE = (("mmse", "MMSE"), ("variance", "variance"), ("samples", "samples"))
 
-    def _show_frames(self, events) -> None:
-        """Put finished frames into the live arrays and layers (one new layer per call)."""
-        meta = self.meta
-        if meta["layer"] not in self.viewer.layers:
+    def _start_live(self, meta: dict) -> None:
+        """The arrays of the live layers (zeros until frames finish); the layers are added one
+        per event-loop turn, and the job starts sampling once they are there."""
+        shape = meta["shape"]
+        flat = (int(np.prod(shape[:-2])), *shape[-2:])
+        arrays = {"mmse": np.zeros(flat, np.float32), "variance": np.zeros(flat, np.float32)}
+        if meta.get("keep"):
+            arrays["samples"] = np.zeros((meta["kept"], *flat), np.float32)
+        layer = self.viewer.layers[meta["layer"]]
+        self._live = {"shape": tuple(shape), "arrays": arrays, "layers": {}, "old": {},
+                      "var_top": 0.0, "filled": 0, "complete": False,
+                      "lims": input_limits(layer, np.zeros(1, np.float32))}
+        QTimer.singleShot(30, self._add_next_live)
+
+    def _add_next_live(self) -> None:
+        live, meta = self._live, self.meta
+        ready = meta.get("ready")
+        if not live or meta["layer"] not in self.viewer.layers or not self.task.running:
+            if ready is not None:
+                ready.set()
             return
         layer = self.viewer.layers[meta["layer"]]
+        for key, what in self.LIVE:
+            if key in live["arrays"] and key not in live["layers"]:
+                self._add_live(layer, key, what)
+                QTimer.singleShot(30, self._add_next_live)  # after this turn and its repaint
+                return
+        ready.set()
+
+    def _show_frames(self, events) -> None:
+        """Put finished frames into the live arrays and refresh the live layers."""
         live = self._live
-        if not live:
-            shape = tuple(events[0].metrics["shape"])
-            flat = (int(np.prod(shape[:-2])), *shape[-2:])
-            live.update(shape=shape, arrays={"mmse": np.zeros(flat, np.float32),
-                                             "variance": np.zeros(flat, np.float32)},
-                        layers={}, old={}, var_top=0.0,
-                        lims=input_limits(layer, events[0].metrics["mmse"]))
+        if not live or self.meta["layer"] not in self.viewer.layers:
+            return
         arrays = live["arrays"]
         for ev in events:
             f0, f1 = ev.metrics["first"], ev.step
+            live["filled"] += f1 - f0
+            live["complete"] = live["filled"] >= len(arrays["mmse"])
             arrays["mmse"][f0:f1] = ev.metrics["mmse"]
             arrays["variance"][f0:f1] = ev.metrics["variance"]
             smp = ev.metrics.get("samples")
-            if smp is not None:
-                if "samples" not in arrays:
-                    arrays["samples"] = np.zeros((len(smp), *arrays["mmse"].shape), np.float32)
-                arrays["samples"][:, f0:f1] = smp
+            if smp is not None and "samples" in arrays:
+                arrays["samples"][:, f0:f1] = smp[:len(arrays["samples"])]
             live["var_top"] = max(live["var_top"], float(np.percentile(ev.metrics["variance"],
                                                                        99.5)))
-        for key, what in self.LIVE:
-            name = live["layers"].get(key)
-            if name is None and key in arrays:
-                # the worker leaves the GIL to the GUI meanwhile, and for the repaint after
-                self.task.pause_for(0.05)
-                self._add_live(layer, key, what)
-                break  # one new layer per event-loop turn
         for key, name in live["layers"].items():
             if name in self.viewer.layers:
                 ly = self.viewer.layers[name]
                 if key == "variance" and live["var_top"] > ly.contrast_limits[1]:
                     ly.contrast_limits = (0.0, live["var_top"])
-                ly.refresh()
+                if ly.visible:  # napari refreshes a layer when it is made visible
+                    ly.refresh()
 
     def _add_live(self, layer, key: str, what: str) -> None:
         """The live layer of ``key``: the finished result layer of the same name when there is one
@@ -306,30 +333,24 @@ class PredictWidget(EngineWidget):
             return
         lims = live["lims"] if key != "variance" else (0.0, max(live["var_top"], 1e-12))
         labels = axis_labels(self.meta["axes"], (SAMPLE_AXIS,) if key == "samples" else ())
-        layers = self.viewer.layers
-        before = getattr(layers, "_activate_on_insert", None)
-        if before is not None:  # napari selects a new layer (~20 ms of controls): not these
-            layers._activate_on_insert = False
-        try:
-            ly = add_or_replace_image(
-                self.viewer, output_name(layer.name, what, "in progress"), data, layer,
-                leading=1 if key == "samples" else 0, labels=labels,
-                metadata={"hdn": {"source_layer": layer.name, "output": key, "in_progress": True}},
-                contrast_limits=lims, colormap="magma" if key == "variance" else None,
-                visible=key == "mmse")
-        finally:
-            if before is not None:
-                layers._activate_on_insert = before
+        ly = add_or_replace_image(
+            self.viewer, output_name(layer.name, what, "in progress"), data, layer,
+            leading=1 if key == "samples" else 0, labels=labels,
+            metadata={"hdn": {"source_layer": layer.name, "output": key, "in_progress": True}},
+            contrast_limits=lims, colormap="magma" if key == "variance" else None,
+            visible=key == "mmse")
         live["layers"][key] = ly.name
 
-    def _settle_live(self, res) -> None:
+    def _settle_live(self, res) -> dict:
         """Before the result layers are put in place: the live layers take the result's names
         (renamed, not removed); result layers that were replaced live get their old data back
         when the run stopped (a stopped run never overwrites a finished result)."""
         live, self._live = self._live, {}
+        shown: dict = {}
         if not live:
-            return
+            return shown
         layer_name = self.meta["layer"]
+        done = res is not None and not res.info.get("stopped")
         settings = result_settings(res) if res is not None else ""
         for key, what in self.LIVE:
             name = live["layers"].get(key)
@@ -339,6 +360,8 @@ class PredictWidget(EngineWidget):
             if key in live["old"]:  # a finished result, replaced live
                 if res is None or res.info.get("stopped"):
                     ly.data, ly.metadata = live["old"][key]
+                elif live["complete"]:
+                    shown[key] = tuple(ly.contrast_limits)
                 continue
             target = output_name(layer_name, what, settings)
             if res is None or (key == "samples" and res.samples is None):
@@ -347,6 +370,10 @@ class PredictWidget(EngineWidget):
                 ly.name = target
             else:  # a layer of that name that cannot take the result (another kind): rare
                 self.viewer.layers.remove(ly)
+                continue
+            if done and live["complete"]:  # it shows the whole result already
+                shown[key] = tuple(ly.contrast_limits)
+        return shown
 
     def on_result(self, out) -> TaskState:
         try:
@@ -356,7 +383,7 @@ class PredictWidget(EngineWidget):
 
     def _on_result(self, out) -> TaskState:
         meta = self.meta
-        self._settle_live(out.value)
+        shown = self._settle_live(out.value)
         if out.value is None:  # stopped before the first round finished
             self.show_status("Stopped before any sample was finished: no layers were changed.")
             notify_info("Prediction stopped; no layers were changed.")
@@ -369,7 +396,8 @@ class PredictWidget(EngineWidget):
         layer = self.viewer.layers[meta["layer"]]
         if meta.get("lazy"):
             return self._lazy_result(layer, res)
-        self.last_layers = add_result_layers(self.viewer, layer, res, meta["model"], meta["axes"])
+        self.last_layers = add_result_layers(self.viewer, layer, res, meta["model"], meta["axes"],
+                                             shown=shown)
         names = ", ".join(ly.name for ly in self.last_layers)
         counts = res.info.get("samples_per_frame") or [res.n_samples]
         drawn = samples_text(counts) if meta["n"] == "auto" else f"{res.n_samples} samples"
