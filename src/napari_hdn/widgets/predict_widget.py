@@ -287,6 +287,14 @@ class PredictWidget(EngineWidget):
                 self._add_live(layer, key, what)
                 QTimer.singleShot(30, self._add_next_live)  # after this turn and its repaint
                 return
+        # added hidden (a new visible layer's first draw is another ~40 ms in the same turn);
+        # the MMSE is shown now, in a turn of its own
+        name = live["layers"].get("mmse")
+        if name in self.viewer.layers and not live.get("shown"):
+            live["shown"] = True
+            self.viewer.layers[name].visible = True
+            QTimer.singleShot(30, self._add_next_live)
+            return
         ready.set()
 
     def _show_frames(self, events) -> None:
@@ -338,7 +346,7 @@ class PredictWidget(EngineWidget):
             leading=1 if key == "samples" else 0, labels=labels,
             metadata={"hdn": {"source_layer": layer.name, "output": key, "in_progress": True}},
             contrast_limits=lims, colormap="magma" if key == "variance" else None,
-            visible=key == "mmse")
+            visible=False)
         live["layers"][key] = ly.name
 
     def _settle_live(self, res) -> dict:
