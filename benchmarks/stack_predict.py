@@ -37,13 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.real_data import sample_file
+from napari_hdn.engine.metrics import psnr
 
 GAIN, READ, OFFSET, PEAK = 2.0, 5.0, 100.0, 300.0
-
-
-def psnr(x, gt) -> float:
-    rng = float(gt.max() - gt.min())
-    return float(10 * np.log10(rng**2 / np.mean((np.asarray(x, np.float64) - gt) ** 2)))
 
 
 def make_data(data: str | None, seed: int, big: bool = False):
@@ -251,7 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-frames", type=int, default=2,
                     help="how many of the baseline frames the reference way runs on")
     ap.add_argument("--ref-frames", default="auto",
-                    help="frames of the 1000-sample MMSE: auto (one), none, or indices")
+                    help="frames of the 1000-sample MMSE: auto (two, a third and two thirds "
+                    "in), none, or indices")
     ap.add_argument("--big", action="store_true", help="also the 4 x 1024 x 1024 stack")
     ap.add_argument("--widget", action="store_true",
                     help="also the Predict widget on the stack in napari (under Xvfb)")

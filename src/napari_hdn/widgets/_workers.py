@@ -12,7 +12,6 @@ errors into notifications there (:func:`user_message`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -121,41 +120,6 @@ def _stoppable_worker_class():
     return StoppableWorker
 
 
-class PausableStopFlag(StopFlag):
-    """A StopFlag that the GUI thread can also *pause*: while paused, the engine's next look at
-    the flag (once per sample batch or optimisation step) waits, so that the worker stops taking
-    Python's GIL while the GUI thread does a burst of work (adding a napari layer is ~95 ms of
-    Python; beside a worker running small torch operations it measured 4x that, the two threads
-    trading the GIL every 5 ms). A pause lasts at most ``max_pause`` seconds."""
-
-    def __init__(self, max_pause: float = 2.0) -> None:
-        import threading
-
-        super().__init__()
-        self._running = threading.Event()
-        self._running.set()
-        self.max_pause = max_pause
-
-    def pause(self) -> None:
-        self._running.clear()
-
-    def resume(self) -> None:
-        self._running.set()
-
-    def is_set(self) -> bool:
-        if not self._running.is_set() and not super().is_set():
-            self._running.wait(self.max_pause)
-        return super().is_set()
-
-    def check(self) -> None:
-        if self.is_set():
-            raise StopRequested("stopped on request")
-
-    def set(self) -> None:
-        super().set()
-        self._running.set()  # a stop never waits for a pause to end
-
-
 _TASKS: weakref.WeakSet = weakref.WeakSet()  # every EngineTask (GUI thread only)
 
 
@@ -181,7 +145,7 @@ class EngineTask(QObject):
         self._timer = QTimer(self)
         self._timer.setInterval(poll_ms)
         self._timer.timeout.connect(self._drain)
-        self.stop_flag = PausableStopFlag()
+        self.stop_flag = StopFlag()
         self.worker = None
         self.threads = 0  # torch threads of the last job started
         _TASKS.add(self)
@@ -199,7 +163,7 @@ class EngineTask(QObject):
             raise RuntimeError("a job is already running")
         from napari.qt.threading import create_worker
 
-        self.stop_flag = PausableStopFlag()
+        self.stop_flag = StopFlag()
         report, flag = self._queue.put, self.stop_flag
         threads = job_threads(interactive)
         self.threads = threads
@@ -229,22 +193,6 @@ class EngineTask(QObject):
     def stop(self) -> None:
         """Ask the running job to stop (it checks at least once per step)."""
         self.stop_flag.set()
-
-    def pause_for(self, seconds: float) -> None:
-        """Pause the job now (see :class:`PausableStopFlag`) and let it go on ``seconds`` later
-        (after the GUI work of this turn and the repaint it causes)."""
-        self.stop_flag.pause()
-        QTimer.singleShot(int(seconds * 1000), self.stop_flag.resume)
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Within this block the job waits at its next check (see :class:`PausableStopFlag`):
-        for bursts of GUI work, such as adding layers, while a job runs."""
-        self.stop_flag.pause()
-        try:
-            yield
-        finally:
-            self.stop_flag.resume()
 
     def _drain(self) -> None:
         events = []
