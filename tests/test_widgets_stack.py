@@ -35,10 +35,13 @@ def test_auto_prediction_shows_frames_as_they_finish(viewer, qtbot, notes):
     pw = _predict_widget(viewer, _stack())
     seen, texts = [], []
 
+    selected = []
+
     def watch():
         name = "HDN MMSE · stack · in progress"
         if name in viewer.layers:
             seen.append(int((np.abs(viewer.layers[name].data).sum((1, 2)) > 0).sum()))
+            selected.append(viewer.layers.selection.active.name)
         texts.append(pw.status.text())
 
     from qtpy.QtCore import QTimer
@@ -52,7 +55,10 @@ def test_auto_prediction_shows_frames_as_they_finish(viewer, qtbot, notes):
     assert pw.state == TaskState.DONE, notes.errors
     assert any(0 < v < 12 for v in seen), seen  # partial results were on screen
     assert "HDN MMSE · stack · in progress" not in viewer.layers  # replaced by the final layers
+    # the live layers leave the user's selection alone; the finished MMSE is selected
+    assert set(selected) == {"stack"}, set(selected)
     mmse = viewer.layers["HDN MMSE · stack"]
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is mmse, timeout=2000)
     assert mmse.data.shape == (12, 64, 64)
     assert viewer.layers["HDN samples · stack"].data.shape == (8, 12, 64, 64)
     counts = mmse.metadata["hdn"]["samples_per_frame"]

@@ -34,6 +34,7 @@ from ._layers import (
     add_result_layers,
     axis_labels,
     input_limits,
+    keep_selection,
     output_name,
     result_settings,
 )
@@ -341,12 +342,13 @@ class PredictWidget(EngineWidget):
             return
         lims = live["lims"] if key != "variance" else (0.0, max(live["var_top"], 1e-12))
         labels = axis_labels(self.meta["axes"], (SAMPLE_AXIS,) if key == "samples" else ())
-        ly = add_or_replace_image(
-            self.viewer, output_name(layer.name, what, "in progress"), data, layer,
-            leading=1 if key == "samples" else 0, labels=labels,
-            metadata={"hdn": {"source_layer": layer.name, "output": key, "in_progress": True}},
-            contrast_limits=lims, colormap="magma" if key == "variance" else None,
-            visible=False)
+        with keep_selection(self.viewer):  # the user's selected layer stays selected
+            ly = add_or_replace_image(
+                self.viewer, output_name(layer.name, what, "in progress"), data, layer,
+                leading=1 if key == "samples" else 0, labels=labels,
+                metadata={"hdn": {"source_layer": layer.name, "output": key, "in_progress": True}},
+                contrast_limits=lims, colormap="magma" if key == "variance" else None,
+                visible=False)
         live["layers"][key] = ly.name
 
     def _settle_live(self, res) -> dict:
@@ -405,7 +407,7 @@ class PredictWidget(EngineWidget):
         if meta.get("lazy"):
             return self._lazy_result(layer, res)
         self.last_layers = add_result_layers(self.viewer, layer, res, meta["model"], meta["axes"],
-                                             shown=shown)
+                                             shown=shown, select=self._select_later)
         names = ", ".join(ly.name for ly in self.last_layers)
         counts = res.info.get("samples_per_frame") or [res.n_samples]
         drawn = samples_text(counts) if meta["n"] == "auto" else f"{res.n_samples} samples"
@@ -423,6 +425,16 @@ class PredictWidget(EngineWidget):
             return TaskState.STOPPED
         self.show_status(f"Done in {self.elapsed():.1f} s ({drawn}): {names}.")
         return TaskState.DONE
+
+    def _select_later(self, result_layer) -> None:
+        """Select ``result_layer`` in the next event-loop turn (after the renames and data of the
+        result layers have been drawn), unless it is gone by then."""
+
+        def select():
+            if result_layer in self.viewer.layers:
+                self.viewer.layers.selection.active = result_layer
+
+        QTimer.singleShot(0, select)
 
     def _lazy_result(self, layer, res) -> TaskState:
         info = res.info
