@@ -1,7 +1,7 @@
 """The ``napari-hdn`` command line: a thin layer over the engine.
 
-One module per command (``train``, ``predict``, ``levels``, ``noise`` for ``noise-model``, ``demo``,
-``bench``), each with ``add_parser(subparsers)`` that sets ``func``; what they share (exit codes, TIFF input,
+One module per command (``train``, ``predict``, ``levels``, ``noise`` for ``noise-model``,
+``export`` for ``export-bmz``, ``demo``, ``bench``), each with ``add_parser(subparsers)`` that sets ``func``; what they share (exit codes, TIFF input,
 progress bars, Ctrl-C) is in :mod:`._common`. A new command is a new module listed in ``COMMANDS``.
 
 Exit codes: 0 success, 1 a runtime problem the user can fix (bad file, bad data, training
@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo, levels, noise, predict, train
+from . import bench, demo, export, levels, noise, predict, train
 from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
 
-COMMANDS = (train, predict, levels, noise, demo, bench)
+COMMANDS = (train, predict, levels, noise, export, demo, bench)
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "CLIError", "build_parser",
            "main"]

@@ -249,12 +249,16 @@ def load_model(path: str | os.PathLike, device=None):
     Raises
     ------
     ModelFileError
-        If the file is missing, unreadable, truncated, corrupt, not a napari-hdn model, of a newer
+        If the file is missing, unreadable, truncated, corrupt, not a napari-hdn model (a .hdn file
+        or a BioImage Model Zoo package that napari-hdn exported), of a newer
         version, or holds values no model can have (NaN or infinite weights, a normalisation std
         that is not a positive finite number, metadata of the wrong types).
     """
+    from .bmz import is_bmz_package, load_bmz
     from .channels import CHANNEL_FILE_VERSION, models_from_file
 
+    if str(path).lower().endswith(".zip") or is_bmz_package(path):  # a BioImage Model Zoo package
+        return load_bmz(path, device=device)
     meta, tensors = read_file(path, MODEL_FILE_FORMAT, "napari-hdn model")
     version = meta.get("format_version")
     if version == CHANNEL_FILE_VERSION and isinstance(meta.get("channels"), list):
