@@ -116,16 +116,19 @@ def test_checkpoint_and_resume(tmp_path):
 
 
 class _NaNNoise(NoiseModel):
+    """Finite where the checks before training probe it (no gradient), NaN in training: a loss
+    that diverges once training runs (a model NaN everywhere is refused before it starts)."""
+
     kind = "nan-test"
 
     def log_likelihood(self, x, s):
-        return s * float("nan")
+        return s * float("nan") if s.requires_grad else -(x - s) ** 2
 
     def sample(self, s, generator=None):
         return s
 
     def moments(self, s):
-        return s, s
+        return s, torch.ones_like(s)
 
     def get_state(self):
         return {}, {}

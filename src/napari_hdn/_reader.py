@@ -4,8 +4,10 @@ Model files hold no image, so the reader adds **no layer**: it registers the mod
 shared session (:func:`napari_hdn.session.get_session`, which imports no Qt), where the Training
 (Resume), Predict and explore and Artefact removal widgets list it, and says so in a notification.
 It returns napari's "no layers" sentinel ``[(None,)]``. A damaged or foreign file gives an error
-notification with the reason instead of an exception. Importing this module imports neither Qt nor
-matplotlib (nor torch: the engine is imported when a file is read).
+notification with the reason instead of an exception, and so does a path that is no regular file
+(a FIFO, a device, a folder, a symbolic link loop: refused from ``os.stat``, never opened).
+Importing this module imports neither Qt nor matplotlib (nor torch: the engine is imported when a
+file is read).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def _read(path, open_file, message) -> list[tuple]:
 
     p = _one(path)
     try:
-        entry = open_file(p)
-    except HDNError as exc:
+        entry = open_file(p)  # the file is checked before it is opened: a FIFO is never opened
+    except (HDNError, OSError) as exc:
         show_error(f"Could not open {p}: {exc}")
         return [(None,)]
     show_info(message(entry))

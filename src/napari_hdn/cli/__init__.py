@@ -1,11 +1,12 @@
 """The ``napari-hdn`` command line: a thin layer over the engine.
 
 One module per command (``train``, ``predict``, ``levels``, ``noise`` for ``noise-model``,
-``export`` for ``export-bmz``, ``demo``, ``bench``), each with ``add_parser(subparsers)`` that sets ``func``; what they share (exit codes, TIFF input,
-progress bars, Ctrl-C) is in :mod:`._common`. A new command is a new module listed in ``COMMANDS``.
+``export`` for ``export-bmz``, ``demo``, ``bench``), each with ``add_parser(subparsers)`` that
+sets ``func``; what they share (exit codes, TIFF input, progress bars, Ctrl-C, SIGTERM and
+SIGHUP) is in :mod:`._common` and :mod:`._signals`. A new command is a new module listed in ``COMMANDS``.
 
 Exit codes: 0 success, 1 a runtime problem the user can fix (bad file, bad data, training
-diverged), 2 a usage error (bad option), 130 interrupted by Ctrl-C.
+diverged), 2 a usage error (bad option), 130 interrupted (Ctrl-C, SIGTERM, SIGHUP).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     def show(message, category, *_args, **_kw) -> None:  # one line, without file and line number
         print(f"napari-hdn: warning: {message}", file=sys.stderr)
 
-    try:
-        with warnings.catch_warnings():
+    from ._signals import interrupt_on_signals
+
+    try:  # (SIGTERM and SIGHUP end a command as Ctrl-C does: ._signals)
+        with warnings.catch_warnings(), interrupt_on_signals():
             warnings.showwarning = show
             return int(args.func(args) or 0)
     except (HDNError, CLIError) as exc:

@@ -216,26 +216,49 @@ class Progress:
 
 
 class SigintStop:
-    """Within this block the first Ctrl-C asks the engine to stop through ``flag`` (what is done so
-    far is kept and saved); a second one aborts with KeyboardInterrupt."""
+    """Within this block the first Ctrl-C, SIGTERM (a cluster scheduler ending the job, ``kill``) or
+    SIGHUP (the terminal closed) asks the engine to stop through ``flag`` (what is done so far is
+    kept and saved, and the command exits with 130 as after Ctrl-C); a second one aborts with
+    KeyboardInterrupt. A SIGTERM or SIGHUP repeated within a second is the same request delivered
+    twice (see :mod:`._signals`). ``on_signal(signum)``, when given, is called at the first one
+    (a launcher passes the stop on to the processes it started)."""
 
-    def __init__(self, flag, what="stopping: what is done so far will be saved") -> None:
+    def __init__(self, flag, what="stopping: what is done so far will be saved",
+                 on_signal=None) -> None:
         # ``what``: the message, or a callable giving it (for work whose stop means different
         # things in different phases)
-        self.flag, self.what, self.old = flag, what, None
+        self.flag, self.what, self.old = flag, what, {}
+        self.on_signal, self.first = on_signal, None
 
     def __enter__(self) -> SigintStop:
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._handle)
+        from ._signals import install
+
+        if threading.current_thread() is threading.main_thread():  # signals reach only it
+            self.old = install(self._handle)
         return self
 
-    def _handle(self, *_) -> None:
+    def _handle(self, signum, _frame) -> None:
+        import time
+
+        from ._signals import DUPLICATE_S, say, signal_name
+
+        now = time.monotonic()
         if self.flag.is_set():
+            if signum != signal.SIGINT and self.first is not None \
+                    and now - self.first < DUPLICATE_S:
+                return
             raise KeyboardInterrupt
+        self.first = now
         what = self.what() if callable(self.what) else self.what
-        print(f"\n{what} (Ctrl-C again to abort)", file=sys.stderr)
+        again = ("Ctrl-C again to abort" if signum == signal.SIGINT else
+                 f"{signal_name(signum)} received; Ctrl-C or another signal aborts")
+        say(f"\n{what} ({again})")
         self.flag.set()
+        if self.on_signal is not None:
+            self.on_signal(signum)
 
     def __exit__(self, *exc) -> None:
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        from ._signals import restore
+
+        restore(self.old)
+        self.old = {}

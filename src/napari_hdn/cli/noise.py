@@ -99,16 +99,6 @@ class _Phase:
 
 
 def cmd_fit(args) -> int:
-    import warnings
-
-    import numpy as np
-
-    from ..engine.channels import ChannelNoiseModels
-    from ..engine.events import StopFlag
-    from ..engine.noise import fit_noise_model
-    from ..engine.noise.pairs import NoiseFitWarning
-    from ..engine.safeio import write_tiff
-
     p = args._parser
     if args.calibration and (args.clean or args.noisy or args.pseudo_clean or args.bootstrap):
         p.error("--calibration cannot be combined with --clean, --noisy, --pseudo-clean or --bootstrap")
@@ -124,13 +114,40 @@ def cmd_fit(args) -> int:
                   iterations="iterations", fit_val_fraction="val_fraction", n2v_steps="n2v_steps",
                   n2v_minutes="n2v_minutes", seed="seed")
 
+    from ..engine.locks import check_unlocked, output_locks
+
     out = Path(args.out)
     fig_path = None
     if not args.no_figure:
         fig_path = Path(args.figure) if args.figure else out.with_suffix(".diagnostics.png")
-    check_outputs([(out, "noise-model file (--out)"), (fig_path, "diagnostics figure"),
-                   (args.save_pseudo_clean, "pseudo-clean image (--save-pseudo-clean)")],
-                  [args.calibration, args.clean, args.noisy, args.pseudo_clean], args.overwrite)
+    wait = "wait for it to finish or choose another"
+    outputs = [(out, "noise-model file (--out)", f"{wait} --out"),
+               (fig_path, "diagnostics figure", f"{wait} --figure (or --no-figure)"),
+               (args.save_pseudo_clean, "pseudo-clean image (--save-pseudo-clean)",
+                f"{wait} --save-pseudo-clean")]
+
+    def check() -> None:
+        check_outputs([(path, what) for path, what, _ in outputs],
+                      [args.calibration, args.clean, args.noisy, args.pseudo_clean], args.overwrite)
+
+    check_unlocked(outputs)  # a fit still writing them is named as such
+    check()
+    with output_locks(outputs, note=lambda t: print(f"napari-hdn: note: {t}", file=sys.stderr)):
+        check()  # again under the locks: an output finished meanwhile is not replaced
+        return _fit_locked(args, out, fig_path)
+
+
+def _fit_locked(args, out: Path, fig_path: Path | None) -> int:
+    import warnings
+
+    import numpy as np
+
+    from ..engine.channels import ChannelNoiseModels
+    from ..engine.events import StopFlag
+    from ..engine.noise import fit_noise_model
+    from ..engine.noise.pairs import NoiseFitWarning
+    from ..engine.safeio import write_tiff
+
     stop = StopFlag()
     bar = Progress(args.quiet)
     cb = _Phase(bar)
@@ -277,11 +294,17 @@ def _channel_sources(args) -> _Sources:
 # -- describe ------------------------------------------------------------------------------------
 def cmd_describe(args) -> int:
     from ..engine.channels import ChannelNoiseModels
+    from ..engine.errors import ModelFileError
     from ..engine.noise import load_noise_model
+    from ..engine.noise.diagnostics import check_noise_model
 
     if args.figure:
         check_outputs([(args.figure, "figure (--figure)")], [args.file], args.overwrite)
     loaded = load_noise_model(args.file)
+    models = list(loaded) if isinstance(loaded, ChannelNoiseModels) else [loaded]
+    for c, model in enumerate(models):  # one that gives NaN is said to be broken, not described
+        where = f" (channel {c + 1} of {len(models)})" if len(models) > 1 else ""
+        check_noise_model(model, what=f"{args.file}{where}", error=ModelFileError)
     if isinstance(loaded, ChannelNoiseModels):
         if args.figure:
             raise CLIError(f"{args.file} holds {len(loaded)} noise models, one per channel: "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -106,7 +108,15 @@ def noise_model_from_args(args):
     if sum(given) > 1:
         raise CLIError("give only one of --noise-model, --gaussian-sigma, --poisson-gain")
     if args.noise_model:
-        return load_noise_model(args.noise_model)
+        from ..engine.channels import ChannelNoiseModels
+        from ..engine.noise.diagnostics import check_noise_model
+
+        loaded = load_noise_model(args.noise_model)
+        models = list(loaded) if isinstance(loaded, ChannelNoiseModels) else [loaded]
+        for c, m in enumerate(models):  # broken numbers are said now, naming the file
+            where = f" (channel {c + 1} of {len(models)})" if len(models) > 1 else ""
+            check_noise_model(m, what=f"the noise model {args.noise_model}{where}")
+        return loaded
     if args.gaussian_sigma is not None:
         return GaussianNoiseModel(args.gaussian_sigma)
     if args.poisson_gain is not None:
@@ -164,8 +174,10 @@ def check_destinations(args, out: Path, ckdir: Path) -> None:
     """Before any work: --out is no input, is new (or --overwrite), and can be written; the
     checkpoint folder can be written and holds no earlier run's checkpoints (unless resumed from
     there, or --overwrite)."""
-    from ..engine.safeio import check_folder
+    from ..engine.safeio import check_folder, check_input_file
 
+    if args.resume and not Path(args.resume).is_dir():  # a checkpoint file: no FIFO, no loop
+        check_input_file(args.resume, "checkpoint (--resume)", "napari-hdn model file", CLIError)
     init = getattr(args, "init", None)
     inputs = [args.noisy, args.noise_model, args.resume, init if init not in INIT_CHOICES else None]
     check_outputs([(out, "model file (--out)")], inputs, args.overwrite)
@@ -180,6 +192,95 @@ def check_destinations(args, out: Path, ckdir: Path) -> None:
         raise CLIError(f"the checkpoint folder {ckdir} holds checkpoints of an earlier run "
                        f"({', '.join(old)}): add --overwrite to replace them, give another "
                        f"--checkpoint-dir, or continue that run with --resume {ckdir / 'last.hdn'}")
+    check_checkpoint_collisions(out, ckdir)
+
+
+#: what training writes in its checkpoint folder (a folder per channel, channel-1, ..., too)
+CHECKPOINT_FILES = ("best.hdn", "last.hdn", "noise-models.hdnoise")
+
+
+def check_checkpoint_collisions(out: Path, ckdir: Path) -> None:
+    """Before any work: --out is neither the checkpoint folder nor one of the files training
+    writes in it, and nothing in the way of those files is a folder (each would be found only at
+    the first validation, or after the whole training)."""
+    o, c = out.expanduser().resolve(), ckdir.expanduser().resolve()
+    if o == c:
+        raise CLIError(f"--out {out} is also the checkpoint folder: training would write its "
+                       "checkpoints into a folder of that name and then find no room for the "
+                       "model; give --checkpoint-dir another folder or --out another name")
+    if c in o.parents:
+        inner = o.relative_to(c).parts
+        if inner[0] in CHECKPOINT_FILES or inner[0].startswith("channel-"):
+            raise CLIError(f"--out {out} is inside the checkpoint folder {ckdir}, where training "
+                           f"writes its own {inner[0]}: give --out another name or place, or "
+                           "another --checkpoint-dir")
+    for name in CHECKPOINT_FILES[:2]:
+        if (ckdir / name).is_dir():
+            raise CLIError(f"{ckdir / name} is a folder where training writes its checkpoint "
+                           f"{name}: move it away or give another --checkpoint-dir")
+
+
+def _note(text: str) -> None:
+    print(f"napari-hdn: note: {text}", file=sys.stderr)
+
+
+def channels_resume_folder(resume) -> Path | None:
+    """The checkpoint folder a multi-channel run resumes from (and writes into), from --resume:
+    the folder itself, one of its channel-K folders or their last.hdn; None for a file of a run
+    of one channel."""
+    r = Path(resume)
+    r = r.parent if r.name == "last.hdn" and r.parent.name.startswith("channel-") else r
+    r = r.parent if r.name.startswith("channel-") else r
+    return r if r.is_dir() else None
+
+
+def outputs_of(args, out: Path, ckdir: Path) -> list:
+    """``[(path, what, hint)]`` of what a training run writes, for the output locks."""
+    wait = "wait for it to finish or choose another"
+    outs = [(out, "model file (--out)", f"{wait} --out"),
+            (ckdir, "checkpoint folder", f"{wait} --checkpoint-dir")]
+    folder = channels_resume_folder(args.resume) if getattr(args, "resume", None) else None
+    if folder is not None:  # a run of channels writes into the folder it resumes
+        outs.append((folder, "checkpoint folder being resumed", f"{wait} checkpoint folder"))
+    return outs
+
+
+@contextlib.contextmanager
+def guarded(args, out: Path, ckdir: Path, lock: bool = True):
+    """The destination checks, and within the block the locks on every output: a run still
+    writing one is refused at once, by name (before the checks, which would take its files for an
+    earlier run's); the checks run again once the locks are held (an output finished meanwhile)."""
+    from ..engine.locks import check_unlocked, output_locks
+
+    outputs = outputs_of(args, out, ckdir)
+    if lock:
+        check_unlocked(outputs)
+    check_destinations(args, out, ckdir)
+    if not lock:
+        yield
+        return
+    with output_locks(outputs, note=_note):
+        check_destinations(args, out, ckdir)
+        yield
+
+
+def check_resume(args) -> None:
+    """Before any work: a resume whose settings would train nothing (--max-steps at or below the
+    checkpoint's step, a --minutes budget it has spent) is refused, naming the option."""
+    from ..engine.training import check_steps_left, checkpoint_state, resumed_training_config
+
+    if not args.resume:
+        return
+    ck = checkpoint_state(args.resume)
+    if not ck:  # a plain model file, a folder of channels, or unreadable (said when it is read)
+        return
+    _, tcfg, overrides = configs_from_args(args)
+    try:
+        tc = resumed_training_config(ck, tcfg, overrides)
+    except ValueError:  # settings the checkpoint's run cannot take: the Trainer says which
+        return
+    check_steps_left(ck, tc, args.resume, steps_given=args.max_steps is not None,
+                     budget_given=args.minutes is not None, style="cli")
 
 
 FINE_TUNE_STEPS = 300
@@ -209,6 +310,7 @@ def run_torchrun(args, ckdir: Path) -> int:
     """``--ddp N``: this same command in N processes under torchrun; a failure is said in one line
     that names the last checkpoint."""
     import subprocess
+    import time
 
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
     rest, skip = [], False
@@ -223,9 +325,37 @@ def run_torchrun(args, ckdir: Path) -> int:
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.ddp}", "-m", "napari_hdn.cli", *rest]
-    rc = subprocess.call(cmd)
+    from ..engine import StopFlag
+    from ..engine.locks import environment_for_children
+
+    # torchrun in a session of its own: a stop signal (Ctrl-C at the terminal, SIGTERM to this
+    # process) reaches this launcher alone, which passes it on once; torchrun passes it to the
+    # ranks, which stop after the step they are in, and rank 0 saves the best model so far. The
+    # ranks write under this process's output locks (environment_for_children).
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=environment_for_children(), start_new_session=True)
+    stop = StopFlag()
+
+    def pass_on(signum) -> None:
+        with contextlib.suppress(OSError):
+            proc.send_signal(signum)
+
+    try:
+        with SigintStop(stop, f"stopping the {args.ddp} training processes after this step: the "
+                        "best model so far will be saved", on_signal=pass_on):
+            rc = proc.wait()
+    except KeyboardInterrupt:  # a second signal: abort the whole run
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, 9)
+        proc.wait()
+        raise
     if rc == 0:
         return EXIT_OK
+    out = Path(args.out)
+    if stop.is_set() and out.exists() and out.stat().st_mtime >= t0:
+        print(f"napari-hdn: the {args.ddp}-process run was stopped; its best model so far is in "
+              f"{out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     last = ckdir / "last.hdn"
     kept = (f"the last checkpoint {last} is intact: continue with --resume {last}" if last.exists()
             else "no checkpoint had been written yet")
@@ -234,10 +364,7 @@ def run_torchrun(args, ckdir: Path) -> int:
 
 
 def run(args) -> int:
-    from ..engine import OutputError, StopFlag, Trainer
-    from ..engine.channels import layout_of
-    from ..engine.ddp import DDPTrainer, init_process_group, launched_by_torchrun, world
-    from ..engine.frames import frames_of
+    from ..engine.ddp import launched_by_torchrun, world
 
     check_numbers(args, **NUMBERS)
     if args.ddp is not None and args.ddp < 1:
@@ -250,13 +377,26 @@ def run(args) -> int:
                         or args.poisson_gain is not None):
         raise CLIError("a resumed run keeps the noise model of its checkpoint: leave --noise-model, "
                        "--gaussian-sigma and --poisson-gain out with --resume (or start a new run)")
+    check_resume(args)
     out = Path(args.out)
     ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
     if args.ddp:
         if launched_by_torchrun():
             raise CLIError("--ddp starts torchrun itself: leave it out when launching with torchrun")
-        check_destinations(args, out, ckdir)
-        return run_torchrun(args, ckdir)
+        with guarded(args, out, ckdir):  # the ranks write under this launcher's locks
+            return run_torchrun(args, ckdir)
+    # one rank of a torchrun launch: rank 0 writes, and holds the locks (RANK is set by torchrun
+    # before the process group exists)
+    with guarded(args, out, ckdir, lock=world()[0] == 0):
+        return _run(args, out, ckdir)
+
+
+def _run(args, out: Path, ckdir: Path) -> int:
+    from ..engine import OutputError, StopFlag, Trainer
+    from ..engine.channels import layout_of
+    from ..engine.ddp import DDPTrainer, init_process_group, launched_by_torchrun, world
+    from ..engine.frames import frames_of
+
     parallel = launched_by_torchrun()
     if parallel:  # one rank of a torchrun launch
         from ..engine.device import resolve_device
@@ -264,7 +404,6 @@ def run(args) -> int:
         init_process_group(resolve_device(args.device or "auto"))
         Trainer = DDPTrainer  # noqa: N806 - the class this rank trains with
     rank = world()[0]
-    check_destinations(args, out, ckdir)
     # a large file is read on demand, patch by patch: training never holds it in memory
     images, declared, meta = read_tiff(args.noisy, "input", lazy=True, with_meta=True)
     args.axes = resolve_axes(args.axes, declared, args.noisy)
@@ -313,6 +452,8 @@ def run(args) -> int:
     began = info.get("start", {})
     start = {"prior": "from the bundled prior", "model file": f"from {began.get('file')}"}.get(
         began.get("init"), "from scratch")
+    if args.resume:
+        start = f"resumed from {args.resume}"
     print(f"saved {out} (steps {info['steps']} {start}, best validation loss {best_text}; "
           f"checkpoints in {ckdir})")
     return EXIT_OK
@@ -331,11 +472,8 @@ def run_channels(args, images, lay, meta, out: Path, ckdir: Path) -> int:
             "--gaussian-sigma S, or --poisson-gain G --read-noise R (the same for every channel)")
     resume = None
     if args.resume:
-        resume = Path(args.resume)
-        resume = resume.parent if resume.name == "last.hdn" and resume.parent.name.startswith(
-            "channel-") else resume
-        resume = resume.parent if resume.name.startswith("channel-") else resume
-        if not resume.is_dir():
+        resume = channels_resume_folder(args.resume)
+        if resume is None:
             raise CLIError(f"--resume {args.resume}: a multi-channel run resumes from its checkpoint "
                            f"folder (the --checkpoint-dir of the interrupted run, e.g. {ckdir})")
     mcfg, tcfg, overrides = configs_from_args(args)
@@ -364,14 +502,18 @@ def run_channels(args, images, lay, meta, out: Path, ckdir: Path) -> int:
 
 
 def run_fine_tune(args) -> int:
-    from ..engine import InputError, ModelConfig, StopFlag, fine_tune, load_model
-    from ..engine.config import validated
-
     levels, opts = fine_tune_options(args)
     out = Path(args.out)
     ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
     args.noise_model = args.fine_tune  # an input that --out must not replace
-    check_destinations(args, out, ckdir)
+    with guarded(args, out, ckdir):
+        return _fine_tune(args, levels, opts, out, ckdir)
+
+
+def _fine_tune(args, levels, opts, out: Path, ckdir: Path) -> int:
+    from ..engine import InputError, ModelConfig, StopFlag, fine_tune, load_model
+    from ..engine.config import validated
+
     model = load_model(args.fine_tune)
     try:
         validated(ModelConfig, {**model.config.model_dump(), "deactivated_levels": sorted(

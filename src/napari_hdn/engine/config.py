@@ -39,22 +39,42 @@ def validated(cls, data: dict):
         raise InputError(f"invalid {cls.__name__}: {validation_message(exc)}") from None
 
 
+#: the sizes an architecture may have, (smallest, largest): the one place that bounds them, for
+#: the API, the command line, the GUI and every model file read (the paper's HDN is 6 levels of
+#: 64 filters, 32 latent channels and 5 blocks; the largest here is some 15 billion parameters,
+#: so a model file's description is also checked against the weights it holds before anything
+#: is built: :func:`~napari_hdn.engine.model.model_from_parts`)
+MODEL_LIMITS: dict[str, tuple[int | float, int | float]] = {
+    "levels": (1, 10),
+    "z_dim": (1, 512),
+    "filters": (4, 1024),
+    "blocks": (1, 32),
+    "free_bits": (0.0, 1e6),
+}
+
+
+def _limited(name: str, default, description: str = "", **kw):
+    lo, hi = MODEL_LIMITS[name]
+    return Field(default, ge=lo, le=hi, description=description, **kw)
+
+
 class ModelConfig(_Strict):
     """Architecture of the HDN ladder VAE (paper defaults).
 
-    Each component can be switched off to reproduce the paper's ablations (Table 2).
+    Each component can be switched off to reproduce the paper's ablations (Table 2). Sizes are
+    bounded by :data:`MODEL_LIMITS`.
     """
 
-    levels: int = Field(6, ge=1, le=10, description="Number of latent levels L (z_1 bottom, z_L top).")
-    z_dim: int = Field(32, ge=1, le=512, description="Latent channels per level.")
-    filters: int = Field(64, ge=4, le=1024, description="Feature channels F of every block.")
-    blocks: int = Field(5, ge=1, le=32, description="Residual blocks per level (B).")
+    levels: int = _limited("levels", 6, "Number of latent levels L (z_1 bottom, z_L top).")
+    z_dim: int = _limited("z_dim", 32, "Latent channels per level.")
+    filters: int = _limited("filters", 64, "Feature channels F of every block.")
+    blocks: int = _limited("blocks", 5, "Residual blocks per level (B).")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     batchnorm: bool = True
     gated: bool = True
     generative_skip: bool = True
     learned_top_prior: bool = True
-    free_bits: float = Field(1.0, ge=0.0, description="Free bits in nats per level and sample.")
+    free_bits: float = _limited("free_bits", 1.0, "Free bits in nats per level and sample.")
     deactivated_levels: list[int] = Field(
         default_factory=list,
         description="Levels (1..L) trained with z from the top-down side only (paper's HDN_3-6).",

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 
 from .errors import HDNWarning, InputError
-from .frames import MAX_ABS_VALUE, Frame, frame_statistics, frames_of, is_lazy
+from .frames import (
+    MAX_ABS_VALUE,
+    Frame,
+    check_saturation,
+    frame_statistics,
+    frames_of,
+    is_lazy,
+    plain_array,
+)
 
 FRAME_AXES = "STZ"  # leading axes treated as independent 2D frames (Z slice-wise)
 #: a guessed X axis this many times shorter than Y gets a warning (it is probably not X)
@@ -70,9 +78,42 @@ def check_axes(axes: str | None, shape: Sequence[int]) -> str:
     return ax
 
 
+#: shapes listed in the message about a list of images of different shapes
+_SHOWN_SHAPES = 4
+
+
+def image_array(image, name: str = "image"):
+    """One array from an image argument, unconverted: what :func:`~.frames.plain_array` makes of
+    a tensor, a masked array or a lazy array; a list or tuple of images stacked along a new first
+    axis (frames), which needs them to have one shape.
+
+    Raises
+    ------
+    InputError
+        A path or None, a masked array with masked pixels, a tensor without values, an empty list,
+        or a list of images of different shapes (one result cannot hold them: one call per image,
+        or crop them to one shape; training takes such a list as it is, see :func:`to_frames`).
+    """
+    if not isinstance(image, (list, tuple)):
+        arr = plain_array(image, name)
+        return arr if is_lazy(arr) else np.asarray(arr)
+    if not image:
+        raise InputError(f"{name}: the list of images is empty")
+    parts = [np.asarray(plain_array(im, f"{name}[{k}]")) for k, im in enumerate(image)]
+    shapes = [p.shape for p in parts]
+    if len(set(shapes)) > 1:
+        listed = ", ".join(str(sh) for sh in shapes[:_SHOWN_SHAPES]) + \
+            (", ..." if len(shapes) > _SHOWN_SHAPES else "")
+        raise InputError(
+            f"{name}: the {len(parts)} images of the list have different shapes ({listed}), and "
+            "one result holds one shape: give them one call each, or crop them to one shape")
+    return np.stack(parts)
+
+
 def as_float_array(image, name: str = "image") -> np.ndarray:
-    """Validate dtype and values; return float32."""
-    arr = np.asarray(image)
+    """Validate dtype and values; return float32 (an image argument as :func:`image_array`
+    takes it: tensors, masked arrays without masked pixels, lists of images of one shape)."""
+    arr = np.asarray(image_array(image, name))
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise InputError(f"{name} has dtype {arr.dtype}; expected a numeric (integer or float) array")
     if arr.size == 0:
@@ -115,12 +156,21 @@ def training_frames(images, axes: str | None = None, name: str = "image") -> lis
     """The 2D frames of training data as :class:`~.frames.Frame` s, read on demand: an array
     (numpy, memory-mapped, dask, zarr, :class:`~.frames.TiffPages`) or a list of them is never
     copied whole. Axes as :func:`to_frames`; the values are checked when they are read
-    (:func:`~.frames.frame_statistics`)."""
+    (:func:`~.frames.frame_statistics`). A torch tensor gives its values, a masked array with
+    masked pixels is refused (:func:`~.frames.plain_array`); saturated data get a
+    :class:`~.frames.SaturationWarning` (a few frames are sampled for it)."""
+    frames = _training_frames(images, axes, name)
+    check_saturation(frames, name if name.startswith("the ") else f"the {name}")
+    return frames
+
+
+def _training_frames(images, axes, name: str) -> list[Frame]:
     if isinstance(images, (list, tuple)):
         if images and all(isinstance(f, Frame) for f in images):
             return list(images)
-        return _frames_of_list(images, axes, name, training_frames)
-    arr = images if is_lazy(images) else np.asarray(images)
+        return _frames_of_list(images, axes, name, _training_frames)
+    arr = plain_array(images, name)
+    arr = arr if is_lazy(arr) else np.asarray(arr)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise InputError(f"{name} has dtype {arr.dtype}; expected a numeric (integer or float) array")
     if 0 in tuple(arr.shape):

@@ -14,15 +14,71 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import HDNWarning, InputError
 
 #: larger magnitudes overflow float32 when squared in the likelihood (3.4e38)
 MAX_ABS_VALUE = 1e18
+#: a larger share of the sampled pixels at the image's top value is called saturated (clipped)
+CLIPPED_SHARE = 0.01
+
+
+class SaturationWarning(HDNWarning):
+    """Many pixels of an image sit at one top value: the detector saturated (or the data were
+    clipped), and the noise model, which says how values scatter around the signal, does not hold
+    for them."""
+
+
+def plain_array(image, name: str = "image"):
+    """The array an image argument stands for, as the engine reads it; lists and tuples are left
+    to the caller (see :func:`~.data.image_array`).
+
+    - a torch tensor: its values, detached from any autograd graph and copied to the CPU from
+      whatever device holds it (bfloat16 as float32, which numpy can hold);
+    - a NumPy masked array: refused when any pixel is masked (the engine has no use for a mask,
+      and would read the values under it as data); one without masked pixels is its data;
+    - numpy and lazy arrays (memory-mapped, dask, zarr, :class:`TiffPages`): as they are;
+    - a path or None: refused with what to give instead.
+    """
+    if image is None:
+        raise InputError(f"{name} is None: give the image as an array")
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise InputError(f"{name} is a path ({os.fsdecode(image)!r}), not an array: read the file "
+                         "first (e.g. tifffile.imread(path)), or use the command line "
+                         "(napari-hdn train / predict take TIFF files)")
+    if isinstance(image, np.ma.MaskedArray):
+        mask = np.ma.getmaskarray(image)
+        if mask.any():
+            n = int(mask.sum())
+            raise InputError(
+                f"{name} is a masked array with {n} masked pixel(s) of {mask.size} ({n / mask.size:.1%})"
+                ": napari-hdn has no use for a mask and would read the values under it as data; "
+                "crop the image to its unmasked part, or fill the masked pixels "
+                "(image.filled(value)) if treating them as data is acceptable")
+        return np.ma.getdata(image)
+    if type(image).__module__.startswith("torch"):
+        import torch
+
+        if isinstance(image, torch.Tensor):
+            t = image.detach()
+            try:
+                if t.is_sparse:
+                    t = t.to_dense()
+                t = t.to("cpu")
+                if t.dtype == torch.bfloat16:
+                    t = t.float()
+                return t.resolve_conj().resolve_neg().numpy()
+            except (RuntimeError, NotImplementedError, TypeError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise InputError(f"{name} is a torch tensor on {t.device} whose values cannot be "
+                                 f"read ({first}): give a tensor with values, or a numpy array"
+                                 ) from None
+    return image
 
 
 def _as_numpy(block) -> np.ndarray:
@@ -32,8 +88,10 @@ def _as_numpy(block) -> np.ndarray:
 
 
 def is_lazy(image) -> bool:
-    """True for array-likes that are not numpy arrays (dask, zarr, :class:`TiffPages`...)."""
-    return (not isinstance(image, (np.ndarray, list, tuple)) and hasattr(image, "shape")
+    """True for array-likes that are not numpy arrays (dask, zarr, :class:`TiffPages`...); a torch
+    tensor is not one (:func:`plain_array` turns it into its values)."""
+    return (not isinstance(image, (np.ndarray, list, tuple))
+            and not type(image).__module__.startswith("torch") and hasattr(image, "shape")
             and hasattr(image, "dtype") and hasattr(image, "__getitem__"))
 
 
@@ -107,6 +165,7 @@ def frames_of(image, axes: str, channel: tuple[int, int] | None = None,
     ``channel``: ``(position of the C axis in the array, index)`` for one channel of a
     multi-channel array; ``axes`` then describe the other axes.
     """
+    image = plain_array(image, name)  # a tensor's values; a masked array refused
     shape = tuple(int(v) for v in image.shape)
     _numeric(image.dtype, name)
     if 0 in shape:
@@ -172,6 +231,62 @@ def sample_pixels(frames: Sequence, n: int = 100_000) -> np.ndarray:
     return out[::step]
 
 
+def _frames_for_sampling(image) -> Sequence:
+    if isinstance(image, (list, tuple)):
+        return image
+    if isinstance(image, np.ndarray):
+        return image.reshape(-1, *image.shape[-2:]) if image.ndim >= 2 else image.reshape(1, -1)
+    return frames_of(image, "", name="the image")  # a lazy array: only sampled frames are read
+
+
+def _dtype_of(frames) -> np.dtype | None:
+    first = frames[0]
+    src = first.source if isinstance(first, Frame) else first
+    return np.dtype(src.dtype) if hasattr(src, "dtype") else None
+
+
+def check_saturation(image, name: str = "the image", dtype=None, n: int = 100_000) -> str:
+    """Warn (:class:`SaturationWarning`) when more than :data:`CLIPPED_SHARE` of ``image``'s
+    pixels sit at its top value: at the largest value of its integer dtype (255 of uint8, 65535
+    of uint16), or at a value that holds more pixels than the value below it, a spike a clipped
+    histogram has and a natural tail never does (a 12-bit camera's 4095 in a uint16 file, data
+    clipped before they were saved). Returns the message ("" when none).
+
+    ``image``: an array (any number of axes, lazy ones included) or a sequence of 2D frames
+    (:class:`Frame` s); about ``n`` pixels of whole frames are read (:func:`sample_pixels`), so
+    the check costs one or a few frames. ``dtype``: the data's own dtype, where ``image`` was
+    converted (to float32) before. The low end is not checked: dark frames of photon-counting
+    data peak at zero without being clipped.
+    """
+    frames = _frames_for_sampling(image)
+    if len(frames) == 0:
+        return ""
+    dt = np.dtype(dtype) if dtype is not None else _dtype_of(frames)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge values: refused with the statistics
+        v = sample_pixels(frames, n)
+    if v.size < 2 or not np.isfinite(v).all():
+        return ""  # NaN and infinity are refused elsewhere, with their own message
+    top = v.max()
+    at_top = int(np.count_nonzero(v == top))
+    share = at_top / v.size
+    if share <= CLIPPED_SHARE:
+        return ""
+    dtype_max = dt is not None and dt.kind in "ui" and top == np.float32(np.iinfo(dt).max)
+    if not dtype_max:
+        below = v[v < top]
+        if below.size == 0:
+            return ""  # a constant image: training and prediction say so themselves
+        if at_top <= int(np.count_nonzero(below == below.max())):
+            return ""  # the top of a histogram that falls off: no clipping
+    where = (f"{top:g}, the largest value of the dtype {dt}" if dtype_max else
+             f"{top:g}, the largest value (a spike at the top of the histogram)")
+    msg = (f"{name}: {share:.1%} of the pixels are at {where}: they look saturated (clipped), and "
+           "clipped pixels break the noise model (their noise is cut off), so the result there is "
+           "wrong; acquire with less exposure or gain, or crop the saturated regions away")
+    warnings.warn(msg, SaturationWarning, stacklevel=3)
+    return msg
+
+
 class TiffPages:
     """A TIFF series read page by page from disk: the array-like :class:`Frame` reads from.
 
@@ -187,6 +302,9 @@ class TiffPages:
     def __init__(self, path: str | os.PathLike, series: int = 0) -> None:
         import tifffile
 
+        from .safeio import check_input_file
+
+        check_input_file(path, "TIFF", "TIFF file", InputError)  # never a FIFO opened
         self.path = os.fspath(path)
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()

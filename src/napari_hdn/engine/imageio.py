@@ -13,7 +13,9 @@ metadata is a plain TIFF as before.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +88,10 @@ def _map_axes(tf_axes: str, declared: bool) -> str | None:
     """tifffile's axes of a series -> ours, or None when they say nothing we can use."""
     if not declared and not ("S" in tf_axes and tf_axes.replace("S", "") in ("YX", "QYX", "IYX")):
         return None  # a plain TIFF declares no axes (except colour samples)
-    out = "".join(_TIFFFILE_LETTERS.get(a, "?") for a in tf_axes.upper())
+    letters = dict(_TIFFFILE_LETTERS)
+    if "S" in tf_axes.upper() and "C" in tf_axes.upper():
+        letters["C"] = "S"  # an RGB hyperstack (ImageJ's CYXS): the colours are the channels
+    out = "".join(letters.get(a, "?") for a in tf_axes.upper())
     extra = [a for a in out if a == "?"]
     if len(extra) == 1:
         out = out.replace("?", "S")
@@ -151,8 +156,8 @@ def _ome_meta(tif, series: int, meta: ImageMeta) -> None:
         meta.units["T"] = str(pixels.get("TimeIncrementUnit", "s"))
 
 
-def _plain_meta(tif, meta: ImageMeta) -> None:
-    py, px, unit = _resolution(tif.pages[0])
+def _plain_meta(page, meta: ImageMeta) -> None:
+    py, px, unit = _resolution(page)
     per = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre -> µm
     if per is None:
         return  # no unit: the resolution says nothing physical
@@ -161,31 +166,87 @@ def _plain_meta(tif, meta: ImageMeta) -> None:
             meta.scale[axis], meta.units[axis] = size * per, "µm"
 
 
-def _check_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a folder, not a TIFF file")
+def _check_file(path, what: str) -> Path:
+    """``path`` once it is known to be a regular file (:func:`~.safeio.check_input_file`: a
+    FIFO is never opened, a folder, a device or a symbolic link loop is refused in one line)."""
+    from .safeio import check_input_file
+
+    return check_input_file(path, what, "TIFF file", InputError)
 
 
-def read_tiff_meta(path: str | os.PathLike, what: str = "input") -> tuple[tuple, np.dtype, ImageMeta]:
-    """(shape, dtype, metadata) of the first series of a TIFF, without reading its pixels."""
+#: series shapes named in the message about a TIFF with several
+_SHOWN_SERIES = 4
+
+
+def _series(tif, p: Path, what: str, series: int | None):
+    """The one image series of ``tif`` to read: ``series``, or the only one there is.
+
+    A TIFF with several series (positions of a multi-position acquisition, images of different
+    sizes, series a writer appended) is refused without ``series``: reading the first of them
+    would silently leave the others out, and napari-hdn reads one image per file."""
+    n = len(tif.series)
+    if n == 0:
+        raise InputError(f"{what} {p} holds no image (a TIFF without pages): give a TIFF with an "
+                         "image in it")
+    if series is None:
+        if n > 1:
+            shapes = [tuple(int(v) for v in s.shape) for s in tif.series]
+            listed = ", ".join("x".join(map(str, sh)) for sh in shapes[:_SHOWN_SERIES])
+            listed += ", ..." if n > _SHOWN_SERIES else ""
+            same = (" (if they are frames of one stack, save them as one stack)"
+                    if len(set(shapes)) == 1 else "")
+            raise InputError(
+                f"{what} {p} holds {n} image series ({listed}) and napari-hdn reads one image per "
+                f"file: save the series you want as a TIFF of its own{same}, e.g. in Python "
+                f"tifffile.imwrite('one.tif', tifffile.imread('{p.name}', series=K))")
+        series = 0
+    if not 0 <= int(series) < n:
+        raise InputError(f"{what} {p} has no series {series}: it holds {n} (0 to {n - 1})")
+    s = tif.series[int(series)]
+    shape = tuple(int(v) for v in s.shape)
+    if len(shape) < 2 or 0 in shape:
+        raise InputError(f"{what} {p} holds no image (its pixels have the shape {shape}): give a "
+                         "TIFF with an image in it")
+    return int(series), s
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """tifffile's complaints about a damaged file go to its logger as lines of their own; the
+    error raised says what is wrong in one line, so they are held back while a file is read."""
+    log = logging.getLogger("tifffile")
+    old = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def read_tiff_meta(path: str | os.PathLike, what: str = "input",
+                   series: int | None = None) -> tuple[tuple, np.dtype, ImageMeta]:
+    """(shape, dtype, metadata) of the image of a TIFF, without reading its pixels.
+
+    The file must hold one image series, or ``series`` picks one (see :func:`read_tiff`).
+    Photometric RGB samples are the channel axis C wherever the file stores them: interleaved
+    (axes YXC) or in separate planes (``planarconfig`` separate: axes CYX, one plane a
+    channel, not three frames)."""
     import tifffile
 
-    p = Path(path)
-    _check_file(p, what)
+    p = _check_file(path, what)
     try:
-        with tifffile.TiffFile(p) as tif:
-            s = tif.series[0]
+        with _quiet_tifffile(), tifffile.TiffFile(p) as tif:
+            k, s = _series(tif, p, what, series)
+            page = s.keyframe
             meta = ImageMeta(kind="imagej" if tif.is_imagej else "ome" if tif.is_ome else "tiff")
             meta.axes = _map_axes(s.axes, tif.is_imagej or tif.is_ome)
-            meta.rgb = tif.pages[0].photometric == 2 and meta.axes is not None and "C" in meta.axes
+            meta.rgb = page.photometric == 2 and meta.axes is not None and "C" in meta.axes
             if tif.is_imagej:
                 _imagej_meta(tif, meta)
             elif tif.is_ome:
-                _ome_meta(tif, 0, meta)
+                _ome_meta(tif, k, meta)
             else:
-                _plain_meta(tif, meta)
+                _plain_meta(page, meta)
             return tuple(int(v) for v in s.shape), np.dtype(s.dtype), meta
     except InputError:
         raise
@@ -193,23 +254,33 @@ def read_tiff_meta(path: str | os.PathLike, what: str = "input") -> tuple[tuple,
         raise InputError(f"could not read {what} {p} as a TIFF image ({exc})") from None
 
 
-def read_tiff(path: str | os.PathLike, what: str = "input", lazy: bool = False):
-    """``(data, meta)`` of the first series of a TIFF file.
+def read_tiff(path: str | os.PathLike, what: str = "input", lazy: bool = False,
+              series: int | None = None):
+    """``(data, meta)`` of the image of a TIFF file.
 
     ``lazy``: a file whose pixels take more than :data:`LAZY_BYTES` comes back as a
-    :class:`~.frames.TiffPages` (read on demand) instead of an array.
+    :class:`~.frames.TiffPages` (read on demand) instead of an array. ``series``: which image
+    series of a file with several to read; without it such a file is refused
+    (:class:`InputError` naming the series and their shapes), never read as its first series.
+
+    Raises
+    ------
+    InputError
+        One line: the path is not a regular file (a FIFO, a folder, a device, a symbolic link
+        loop, empty: never opened), the file is no TIFF or holds no image, or several series.
     """
     import tifffile
 
     from .frames import TiffPages
 
-    shape, dtype, meta = read_tiff_meta(path, what)
+    shape, dtype, meta = read_tiff_meta(path, what, series)
     p = Path(path)
+    k = series or 0
     try:
         if lazy and int(np.prod(shape)) * dtype.itemsize > LAZY_BYTES:
-            return TiffPages(p), meta
-        with tifffile.TiffFile(p) as tif:
-            return np.asarray(tif.series[0].asarray()), meta
+            return TiffPages(p, k), meta
+        with _quiet_tifffile(), tifffile.TiffFile(p) as tif:
+            return np.asarray(tif.series[k].asarray()), meta
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"could not read {what} {p} as a TIFF image ({exc})") from None
 
@@ -271,7 +342,7 @@ def hdn_description(path: str | os.PathLike) -> dict:
     """The JSON napari-hdn wrote with a result file (OME description or TIFF description)."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    with tifffile.TiffFile(_check_file(path, "result")) as tif:
         text = tif.pages[0].description or ""
         if tif.is_ome:
             try:

@@ -266,18 +266,20 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         name = str(p)
-        if not p.exists():
-            raise InputError(f"input not found: {p}")
         if p.suffix.lower() in (".tif", ".tiff"):
+            from .imageio import read_tiff_meta
+
+            # a regular file (never a FIFO opened), one image series, RGB planes as channels C
+            declared = read_tiff_meta(p)[2].axes
             t = LazyTiff(str(p))
-            declared = t.axes if t.declared else None
             if declared:
-                declared = declared.replace("S", "C") if declared.endswith("YXS") else declared
                 if declared.endswith("YXC"):  # RGB samples last
                     raise InputError(f"{p} is an RGB(A) TIFF: HDN restores one channel at a time")
             arr = da.from_array(t, chunks=_chunks_for(t.shape, chunks), asarray=False,
                                 name=f"tiff-{hashlib.sha1(name.encode()).hexdigest()[:12]}")
         else:
+            if not p.exists():
+                raise InputError(f"input not found: {p}")
             zarr = _need("zarr")
             try:
                 node = zarr.open(str(p), mode="r")

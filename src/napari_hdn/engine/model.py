@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, validate_level_modes
+from .config import ModelConfig, validate_level_modes, validation_message
 from .data import Normalisation
 from .errors import InputError, ModelFileError
 from .ladder import LadderVAE, free_bits_kl, pad_to_multiple
@@ -216,7 +216,8 @@ def model_from_parts(meta: dict, tensors: dict, path) -> HDNModel:
     except ModelFileError:
         raise
     except Exception as exc:
-        raise ModelFileError(f"{path}: the model description is invalid ({exc}).") from None
+        why = " ".join(validation_message(exc).split())  # one line, a pydantic error's too
+        raise ModelFileError(f"{path}: the model description is invalid ({why}).") from None
     params = nm.get("params", {})
     if not isinstance(params, dict):
         raise ModelFileError(f"{path}: the noise model's parameters are invalid (a "
@@ -227,19 +228,53 @@ def model_from_parts(meta: dict, tensors: dict, path) -> HDNModel:
         params,
         {k[6:]: v for k, v in tensors.items() if k.startswith("noise.")},
     )
-    ladder = LadderVAE(config)
     weights = {k[7:]: v for k, v in tensors.items() if k.startswith("ladder.")}
+    ladder = _ladder_for(config, weights, path)
     try:
-        ladder.load_state_dict(weights, strict=True)
+        ladder.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise ModelFileError(
             f"{path}: weights do not match the stored architecture ({first}); the file is damaged "
             "or was edited."
         ) from None
+    empty = [n for n, t in (*ladder.named_parameters(), *ladder.named_buffers()) if t.is_meta]
+    if empty:  # a tensor the file does not fill (none is expected: strict loading names them)
+        raise ModelFileError(f"{path}: weights do not match the stored architecture ({empty[0]} "
+                             "is not in the file); the file is damaged or was edited.")
     model = HDNModel(config, noise, norm, ladder, meta.get("info") or {})
     model.ladder.eval()
     return model
+
+
+def _ladder_for(config: ModelConfig, weights: dict, path) -> LadderVAE:
+    """The network ``config`` describes, without memory (torch's meta device), once the weights of
+    the file are checked to fit it: a description that claims another network than the file
+    holds (an edited header claiming 10 levels of 1024 filters) is refused before anything is
+    allocated. The caller loads ``weights`` into it with ``assign=True`` (no second copy);
+    floating-point weights of another precision are converted to the network's here."""
+    with torch.device("meta"):
+        ladder = LadderVAE(config)
+    want = ladder.state_dict()
+    claimed = sum(t.numel() for t in want.values())
+    held = sum(t.numel() for t in weights.values())
+    if claimed != held:
+        c = config
+        raise ModelFileError(
+            f"{path}: weights do not match the stored architecture: its description claims a "
+            f"network of {claimed:,} parameters ({c.levels} levels, {c.filters} filters, "
+            f"{c.blocks} blocks, z_dim {c.z_dim}) but the file holds {held:,}; the file is damaged "
+            "or was edited.")
+    for k, t in want.items():
+        v = weights.get(k)
+        if v is None or v.dtype == t.dtype:
+            continue  # a missing weight: load_state_dict names it
+        if v.is_floating_point() and t.is_floating_point():
+            weights[k] = v.to(t.dtype)
+        else:
+            raise ModelFileError(f"{path}: weights do not match the stored architecture ({k} is "
+                                 f"{v.dtype}, not {t.dtype}); the file is damaged or was edited.")
+    return ladder
 
 
 def load_model(path: str | os.PathLike, device=None):

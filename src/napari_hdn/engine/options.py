@@ -13,6 +13,7 @@ import numbers
 from dataclasses import dataclass
 
 from .errors import InputError
+from .frames import MAX_ABS_VALUE
 
 
 @dataclass(frozen=True)
@@ -28,36 +29,45 @@ class Rule:
     max_strict: bool = False
 
 
+#: the largest size of a value in the user's units (signals, noise parameters): what float32
+#: arithmetic can square (the data's own limit, :data:`.frames.MAX_ABS_VALUE`)
+MAX_VALUE = MAX_ABS_VALUE
+#: the largest sample count: 1000 times the paper's 100 (a fixed count's memory does not grow
+#: with it, its time does: days for a large image)
+MAX_SAMPLES = 100_000
+#: the largest tile, crop or overlap side in pixels (a tile larger than the image is the image)
+MAX_SIDE = 1 << 16
+
 RULES: dict[str, Rule] = {
     # prediction
-    "n_samples": Rule(int, "--samples", 1),
-    "batch_size": Rule(int, "--batch-size", 1),
-    "tile_size": Rule(int, "--tile-size", 16),
-    "tile_overlap": Rule(int, "--tile-overlap", 0),
-    "threads": Rule(int, "--threads", 1),
-    "seed": Rule(int, "--seed", 0),
-    "crop": Rule(int, "--crop", 16),
-    # noise models with known parameters
-    "sigma": Rule(float, "--gaussian-sigma", 0.0, strict=True),
-    "gain": Rule(float, "--poisson-gain", 0.0, strict=True),
-    "read_noise": Rule(float, "--read-noise", 0.0),
-    "offset": Rule(float, "--offset"),
+    "n_samples": Rule(int, "--samples", 1, maximum=MAX_SAMPLES),
+    "batch_size": Rule(int, "--batch-size", 1, maximum=4096),
+    "tile_size": Rule(int, "--tile-size", 16, maximum=MAX_SIDE),
+    "tile_overlap": Rule(int, "--tile-overlap", 0, maximum=MAX_SIDE),
+    "threads": Rule(int, "--threads", 1, maximum=1024),
+    "seed": Rule(int, "--seed", 0, maximum=2**63 - 1),
+    "crop": Rule(int, "--crop", 16, maximum=MAX_SIDE),
+    # noise models with known parameters (in the data's units: squared in float32)
+    "sigma": Rule(float, "--gaussian-sigma", 0.0, strict=True, maximum=MAX_VALUE),
+    "gain": Rule(float, "--poisson-gain", 0.0, strict=True, maximum=MAX_VALUE),
+    "read_noise": Rule(float, "--read-noise", 0.0, maximum=MAX_VALUE),
+    "offset": Rule(float, "--offset", -MAX_VALUE, maximum=MAX_VALUE),
     # training
-    "minutes": Rule(float, "--minutes", 0.0, strict=True),
-    "max_steps": Rule(int, "--max-steps", 1),
-    "patch_size": Rule(int, "--patch-size", 8),
-    "lr": Rule(float, "--lr", 0.0, strict=True),
-    "grad_clip": Rule(float, "--grad-clip", 0.0, strict=True),
+    "minutes": Rule(float, "--minutes", 0.0, strict=True, maximum=1e6),
+    "max_steps": Rule(int, "--max-steps", 1, maximum=10**9),
+    "patch_size": Rule(int, "--patch-size", 8, maximum=1024),
+    "lr": Rule(float, "--lr", 0.0, strict=True, maximum=10.0),
+    "grad_clip": Rule(float, "--grad-clip", 0.0, strict=True, maximum=MAX_VALUE),
     "val_fraction": Rule(float, "--val-fraction", 0.0, maximum=0.9, max_strict=True),
-    "steps_per_epoch": Rule(int, "--steps-per-epoch", 1),
+    "steps_per_epoch": Rule(int, "--steps-per-epoch", 1, maximum=10**9),
     # noise-model fitting
     "n_gaussians": Rule(int, "--gaussians", 1, maximum=20),
     "degree": Rule(int, "--degree", 0, maximum=6),
-    "min_variance": Rule(float, "--min-variance", 0.0, strict=True),
-    "iterations": Rule(int, "--iterations", 1),
+    "min_variance": Rule(float, "--min-variance", 0.0, strict=True, maximum=MAX_VALUE**2),
+    "iterations": Rule(int, "--iterations", 1, maximum=10**7),
     "fit_val_fraction": Rule(float, "--val-fraction", 0.0, maximum=1.0, max_strict=True),
-    "n2v_steps": Rule(int, "--n2v-steps", 1),
-    "n2v_minutes": Rule(float, "--n2v-minutes", 0.0, strict=True),
+    "n2v_steps": Rule(int, "--n2v-steps", 1, maximum=10**9),
+    "n2v_minutes": Rule(float, "--n2v-minutes", 0.0, strict=True, maximum=1e6),
 }
 
 
@@ -67,16 +77,27 @@ def _name(key: str, style: str) -> str:
     return f"{'val_fraction' if key == 'fit_val_fraction' else key}="
 
 
+def _shown(value: int) -> str:
+    """A whole number for a message: as written when short, else its first digits and length."""
+    text = str(value)
+    return text if len(text) <= 15 else f"{text[:3]}... ({len(text.lstrip('-'))} digits)"
+
+
 def check_option(key: str, value, style: str = "api"):
     """``value`` checked against ``RULES[key]`` (an int or a float), or :class:`InputError`."""
     rule = RULES[key]
     name = _name(key, style)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
-            rule.kind is int and not float(value).is_integer()):
-        what = "a whole number" if rule.kind is int else "a number"
+    what = "a whole number" if rule.kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputError(f"{name} must be {what}, not {value!r}")
-    if not math.isfinite(value):
+    if isinstance(value, numbers.Integral):  # exact, however large (float() of 10**400 fails)
+        value = int(value)
+        if rule.maximum is not None and value > rule.maximum:
+            raise InputError(f"{name} must be at most {rule.maximum:g}, not {_shown(value)}")
+    elif not math.isfinite(value):
         raise InputError(f"{name} must be a finite number, not {value!r}")
+    elif rule.kind is int and not float(value).is_integer():
+        raise InputError(f"{name} must be {what}, not {value!r}")
     value = rule.kind(value)
     lo, hi = rule.minimum, rule.maximum
     if lo is not None and (value <= lo if rule.strict else value < lo):

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import as_float_array, check_axes
+from .data import as_float_array, check_axes, image_array
 from .device import resolve_device
 from .errors import HDNWarning, InputError, StopRequested
 from .events import Callback, Reporter, StopFlag
 from .fastpath import fuse_for_inference
+from .frames import check_saturation
 from .heap import keep_heap
 from .ladder import pad_to_multiple
 from .options import check_options
@@ -160,6 +161,44 @@ def _auto_sample_batch(filters: int, h: int, w: int, device: torch.device) -> in
     if device.type == "cpu":
         return int(max(1, min(8, (16 << 20) // max(one_map, 1))))
     return int(max(1, min(64, (2 << 30) // max(10 * one_map, 1))))
+
+
+def available_memory(device=None) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None: the CPU), or None when unknown.
+
+    A GPU: what CUDA reports free plus what torch holds in reserve. The CPU: the kernel's
+    ``MemAvailable`` (Linux), at most what the process's cgroup (a container, a SLURM job) has
+    left under its limit; elsewhere None (no check is made).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(dev)
+            return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+        except (RuntimeError, AssertionError):
+            return None
+    if dev.type != "cpu":
+        return None
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        return None
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as a, open(usage) as b:
+                text = a.read().strip()
+                if text != "max" and int(text) < 1 << 60:
+                    found.append(max(0, int(text) - int(b.read().strip())))
+            break
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
 
 
 def inference_model(model, device=None):
@@ -693,8 +732,11 @@ def predict(
     from .channels import MultiChannelModel, check_channels, layout_of
 
     model = as_model(model)
+    image = image_array(image)  # a tensor's values, a list stacked; a masked array refused
     layout = layout_of(np.shape(image), axes)
     check_channels(model, layout)
+    if first_sample == 0 and _check_range:  # once, not again for each round, chunk or channel
+        check_saturation(image, "the image")
     if isinstance(model, MultiChannelModel):
         return _predict_channels(
             model, image, layout, n_samples, levels=levels, tile_size=tile_size,

@@ -8,6 +8,10 @@ and renamed over the destination only once it is complete (:func:`atomic_write`)
 or a full disk never leaves a half-written file, and a file that was there before stays intact.
 Files are created with the usual permissions (0666 less the umask), so that colleagues on a shared
 server can read them. :func:`check_output` checks a destination before any work starts.
+
+Every input (model, noise-model and TIFF files) is checked by :func:`check_input_file` before
+anything opens it: a FIFO, a device, a socket, a folder, a symbolic link loop or an empty file is
+refused with one line, and a FIFO is never opened (opening one blocks until something writes).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -119,7 +124,10 @@ def _same_file(a: Path, b: Path) -> bool:
             return os.path.samefile(a, b)
     except OSError:
         pass
-    return a.resolve() == b.resolve()
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop: not a file, so not the other one
+        return False
 
 
 def check_output(path: str | os.PathLike, *, inputs: Iterable = (), overwrite: bool = False,
@@ -180,22 +188,67 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
     return atomic_write(path, lambda fh: fh.write(data), "model file")
 
 
+#: kinds of files that are not files to read, as ``os.stat`` tells them (never opened: opening a
+#: FIFO blocks until something writes to it, a device gives bytes forever)
+_NOT_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_file(path, what: str, kind: str = "file", error: type = ModelFileError) -> Path:
+    """``path`` as a Path, once ``os.stat`` says it is a regular, readable, non-empty file.
+
+    Every file napari-hdn reads goes through this check before anything opens it (model and
+    noise-model files in :func:`read_file`, TIFFs in :mod:`.imageio`). ``what`` names the input in
+    the messages ("input", "napari-hdn model"), ``kind`` what it should be ("TIFF file").
+
+    Raises
+    ------
+    error
+        One line naming the path: not found (a broken symbolic link says where it points), a
+        symbolic link loop, a path through a file, a folder, a FIFO, a device or a socket, no
+        permission to read, or an empty file.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise error(f"{what}: expected the path of a {kind}, not {type(path).__name__}")
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            raise error(f"{what} {p} is a broken symbolic link: it points to {os.readlink(p)}, "
+                        "which does not exist") from None
+        raise error(f"{what} file not found: {p}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(f"{what} {p} is a symbolic link loop (too many levels of symbolic links): "
+                        "point the link at a file") from None
+        if exc.errno == errno.ENOTDIR:
+            anc = next((a for a in p.parents if a.is_file()), p.parent)
+            raise error(f"{what} file not found: {p} ({anc} is a file, not a folder)") from None
+        why = "permission denied" if exc.errno in _DENIED else exc.strerror or str(exc)
+        raise error(f"cannot read the {what} {p}: {why}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} {p} is a folder, not a {kind}")
+    for test, name in _NOT_FILES:
+        if test(st.st_mode):
+            raise error(f"{what} {p} is {name}, not a file: give a regular file (a {kind})")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {p} is not a regular file: give a {kind}")
+    if not os.access(p, os.R_OK):
+        raise error(f"cannot read the {what} {p}: permission denied")
+    if st.st_size == 0:
+        raise error(f"{what} {p} is empty (0 bytes), not a readable {kind}")
+    return p
+
+
 def read_file(path: str | os.PathLike, expect_format: str, what: str) -> tuple[dict, dict]:
     """Read a file written by :func:`write_file`, checking its ``format`` tag.
 
     Returns ``(meta, tensors)``. Raises :class:`ModelFileError` with a plain message when the file
-    is missing, unreadable, truncated/corrupt, or not a ``expect_format`` file.
+    is missing, not a regular file (:func:`check_input_file`), unreadable, truncated/corrupt, or
+    not a ``expect_format`` file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{what} file not found: {path}")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, not a {what} file.")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ModelFileError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    path = check_input_file(path, what, f"{what} file", ModelFileError)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata() or {}

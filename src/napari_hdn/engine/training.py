@@ -7,6 +7,8 @@ RNG state added, so a checkpoint can be used for prediction as it is and trainin
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import time
@@ -35,11 +37,12 @@ from .errors import (
     TrainingDivergedError,
 )
 from .events import Callback, Reporter, StopFlag
-from .frames import frame_statistics, sample_pixels
+from .frames import Frame, frame_statistics, sample_pixels
 from .heap import keep_heap
 from .model import HDNModel, read_model_file
 from .noise.base import NoiseModel, NoiseModelRangeWarning
-from .noise.diagnostics import verdict_warning
+from .noise.diagnostics import check_noise_model, verdict_warning
+from .options import RULES
 from .priors import initial_weights
 from .threads import BusyMonitor, ThreadGovernor
 
@@ -120,6 +123,128 @@ def _optimizer_state_from_file(meta: dict, tensors: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_state(path) -> dict:
+    """The training state of the checkpoint ``path`` (``step``, ``training_config``,
+    ``train_seconds``...) read from its header alone, without its tensors; ``{}`` for a plain
+    model file or a file that cannot be read (reading it in full then says what is wrong)."""
+    if not os.path.isfile(path):  # os.stat only: a FIFO is never opened (that would block)
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+        ck = json.loads(raw.get("checkpoint", "{}"))
+    except Exception:  # noqa: BLE001 - any unreadable file: the full read reports it
+        return {}
+    return ck if isinstance(ck, dict) else {}
+
+
+def resumed_training_config(ck: dict, training_config: TrainingConfig | None = None,
+                            overrides: dict | None = None) -> TrainingConfig:
+    """The settings a resumed run trains with: ``training_config`` when given, else those of the
+    checkpoint (its state ``ck``), else the defaults; ``overrides`` on top."""
+    base = training_config
+    if base is None:
+        saved = (ck or {}).get("training_config")
+        base = validated(TrainingConfig, saved) if saved else None
+    base = base or TrainingConfig()
+    if overrides:
+        base = validated(TrainingConfig, {**base.model_dump(), **overrides})
+    return base
+
+
+def check_steps_left(ck: dict, tcfg: TrainingConfig, path, *, steps_given: bool = True,
+                     budget_given: bool = True, style: str = "api") -> None:
+    """Refuse (:class:`InputError`) to resume the checkpoint of state ``ck`` with settings under
+    which it would train nothing: ``max_steps`` at or below its step, or a time budget it has
+    already spent (the budget counts the training time of the whole run). ``steps_given`` /
+    ``budget_given``: whether the user chose the limit (else it is the checkpoint's own, and its
+    run had ended); ``style`` names the options as the caller's user writes them (``"cli"``)."""
+    if not ck:
+        return
+    cli = style == "cli"
+    step = int(ck.get("step", 0) or 0)
+    if step >= tcfg.max_steps:
+        opt = RULES["max_steps"].flag if cli else "max_steps="
+        said = (f"{opt} {tcfg.max_steps}" if cli else f"{opt}{tcfg.max_steps}")
+        if steps_given:
+            raise InputError(f"the checkpoint {path} is at step {step}; {said} would train "
+                             f"nothing: give {opt.rstrip('=')} above {step}")
+        raise InputError(f"the checkpoint {path} is at step {step}, the end of its run "
+                         f"(max_steps {tcfg.max_steps}): resuming it would train nothing; give "
+                         f"{opt.rstrip('=')} above {step} to train on")
+    spent = float(ck.get("train_seconds", 0.0) or 0.0)
+    budget = tcfg.time_budget_s
+    if budget is not None and spent >= budget:
+        if cli:
+            opt, value, need = RULES["minutes"].flag, f"{budget / 60:g}", f"{spent / 60:.3g}"
+            unit = " min"
+        else:
+            opt, value, need, unit = "time_budget_s=", f"{budget:g}", f"{spent:.4g}", " s"
+        said = f"{opt} {value}" if cli else f"{opt}{value}"
+        head = (f"the checkpoint {path} has trained for {need}{unit} (the time budget counts the "
+                "whole run)")
+        if budget_given:
+            raise InputError(f"{head}; {said} would train nothing: give {opt.rstrip('=')} above "
+                             f"{need}")
+        raise InputError(f"{head}, its run's whole budget ({value}{unit}): resuming it would "
+                         f"train nothing; give {opt.rstrip('=')} above {need} to train on")
+
+
+#: frames and the side of the square read from each for :func:`data_fingerprint`
+FINGERPRINT_FRAMES, FINGERPRINT_SIDE = 16, 16
+
+
+def data_fingerprint(frames, stats: tuple[float, float]) -> dict:
+    """A cheap record of the training data, to tell other data apart on resume: the frames' count,
+    sizes and dtype, the mean and std of every pixel (``stats``, computed anyway), and a hash of
+    the pixels of a fixed square at the centre of up to 16 evenly spaced frames (read on demand:
+    a few kilobytes of a huge lazy stack)."""
+    n = len(frames)
+    shapes = sorted({tuple(int(v) for v in f.shape) for f in frames})
+    first = frames[0]
+    dtype = first.source.dtype if isinstance(first, Frame) else np.asarray(first).dtype
+    h = hashlib.sha256()
+    for k in np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_FRAMES)).round().astype(int)):
+        f = frames[int(k)]
+        fh, fw = (int(v) for v in f.shape)
+        side = min(FINGERPRINT_SIDE, fh, fw)
+        ys, xs = slice((fh - side) // 2, (fh - side) // 2 + side), \
+            slice((fw - side) // 2, (fw - side) // 2 + side)
+        block = f.read(ys, xs, raw=True) if isinstance(f, Frame) else np.asarray(f)[ys, xs]
+        h.update(np.ascontiguousarray(block).tobytes())
+    return {"frames": n, "frame_shapes": [list(v) for v in shapes[:8]],
+            "distinct_shapes": len(shapes), "dtype": str(np.dtype(dtype)),
+            "mean": float(stats[0]), "std": float(stats[1]), "sample_sha256": h.hexdigest()[:32]}
+
+
+def _same_data(a: dict, b: dict) -> bool:
+    keys = ("frames", "frame_shapes", "distinct_shapes", "dtype", "sample_sha256")
+    if any(a.get(k) != b.get(k) for k in keys):
+        return False
+    return all(math.isclose(float(a.get(k, 0.0)), float(b.get(k, 0.0)), rel_tol=1e-6, abs_tol=1e-9)
+               for k in ("mean", "std"))
+
+
+def _data_text(fp: dict) -> str:
+    n = fp.get("frames", "?")
+    shapes = fp.get("frame_shapes") or []
+    size = ("x".join(str(v) for v in shapes[0]) if len(shapes) == 1 and fp.get("distinct_shapes", 1)
+            == 1 else "various sizes")
+    return (f"{n} frame{'' if n == 1 else 's'} of {size} {fp.get('dtype', '?')}, mean "
+            f"{float(fp.get('mean', math.nan)):.5g}, std {float(fp.get('std', math.nan)):.5g}")
+
+
+def _warn_other_data(path, then: dict, now: dict) -> None:
+    a, b = _data_text(then), _data_text(now)
+    what = f"then {a}; now {b}" if a != b else f"{a} both times, but other pixel values"
+    warnings.warn(
+        f"resuming {path} on other data than it was trained on ({what}): the run goes on with the "
+        "checkpoint's normalisation on this data; resume with the data it was trained on to "
+        "continue that run, or start a new run for this data", HDNWarning, stacklevel=4)
+
+
 class Trainer:
     """Trains an HDN on noisy images; use :func:`train` for the one-call version.
 
@@ -169,14 +294,14 @@ class Trainer:
             raise InputError("fine-tuning starts from initial_model: leave resume and model_config "
                              "out (the initial model's architecture is used)")
         resumed = read_model_file(resume) if resume is not None else None
-        base = training_config
-        if base is None and resumed is not None:
-            saved = resumed[1].get("checkpoint", {}).get("training_config")
-            base = validated(TrainingConfig, saved) if saved else None
-        base = base or TrainingConfig()
-        if training_overrides:
-            base = validated(TrainingConfig, {**base.model_dump(), **training_overrides})
-        self.tcfg = base
+        ck = resumed[1].get("checkpoint", {}) if resumed is not None else {}
+        ck = ck if isinstance(ck, dict) else {}
+        self.tcfg = resumed_training_config(ck, training_config, training_overrides)
+        if resumed is not None:  # before the data are read: a run that would train nothing
+            over = training_overrides or {}
+            check_steps_left(ck, self.tcfg, resume,
+                             steps_given=training_config is not None or "max_steps" in over,
+                             budget_given=training_config is not None or "time_budget_s" in over)
         self.stop_flag = stop_flag or StopFlag()
         self.report = Reporter("train", callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -184,6 +309,7 @@ class Trainer:
         frames = training_frames(images, axes, name="training images")
         # one pass over the data (a frame at a time): the values checked, the statistics kept
         self.data_stats = frame_statistics(frames, "the training images")
+        self.data = data_fingerprint(frames, self.data_stats)  # recorded, compared on resume
         p = self.tcfg.patch_size
         self.train_frames, self.val_frames, self.split_note = split_train_val(
             frames, self.tcfg.val_fraction, p
@@ -206,6 +332,9 @@ class Trainer:
                     f"({model.noise_model!r}); leave the noise model out when resuming, or start a "
                     f"new run to train with {noise_model!r}"
                 )
+            then = model.info.get("training_data")
+            if self._resume_meta and isinstance(then, dict) and not _same_data(then, self.data):
+                _warn_other_data(resume, then, self.data)
             self.model = model
         elif initial_model is not None:
             self.model = HDNModel(initial_model.config, copy.deepcopy(initial_model.noise_model),
@@ -234,6 +363,9 @@ class Trainer:
             if weights is not None:
                 self.model.ladder.load_state_dict(weights, strict=True)
             self.model.info["start"] = record
+        # a noise model whose numbers give NaN or infinity fails at the first step: said now
+        mean, std = self.data_stats
+        check_noise_model(self.model.noise_model, (mean - 4 * std, mean + 4 * std))
         self.noise_range = self.model.noise_model.range_report(frames)
         if self.noise_range["level"] != "ok":
             self.model.info["noise_range"] = self.noise_range
@@ -354,6 +486,7 @@ class Trainer:
                 "validation": self.split_note,
                 "training_seconds": self.train_seconds,
                 "training_config": self.tcfg.model_dump(),
+                "training_data": self.data,
                 "torch_version": torch.__version__,
             }
         )
@@ -618,7 +751,8 @@ class Trainer:
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
-        if improved or self.val_batch is None:
+        kept = improved or self.val_batch is None
+        if kept:
             # without validation data the training loss cannot tell over-fitting from noise: the
             # latest weights are kept (it still drives the schedule and early stopping)
             self.best_state = self.current_state()
@@ -632,8 +766,9 @@ class Trainer:
             "train_seconds": self.train_seconds,
         }
         self.history.append(rec)
-        if improved:
-            self._save_checkpoint("best")
+        if kept:  # best.hdn is the model a stop returns: the weights kept (with ema_decay the
+            # average, which is what was validated), not the live ones
+            self._save_checkpoint("best", self.best_state)
         self._save_checkpoint("last")
         self.report("epoch", step=self.step, total=self.tcfg.max_steps, epoch=self.epoch, metrics=rec)
         pat = self.tcfg.early_stopping_patience

@@ -11,6 +11,8 @@ Everything here answers that from data the model was not fitted on where possibl
   passed (so that a "good" says why too).
 - :func:`diagnostics_figure`: p(x | s) over the empirical histogram at a few signal levels, and the
   std-vs-signal curve, as a matplotlib ``Figure`` (embeddable in Qt; ``save_figure`` writes a PNG).
+- :func:`check_noise_model`: refuse a model whose numbers give NaN or infinity (an edited file, a
+  parameter beyond float32), before training starts or a description prints NaN.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .base import NoiseModel
 
 #: below this many pairs the verdict calls the fit unreliable
@@ -266,6 +269,81 @@ def verdict_warning(model) -> str:
     fixes.append("look at its diagnostics figure")
     return (f"the noise model's fit was judged suspicious: {why}. An HDN trained with it may "
             f"restore the data poorly. What to do: {'; or '.join(fixes)}")
+
+
+def _numbers(value):
+    """The numbers in a JSON-able parameter value (nested lists and dicts), for the finite check."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+
+
+def noise_model_problem(model, signal_range: tuple[float, float] | None = None) -> str:
+    """What makes ``model`` unusable, in words (``""`` when nothing does): a parameter that is NaN
+    or infinite, or a noise std or log-likelihood that is not a finite number (or an evaluation
+    that fails) at probe signals across ``signal_range`` (the data's) and the fitted range, with
+    observations a few noise stds and one data scale away. Cheap: some hundred evaluations."""
+    try:
+        params, tensors = model.get_state()
+    except Exception as exc:  # noqa: BLE001 - whatever a broken model raises
+        return f"its parameters cannot be read ({exc})"
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"its {name} holds NaN or infinite values"
+    for name, value in params.items():
+        if name != "info" and any(not math.isfinite(v) for v in _numbers(value)):
+            return f"its parameter {name} is {value!r}"
+    ranges = [r for r in (signal_range, getattr(model, "fitted_signal_range", None))
+              if r is not None and all(math.isfinite(float(v)) for v in r)]
+    if not ranges:
+        ranges = [(0.0, 1000.0)]
+    levels = np.unique(np.concatenate([np.linspace(float(lo), float(hi), 9) for lo, hi in ranges]))
+    scale = max(float(hi) - float(lo) for lo, hi in ranges) / 8 or 1.0  # about one data std
+    try:
+        with torch.no_grad():
+            s = torch.tensor(levels, dtype=torch.float32)
+            mean, sd = model.moments(s)
+            bad = ~(torch.isfinite(mean) & torch.isfinite(sd) & (sd > 0))
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0])
+                what = ("mean" if not bool(torch.isfinite(mean[k])) else "std")
+                value = float(mean[k] if what == "mean" else sd[k])
+                return f"its noise {what} is {value:.3g} at signal {float(s[k]):.5g}"
+            steps = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])
+            x = torch.cat([s[:, None] + sd[:, None] * steps,
+                           s[:, None] + scale * torch.tensor([-1.0, 1.0])], dim=1)
+            ll = model.log_likelihood(x, s[:, None].expand_as(x))
+            bad = ~torch.isfinite(ll)
+            if bool(bad.any()):
+                i, j = (int(v) for v in bad.nonzero()[0])
+                return (f"its log-likelihood is {float(ll[i, j]):.3g} at signal {float(s[i]):.5g} "
+                        f"and observation {float(x[i, j]):.5g}")
+    except (ArithmeticError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+        return f"evaluating it fails ({str(exc)[:200]})"
+    return ""
+
+
+def check_noise_model(model, signal_range: tuple[float, float] | None = None,
+                      what: str = "the noise model", error: type = InputError) -> None:
+    """Refuse (``error``, one line) a noise model :func:`noise_model_problem` finds unusable:
+    training with it would fail at its first step, and its description would show NaN."""
+    problem = noise_model_problem(model, signal_range)
+    if not problem:
+        return
+    if getattr(model, "fitted_signal_range", None) is None:  # known parameters, e.g. a sigma
+        fix = ("give parameters in the data's units that float32 arithmetic can hold (a noise "
+               "std far from 0 and far below 1e18)")
+    else:
+        fix = ("fit it again (napari-hdn noise-model fit, or the Noise model widget) or, for a "
+               "file that was edited, restore its parameters")
+    raise error(f"{what} is broken: {problem} ({model!r}); it cannot be used: {fix}")
 
 
 # -- figure ------------------------------------------------------------------------------------

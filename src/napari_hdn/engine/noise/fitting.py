@@ -31,7 +31,13 @@ from ..device import resolve_device
 from ..errors import InputError, TrainingDivergedError, TrainingStopped
 from ..events import Reporter, StopFlag
 from .base import LOG_2PI, NoiseModel
-from .diagnostics import binned_statistics, cpu_threads, fit_verdict, heldout_nll
+from .diagnostics import (
+    binned_statistics,
+    cpu_threads,
+    fit_verdict,
+    heldout_nll,
+    noise_model_problem,
+)
 from .gmm import GMMNoiseModel
 from .histogram import HistogramNoiseModel
 from .pairs import (
@@ -397,6 +403,7 @@ def fit_noise_model(
     hist = None
     if kind == "histogram" or compare_histogram:
         hist = HistogramNoiseModel.from_pairs(train.signal, train.observation, signal_bins, offset_bins)
+        _check_fitted(hist, train)  # before a GMM is fitted: it is compared with this one
     # small tensors (binned cells, mini-batches, diagnostics): one CPU thread is about as fast
     with cpu_threads(1, dev):
         return _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag,
@@ -454,6 +461,7 @@ def _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag, *, n_gau
             settings.update(lr=lr, batch_size=batch_size)
         if not all(torch.isfinite(t).all() for t in model.buffers()):
             raise TrainingDivergedError("noise-model fitting produced NaN parameters; check the data")
+        _check_fitted(model, train)
     else:
         report("start", step=0, total=1)
         model = hist
@@ -469,6 +477,24 @@ def _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag, *, n_gau
            total=settings.get("iterations_planned", 1),
            metrics={"heldout_nll": info.get("heldout_nll")})
     return model
+
+
+def _check_fitted(model: NoiseModel, train: NoisePairs) -> None:
+    """Refuse (:class:`InputError`) a fitted model whose numbers are not finite where the data
+    are, before it is described, compared or saved (it would print NaN and fail in training)."""
+    lo, hi = float(train.signal.min()), float(train.signal.max())
+    problem = noise_model_problem(model, (lo, hi))
+    if not problem:
+        return
+    r = np.asarray(train.observation, np.float64) - np.asarray(train.signal, np.float64)
+    sd = float(np.std(r))
+    extreme = max(abs(lo), abs(hi)) > 1e12 or 0 < sd < 1e-12 * max(1.0, abs(hi))
+    why = ("values this large or this small are beyond what float32 arithmetic resolves: rescale "
+           "the data (multiply or divide by a power of ten) and fit again" if extreme or sd < 1e-20
+           else "check the data")
+    raise InputError(f"the {model.kind} noise model fitted to these pixel pairs is unusable: "
+                     f"{problem}; the signals run from {lo:.3g} to {hi:.3g} with a noise std of "
+                     f"about {sd:.3g}: {why}")
 
 
 def diagnose(model: NoiseModel, train: NoisePairs, held: NoisePairs | None = None,

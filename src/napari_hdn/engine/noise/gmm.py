@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from ..options import MAX_VALUE
 from .base import (
     EXTRAPOLATION_MODES,
     LOG_2PI,
@@ -114,16 +115,21 @@ class GMMNoiseModel(NoiseModel):
         lo, hi = (float(v) for v in signal_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise ValueError(f"signal_range must be two finite numbers lo < hi, got {signal_range}")
+        if max(abs(lo), abs(hi)) > MAX_VALUE:
+            raise ValueError(f"signal_range must lie within +-{MAX_VALUE:g} (what float32 can "
+                             f"square), got {signal_range}")
         n_gaussians, degree = int(n_gaussians), int(degree)
         if not 1 <= n_gaussians <= 16:
             raise ValueError(f"n_gaussians must be between 1 and 16, got {n_gaussians}")
         if not 0 <= degree <= 5:
             raise ValueError(f"degree must be between 0 and 5, got {degree}")
         min_variance, scale = float(min_variance), float(scale)
-        if not (min_variance > 0 and math.isfinite(min_variance)):
-            raise ValueError(f"min_variance must be a positive finite number, got {min_variance}")
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        if not (0 < min_variance <= MAX_VALUE**2):
+            raise ValueError(f"min_variance must be a positive number of at most "
+                             f"{MAX_VALUE**2:g}, got {min_variance}")
+        if not (0 < scale <= MAX_VALUE):
+            raise ValueError(f"scale must be a positive number of at most {MAX_VALUE:g}, got "
+                             f"{scale}")
         self.signal_range = (lo, hi)
         self.n_gaussians, self.degree = n_gaussians, degree
         self.min_variance, self.scale = min_variance, scale

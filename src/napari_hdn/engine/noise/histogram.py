@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..options import MAX_VALUE
 from .base import (
     EXTRAPOLATION_MODES,
     NoiseModel,
@@ -75,6 +76,9 @@ class HistogramNoiseModel(NoiseModel):
         for a, b, what in ((lo, hi, "signal_range"), (rlo, rhi, "offset_range")):
             if not (math.isfinite(a) and math.isfinite(b) and b > a):
                 raise ValueError(f"{what} must be two finite numbers lo < hi, got {(a, b)}")
+            if max(abs(a), abs(b)) > MAX_VALUE:
+                raise ValueError(f"{what} must lie within +-{MAX_VALUE:g} (what float32 can "
+                                 f"square), got {(a, b)}")
         density = torch.as_tensor(density, dtype=torch.float32).detach().clone()
         row_std = torch.as_tensor(row_std, dtype=torch.float32).detach().clone()
         if density.ndim != 2 or density.shape[1] < 2:

@@ -52,12 +52,9 @@ class NoisePairs:
 
 
 def _as_array(a, name: str) -> np.ndarray:
-    if isinstance(a, (list, tuple)):
-        try:
-            a = np.stack([np.asarray(v) for v in a])
-        except ValueError:
-            raise InputError(f"{name}: the images in the list have different shapes") from None
-    arr = np.asarray(a)
+    from ..data import image_array
+
+    arr = np.asarray(image_array(a, name))  # tensors, masked arrays, lists of one shape
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise InputError(f"{name} has dtype {arr.dtype}; expected a numeric (integer or float) array")
     if arr.size == 0:

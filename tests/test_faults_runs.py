@@ -1,0 +1,434 @@
+"""Faults of runs: concurrent runs that must not mix, stop signals, resume, broken noise models.
+
+In the style of ``test_faults.py``: table rows of a command line and the words of its one-line
+message, each checked for the exit code, no traceback, inputs unchanged and nothing left behind
+(no lock file, no temporary file, no checkpoint folder of a refused run); then the cases that
+need a second process (a run still writing, SIGTERM mid-training) or a widget.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from _helpers import TINY, smooth_image
+from test_faults import _hashes, _no_temp_files
+
+from napari_hdn.cli import main
+from napari_hdn.engine import (
+    GaussianNoiseModel,
+    HDNWarning,
+    InputError,
+    PoissonGaussianNoiseModel,
+    StopFlag,
+    load_model,
+    safeio,
+    train,
+)
+from napari_hdn.engine import locks as locks_module
+from napari_hdn.engine.locks import OutputLockedError, lock_file, output_lock, output_locks
+from napari_hdn.engine.noise import GMMNoiseModel, fit_noise_model
+from napari_hdn.engine.noise.diagnostics import check_noise_model, noise_model_problem
+from napari_hdn.engine.training import check_steps_left, checkpoint_state
+
+TINY_ARGS = ["--levels", "2", "--z-dim", "2", "--filters", "8", "--blocks", "1", "--patch-size",
+             "32", "--batch-size", "8", "--device", "cpu", "--quiet", "--axes", "TYX"]
+RESUME_ARGS = ["--device", "cpu", "--quiet", "--axes", "TYX"]
+FIT = ["--quiet", "--no-figure", "--kind", "histogram", "--device", "cpu"]
+SRC = str(Path(__file__).parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+       "OMP_NUM_THREADS": "1"}
+
+
+def _noise_file(path, kind, params, tensors=None):
+    safeio.write_file(path, tensors or {}, {"format": "napari-hdn-noise-model",
+                                            "format_version": 1, "kind": kind, "params": params})
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run-inputs")
+    rng = np.random.default_rng(0)
+    img = np.stack([smooth_image((64, 64), k) for k in range(2)])
+    tifffile.imwrite(d / "noisy.tif", (img + rng.normal(0, 10, img.shape)).astype(np.float32))
+    other = 3 * np.stack([smooth_image((64, 64), k + 5) for k in range(2)])
+    tifffile.imwrite(d / "other.tif", (other + rng.normal(0, 10, img.shape)).astype(np.float32))
+    clean = 200 + 600 * smooth_image((32, 32), 3) / 100
+    frames = clean + rng.normal(0, 20, (24, 32, 32))
+    tifffile.imwrite(d / "cal.tif", frames.astype(np.float32))
+    tifffile.imwrite(d / "tiny-values.tif", (frames * 1e-30).astype(np.float32))
+    # a run of 4 steps: its checkpoint is at step 4
+    ck = d / "run"
+    assert main(["train", str(d / "noisy.tif"), "--gaussian-sigma", "10", "--out",
+                 str(ck / "m.hdn"), "--max-steps", "4", "--steps-per-epoch", "2",
+                 *TINY_ARGS]) == 0
+    # noise models whose numbers give NaN or infinity, though every parameter is finite
+    theta = torch.zeros(3, 2, 2)
+    theta[2] = 200.0  # exp(200) overflows float32: variance inf, std NaN
+    GMMNoiseModel((0.0, 100.0), 2, 1, 1.0, 10.0, theta=theta).save(d / "gmm-inf.hdnoise")
+    _noise_file(d / "sigma-tiny.hdnoise", "gaussian", {"sigma": 1e-200})  # sigma**2 -> 0
+    GaussianNoiseModel(10.0).save(d / "g.hdnoise")
+    (d / "folder").mkdir()
+    (d / "folder" / "last.hdn").mkdir()  # in the way of a checkpoint
+    return d
+
+
+def _fill(argv, inp: Path, out: Path) -> list[str]:
+    return [a.replace("{in}", str(inp)).replace("{out}", str(out)) for a in argv]
+
+
+CK = "{in}/run/m.checkpoints/last.hdn"
+CLI_ROWS = [
+    # resume that would train nothing: said before any work, naming the option and the step
+    ("resume-max-steps-below", ["train", "{in}/noisy.tif", "--resume", CK, "--max-steps", "2",
+                                "--out", "{out}/m.hdn", *RESUME_ARGS], 1,
+     "at step 4; --max-steps 2 would train nothing: give --max-steps above 4"),
+    ("resume-max-steps-equal", ["train", "{in}/noisy.tif", "--resume", CK, "--max-steps", "4",
+                                "--out", "{out}/m.hdn", *RESUME_ARGS], 1, "above 4"),
+    ("resume-finished-run", ["train", "{in}/noisy.tif", "--resume", CK, "--out", "{out}/m.hdn",
+                             *RESUME_ARGS], 1, "the end of its run (max_steps 4)"),
+    ("resume-budget-spent", ["train", "{in}/noisy.tif", "--resume", CK, "--max-steps", "50",
+                             "--minutes", "0.00001", "--out", "{out}/m.hdn", *RESUME_ARGS], 1,
+     "--minutes 1e-05 would train nothing"),
+    # a checkpoint folder that collides with --out or holds a folder in the way: found before
+    ("out-is-checkpoint-dir", ["train", "{in}/noisy.tif", "--gaussian-sigma", "10", "--out",
+                               "{out}/m.hdn", "--checkpoint-dir", "{out}/m.hdn", *TINY_ARGS], 1,
+     "also the checkpoint folder"),
+    ("out-named-like-the-default-dir", ["train", "{in}/noisy.tif", "--gaussian-sigma", "10",
+                                        "--out", "{out}/m.checkpoints", *TINY_ARGS], 1,
+     "also the checkpoint folder"),
+    ("out-is-best-checkpoint", ["train", "{in}/noisy.tif", "--gaussian-sigma", "10", "--out",
+                                "{out}/ck/best.hdn", "--checkpoint-dir", "{out}/ck", *TINY_ARGS],
+     1, "inside the checkpoint folder"),
+    ("out-is-last-checkpoint", ["train", "{in}/noisy.tif", "--gaussian-sigma", "10", "--out",
+                                "{out}/last.hdn", "--checkpoint-dir", "{out}", *TINY_ARGS], 1,
+     "writes its own last.hdn"),
+    ("checkpoint-name-is-a-folder", ["train", "{in}/noisy.tif", "--gaussian-sigma", "10", "--out",
+                                     "{out}/m.hdn", "--checkpoint-dir", "{in}/folder",
+                                     "--overwrite", *TINY_ARGS], 1,
+     "last.hdn is a folder where training writes"),
+    # noise models whose numbers are NaN: refused before training, and by describe
+    *[(f"train-{name}", ["train", "{in}/noisy.tif", "--noise-model", f"{{in}}/{name}.hdnoise",
+                         "--out", "{out}/m.hdn", "--max-steps", "100000", *TINY_ARGS], 1,
+       f"{name}.hdnoise is broken: {words}")
+      for name, words in [("gmm-inf", "its noise std is nan"), ("sigma-tiny", "its noise std is 0")]],
+    *[(f"describe-{name}", ["noise-model", "describe", f"{{in}}/{name}.hdnoise"], 1, "is broken")
+      for name in ("gmm-inf", "sigma-tiny")],
+    ("train-sigma-tiny-option", ["train", "{in}/noisy.tif", "--gaussian-sigma", "1e-200", "--out",
+                                 "{out}/m.hdn", "--max-steps", "100000", *TINY_ARGS], 1,
+     "the noise model is broken"),
+    # a fit that would save a model of NaN stds (values below float32's resolution)
+    ("fit-values-1e-30", ["noise-model", "fit", "--calibration", "{in}/tiny-values.tif", "--out",
+                          "{out}/c.hdnoise", "--quiet", "--no-figure", "--kind", "gmm",
+                          "--device", "cpu"], 1, "rescale the data"),
+]
+
+
+@pytest.mark.parametrize("argv,code,words", [r[1:] for r in CLI_ROWS], ids=[r[0] for r in CLI_ROWS])
+def test_cli_probe(inputs, tmp_path, capsys, argv, code, words):
+    out = tmp_path / "out"
+    before = _hashes(inputs)
+    t0 = time.perf_counter()
+    rc = main(_fill(argv, inputs, out))
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("napari-hdn: error:")]
+    assert len(errors) == 1 and words in errors[0], err
+    assert _hashes(inputs) == before, "an input changed"
+    assert time.perf_counter() - t0 < 10, "refused only after some work"
+    assert not list(tmp_path.rglob("*.lock")) and not list(inputs.rglob("*.lock"))
+    assert not list(tmp_path.rglob("*.hdn")) and not list(tmp_path.rglob("*.checkpoints"))
+    _no_temp_files(tmp_path, inputs)
+
+
+# -- two runs, one output --------------------------------------------------------------------------
+def _train_argv(inputs, out, *more):
+    return ["train", str(inputs / "noisy.tif"), "--gaussian-sigma", "10", "--out", str(out),
+            "--max-steps", "1", *TINY_ARGS, *more]
+
+
+def test_a_second_run_on_a_held_output_is_refused_naming_the_first(inputs, tmp_path, capsys):
+    out = tmp_path / "m.hdn"
+    pid = str(os.getpid())
+    cases = [  # (the output held, the command that writes it)
+        (out, _train_argv(inputs, out)),
+        (tmp_path / "m.checkpoints", _train_argv(inputs, tmp_path / "other.hdn", "--checkpoint-dir",
+                                                 str(tmp_path / "m.checkpoints"))),
+        (tmp_path / "m.checkpoints", _train_argv(inputs, out)),  # its default checkpoint folder
+        (tmp_path / "n.hdnoise", ["noise-model", "fit", "--calibration", str(inputs / "cal.tif"),
+                                  "--out", str(tmp_path / "n.hdnoise"), *FIT]),
+        (tmp_path / "ft.hdn", ["train", str(inputs / "noisy.tif"), "--fine-tune",
+                               str(inputs / "run" / "m.hdn"), "--deactivate", "1", "--out",
+                               str(tmp_path / "ft.hdn"), "--max-steps", "1", *RESUME_ARGS]),
+    ]
+    for held, argv in cases:
+        with output_lock(held):  # another run (this process, through another descriptor)
+            rc = main(argv)
+            err = capsys.readouterr().err
+        assert rc == 1 and "Traceback" not in err, err
+        line = [ln for ln in err.splitlines() if ln.startswith("napari-hdn: error:")]
+        assert len(line) == 1 and f"is being written by process {pid}" in line[0], err
+        assert "wait for it to finish or choose another --" in line[0]
+        assert not out.exists() and not (tmp_path / "m.checkpoints").exists()
+    assert not list(tmp_path.rglob("*.lock"))
+    assert main(_train_argv(inputs, out)) == 0  # free again: the run goes ahead
+    assert not list(tmp_path.rglob("*.lock"))  # and gives its locks back
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_note(inputs, tmp_path, capsys):
+    out = tmp_path / "m.hdn"
+    pid = _dead_pid()
+    for path in (out, tmp_path / "m.checkpoints"):
+        lock_file(path).write_text(f'{{"pid": {pid}, "host": "somewhere", "started": "then"}}')
+    assert main(_train_argv(inputs, out)) == 0
+    err = capsys.readouterr().err
+    notes = [ln for ln in err.splitlines() if "no longer running" in ln]
+    assert len(notes) == 2 and f"process {pid} on somewhere" in notes[0], err
+    assert not list(tmp_path.rglob("*.lock")) and load_model(out).info["steps"] == 1
+
+
+def test_locks_without_flock_use_the_process_id(tmp_path, monkeypatch):
+    """Where flock is missing: an exclusive file, whose holder is checked by its process id."""
+    monkeypatch.setattr(locks_module, "fcntl", None)
+    target = tmp_path / "x.zarr"  # a folder output (a zarr store) takes a lock the same way
+    with output_lock(target, hint="choose another --out"):
+        assert lock_file(target).exists()
+        with pytest.raises(OutputLockedError, match=f"process {os.getpid()}"):
+            output_lock(target).__enter__()
+    assert not lock_file(target).exists()
+    lock_file(target).write_text(f'{{"pid": {_dead_pid()}, "host": "{os.uname().nodename}"}}')
+    said = []
+    with output_lock(target, note=said.append):
+        pass
+    assert said and "no longer running" in said[0]
+
+
+def test_locks_all_or_none_and_inherited_by_children(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.hdn", tmp_path / "b.hdn"
+    with output_lock(b):
+        with pytest.raises(OutputLockedError):
+            with output_locks([(a, "a", ""), (b, "b", "")]):
+                pass
+        assert not lock_file(a).exists()  # the one taken was given back
+        # a process started by the holder to do its work (a torchrun rank) writes under its lock
+        monkeypatch.setenv(locks_module.LOCK_ENV, str(os.getpid()))
+        with output_lock(b):
+            pass
+        assert lock_file(b).exists()  # still the holder's
+    assert not lock_file(b).exists()
+
+
+def test_a_lock_in_a_read_only_folder_is_one_line(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root may write anywhere")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(safeio.OutputError, match="cannot create the lock file"):
+            output_lock(ro / "m.hdn").__enter__()
+    finally:
+        ro.chmod(0o755)
+
+
+# -- stop signals ----------------------------------------------------------------------------------
+def _popen(*argv):
+    return subprocess.Popen([sys.executable, "-m", "napari_hdn.cli", *argv],
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _wait_for(path: Path, proc, seconds=60):
+    t_end = time.time() + seconds
+    while not path.exists() and time.time() < t_end and proc.poll() is None:
+        time.sleep(0.1)
+    assert path.exists(), proc.stderr.read() if proc.poll() is not None else f"no {path}"
+
+
+def test_sigterm_mid_training_saves_the_best_model_and_the_run_holds_its_output(inputs, tmp_path,
+                                                                                capsys):
+    """SIGTERM (a scheduler ending the job) stops like Ctrl-C: the best model so far is saved,
+    the message says so, exit 130. While the run trains, a second one on its --out is refused."""
+    out = tmp_path / "m.hdn"
+    proc = _popen("train", str(inputs / "noisy.tif"), "--gaussian-sigma", "10", "--out", str(out),
+                  "--max-steps", "100000", "--steps-per-epoch", "2", *TINY_ARGS)
+    try:
+        _wait_for(tmp_path / "m.checkpoints" / "last.hdn", proc)
+        rc = main(_train_argv(inputs, out, "--overwrite"))  # even with --overwrite
+        err = capsys.readouterr().err
+        assert rc == 1 and f"being written by process {proc.pid}" in err, err
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "SIGTERM received" in err and "stopped at step" in err and "Traceback" not in err
+    m = load_model(out)
+    assert m.info["stopped_early"] is True and 0 < m.info["steps"] < 100000
+    best = load_model(tmp_path / "m.checkpoints" / "best.hdn")  # the model saved is the best
+    for k, v in m.ladder.state_dict().items():
+        assert torch.equal(v, best.ladder.state_dict()[k]), k
+    assert not list(tmp_path.rglob("*.lock"))
+
+
+def test_sighup_mid_predict_keeps_the_samples_and_sigterm_ends_levels(inputs, tmp_path):
+    pred = tmp_path / "pred"
+    proc = _popen("predict", str(inputs / "run" / "m.hdn"), str(inputs / "noisy.tif"), "--out-dir",
+                  str(pred), "--samples", "100000")
+    try:
+        proc.stderr.read(1)  # the progress bar has started
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "SIGHUP received" in err and "stopped: wrote mmse.tif" in err, err
+    assert np.isfinite(tifffile.imread(pred / "mmse.tif")).all()
+    # a command with nothing to keep ends as after Ctrl-C: one line, 130 (not 143 in silence)
+    proc = _popen("levels", str(inputs / "run" / "m.hdn"), str(inputs / "noisy.tif"), "--samples",
+                  "100000", "--crop", "32")
+    try:
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "napari-hdn: interrupted" in err, err
+
+
+def test_stop_signals_in_process():
+    """SIGTERM and SIGHUP set the stop flag like the first Ctrl-C; the same one repeated at once
+    (a scheduler and a launcher both passing it on) is one request; Ctrl-C again aborts."""
+    from napari_hdn.cli._common import SigintStop
+    from napari_hdn.cli._signals import interrupt_on_signals
+
+    for first in (signal.SIGTERM, signal.SIGHUP):
+        flag, seen = StopFlag(), []
+        with SigintStop(flag, "stopping", on_signal=seen.append):
+            os.kill(os.getpid(), first)
+            time.sleep(0.05)
+            assert flag.is_set() and seen == [first]
+            os.kill(os.getpid(), first)  # delivered twice: not an abort
+            time.sleep(0.05)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(first) in (signal.SIG_DFL, signal.SIG_IGN) or callable(
+            signal.getsignal(first))
+    with pytest.raises(KeyboardInterrupt), interrupt_on_signals():  # elsewhere in a command
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def test_resume_on_other_data_warns_naming_both(inputs, tmp_path, capsys):
+    ck = inputs / "run" / "m.checkpoints" / "last.hdn"
+    rc = main(["train", str(inputs / "other.tif"), "--resume", str(ck), "--max-steps", "5",
+               "--out", str(tmp_path / "a.hdn"), *RESUME_ARGS])
+    err = capsys.readouterr().err
+    warn = [ln for ln in err.splitlines() if "other data than it was trained on" in ln]
+    assert rc == 0 and len(warn) == 1, err
+    assert "then 2 frames of 64x64 float32, mean 4" in warn[0] and "now 2 frames" in warn[0]
+    rc = main(["train", str(inputs / "noisy.tif"), "--resume", str(ck), "--max-steps", "5",
+               "--out", str(tmp_path / "b.hdn"), *RESUME_ARGS])
+    cap = capsys.readouterr()
+    assert rc == 0 and "other data" not in cap.err and "resumed from" in cap.out
+
+
+def test_resume_checks_in_the_api(inputs, tmp_path):
+    rng = np.random.default_rng(3)
+    img = smooth_image((64, 64), 1) + rng.normal(0, 10, (64, 64))
+    kw = dict(**TINY, patch_size=32, batch_size=8, device="cpu", steps_per_epoch=2, seed=0)
+    train(img, GaussianNoiseModel(10.0), max_steps=2, checkpoint_dir=tmp_path, **kw)
+    ck = tmp_path / "last.hdn"
+    assert checkpoint_state(ck)["step"] == 2
+    with pytest.raises(InputError, match=r"max_steps=2 would train nothing: give max_steps above 2"):
+        train(img, resume=ck, max_steps=2)
+    with pytest.raises(InputError, match="the end of its run"):
+        train(img, resume=ck)
+    with pytest.raises(InputError, match="time_budget_s="):
+        train(img, resume=ck, max_steps=10, time_budget_s=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HDNWarning)  # the same data: no warning
+        m = train(img, resume=ck, max_steps=3)
+    assert m.info["training_data"]["frames"] == 1
+    with pytest.warns(HDNWarning, match="other pixel values"):  # same size, other pixels
+        train(img[::-1].copy(), resume=ck, max_steps=3)
+    check_steps_left({}, None, ck)  # a plain model file: nothing to check
+
+
+def test_best_checkpoint_is_the_model_a_stop_returns(tmp_path):
+    """With a weight average (ema_decay), best.hdn holds the averaged weights that were validated
+    and returned, not the live ones."""
+    rng = np.random.default_rng(4)
+    img = smooth_image((64, 64), 2) + rng.normal(0, 10, (64, 64))
+    m = train(img, GaussianNoiseModel(10.0), **TINY, patch_size=32, batch_size=8, device="cpu",
+              steps_per_epoch=2, max_steps=4, ema_decay=0.9, seed=0, checkpoint_dir=tmp_path)
+    best = load_model(tmp_path / "best.hdn")
+    for k, v in m.ladder.state_dict().items():
+        assert torch.equal(v, best.ladder.state_dict()[k]), k
+
+
+# -- noise models ----------------------------------------------------------------------------------
+def test_check_noise_model_passes_good_models_and_names_what_is_wrong(inputs):
+    from napari_hdn.engine.noise import pairs_from_calibration
+
+    pairs = pairs_from_calibration(tifffile.imread(inputs / "cal.tif"))
+    good = [GaussianNoiseModel(10.0), PoissonGaussianNoiseModel(2.0, 3.0, 100.0),
+            fit_noise_model(pairs, kind="histogram", device="cpu"),
+            fit_noise_model(pairs, kind="gmm", device="cpu", iterations=20)]
+    for m in good:
+        assert noise_model_problem(m, (-100.0, 2000.0)) == "", m
+    tiny = GaussianNoiseModel(1e-20)  # fine for itself, but any residual of the data overflows
+    assert "log-likelihood is -inf" in noise_model_problem(tiny, (0.0, 200.0))
+    nan = GaussianNoiseModel(1.0)
+    nan.sigma = float("nan")  # edited after it was made
+    with pytest.raises(InputError, match="its parameter sigma is nan"):
+        check_noise_model(nan)
+    with pytest.raises(InputError, match="the noise model is broken"):
+        train(np.random.default_rng(0).normal(50, 10, (64, 64)), GaussianNoiseModel(1e-200),
+              **TINY, patch_size=32, max_steps=100000, device="cpu")
+
+
+# -- the Training widget's Stop --------------------------------------------------------------------
+@pytest.mark.usefixtures("widget_session")
+def test_widget_stop_keeps_the_best_model_like_ctrl_c(viewer, qtbot, notes):
+    from _widget_helpers import WAIT, dock, set_tiny
+
+    from napari_hdn.widgets import get_session
+    from napari_hdn.widgets._base import TaskState
+
+    rng = np.random.default_rng(1)
+    viewer.add_image((100 + 5 * rng.normal(size=(64, 64))).astype(np.float32), name="img")
+    get_session().add_noise_model(GaussianNoiseModel(5.0), "g5")
+    tw = dock(viewer, "Training")
+    set_tiny(tw, steps=100000)
+    assert tw.start_training()
+    qtbot.waitUntil(lambda: len(tw.plot.val) >= 1, timeout=WAIT)
+    tw.stop_btn.click()
+    qtbot.waitUntil(lambda: not tw.task.running, timeout=WAIT)
+    assert tw.state == TaskState.STOPPED
+    entry = tw.model_combo.current_entry()
+    assert entry.model.info["stopped_early"] is True
+    best = load_model(entry.checkpoint.parent / "best.hdn")  # the best so far, as a file too
+    for k, v in entry.model.ladder.state_dict().items():
+        assert torch.equal(v.cpu(), best.ladder.state_dict()[k]), k
