@@ -432,3 +432,117 @@ def test_widget_stop_keeps_the_best_model_like_ctrl_c(viewer, qtbot, notes):
     best = load_model(entry.checkpoint.parent / "best.hdn")  # the best so far, as a file too
     for k, v in entry.model.ladder.state_dict().items():
         assert torch.equal(v.cpu(), best.ladder.state_dict()[k]), k
+
+
+# -- prediction stores: inputs never touched, one input per store, one writer ------------------------
+@pytest.fixture
+def stores(inputs, tmp_path):
+    """A zarr input, an earlier result store, a store with unwritten chunks, an OME-Zarr image
+    whose named dataset is missing, and a prediction store of another input."""
+    zarr = pytest.importorskip("zarr")
+    img = tifffile.imread(inputs / "noisy.tif")
+    g = zarr.open_group(str(tmp_path / "x.zarr"), mode="w")
+    g.create_array("raw", shape=img.shape, chunks=(1, 32, 32), dtype="float32",
+                   dimension_names=["t", "y", "x"])[:] = img
+    holes = zarr.open_array(str(tmp_path / "holes.zarr"), mode="w", shape=img.shape,
+                            chunks=(1, 32, 32), dtype="float32", dimension_names=["t", "y", "x"])
+    holes[0] = img[0]  # the second frame's chunks were never written
+    ome = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    ome.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a} for a in "tyx"],
+                                 "datasets": [{"path": "0"}]}]
+    ome.create_array("1", shape=img.shape, chunks=(1, 32, 32), dtype="float32")[:] = img
+    model = str(inputs / "run" / "m.hdn")
+    assert main(["predict", model, str(tmp_path / "x.zarr/raw"), "--out",
+                 str(tmp_path / "r.zarr"), "--samples", "2", "--quiet"]) == 0
+    return tmp_path, model
+
+
+STORE_ROWS = [
+    # (argv after `predict MODEL`, words of the one-line error)
+    (["{d}/r.zarr/mmse", "--out", "{d}/r.zarr", "--overwrite"], "holds the input"),
+    (["{d}/r.zarr/mmse", "--out", "{d}/r.zarr"], "holds the input"),
+    (["{d}/x.zarr/raw", "--out", "{d}/x.zarr/../x.zarr", "--overwrite"], "holds the input"),
+    (["{d}/x.zarr", "--out", "{d}/x.zarr", "--overwrite"], "is the input"),
+    (["{d}/r.zarr/mmse", "--out", "{d}/r.zarr/sub.zarr"], "inside the zarr store"),
+    (["{d}/ome.zarr", "--out", "{d}/o.zarr"], "does not hold (it holds 1)"),
+    (["{d}/holes.zarr", "--out", "{d}/r.zarr", "--samples", "2"], "made of another input"),
+    (["{d}/x.zarr/raw", "--out", "{d}/r.zarr", "--samples", "3"], "samples differ"),
+]
+
+
+@pytest.mark.parametrize("argv,words", STORE_ROWS, ids=[f"store-{k}" for k in range(len(STORE_ROWS))])
+def test_a_prediction_store_never_touches_its_input_nor_mixes_inputs(stores, capsys, argv, words):
+    d, model = stores
+    before = _hashes(d)
+    rc = main(["predict", model, *[a.replace("{d}", str(d)) for a in argv], "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("napari-hdn: error:")]
+    assert len(errors) == 1 and words in errors[0], err
+    assert _hashes(d) == before, "a file changed"
+    assert not list(d.rglob("*.lock"))
+
+
+def test_missing_chunks_of_a_zarr_input_are_warned_about(stores, capsys):
+    d, model = stores
+    assert main(["predict", model, str(d / "holes.zarr"), "--out", str(d / "h.zarr"), "--samples",
+                 "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "4 of its 8 chunks (50%) are not stored" in err and "fill value 0" in err
+    # a store written in full says nothing
+    assert main(["predict", model, str(d / "x.zarr/raw"), "--out", str(d / "x2.zarr"),
+                 "--samples", "2", "--quiet"]) == 0
+    assert "not stored" not in capsys.readouterr().err
+
+
+def test_a_prediction_store_or_folder_being_written_is_refused_naming_the_writer(stores, capsys):
+    d, model = stores
+    pid = str(os.getpid())
+    for out, argv in [(d / "p.zarr", ["--out", str(d / "p.zarr")]),
+                      (d / "tiffs", ["--out-dir", str(d / "tiffs")])]:
+        with output_lock(out):
+            rc = main(["predict", model, str(inputs_tif(d)), *argv, "--samples", "2", "--quiet",
+                       "--axes", "TYX"])
+            err = capsys.readouterr().err
+        assert rc == 1 and f"is being written by process {pid}" in err, err
+        assert not out.exists()
+    # free again: both go ahead and give their locks back
+    assert main(["predict", model, str(inputs_tif(d)), "--out-dir", str(d / "tiffs"), "--samples",
+                 "2", "--quiet", "--axes", "TYX"]) == 0
+    assert (d / "tiffs" / "mmse.tif").exists() and not list(d.rglob("*.lock"))
+
+
+def inputs_tif(d: Path) -> Path:
+    """A TIFF of the zarr input (the predict commands above read TIFFs and stores alike)."""
+    p = d / "x.tif"
+    if not p.exists():
+        import zarr
+
+        tifffile.imwrite(p, np.asarray(zarr.open_array(str(d / "x.zarr/raw"), mode="r")[:]))
+    return p
+
+
+def test_kept_samples_that_cannot_fit_are_refused_naming_the_option(inputs, tmp_path, capsys,
+                                                                    monkeypatch):
+    from napari_hdn.engine import prediction
+
+    monkeypatch.setattr(prediction, "available_memory", lambda device=None: 10 * 4 * 64 * 64 * 2)
+    rc = main(["predict", str(inputs / "run" / "m.hdn"), str(inputs / "noisy.tif"), "--out-dir",
+               str(tmp_path / "o"), "--samples", "100", "--save-samples", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--samples 8 or fewer" in err, err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_the_api_refuses_a_store_that_holds_its_zarr_array_input(stores):
+    import zarr
+
+    from napari_hdn.engine import OutputError
+    from napari_hdn.engine.largedata import predict_to_zarr
+
+    d, model = stores
+    arr = zarr.open_group(str(d / "r.zarr"), mode="r")["mmse"]
+    before = _hashes(d)
+    with pytest.raises(OutputError, match="holds the input"):
+        predict_to_zarr(model, arr, d / "r.zarr", n_samples=2, axes="TYX", overwrite=True)
+    assert _hashes(d) == before and not list(d.rglob("*.lock"))

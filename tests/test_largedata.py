@@ -73,7 +73,7 @@ def test_zarr_store_resumes_only_missing_chunks(model_file, tmp_path, tiny_model
     np.testing.assert_allclose(res.variance.compute(), full.variance, rtol=1e-3, atol=1e-3)
     # a finished store: nothing to do; other settings are refused (not silently mixed)
     assert L.predict_to_zarr(model_file, src, out, **KW).info["chunks_run"] == 0
-    with pytest.raises(OutputError, match="other settings .*n_samples"):
+    with pytest.raises(OutputError, match="other settings .samples differ"):
         L.predict_to_zarr(model_file, src, out, **{**KW, "n_samples": 4})
     with pytest.raises(OutputError, match="is the input"):
         L.predict_to_zarr(model_file, src, src, **KW)

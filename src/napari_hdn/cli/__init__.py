@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print("napari-hdn: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError:
-        print("napari-hdn: error: out of memory; use a smaller --tile-size or --batch-size",
+        print("napari-hdn: error: out of memory; use a smaller --tile-size or --batch-size "
+              "(with --save-samples: fewer --samples, or --out OUT.zarr)",
               file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:

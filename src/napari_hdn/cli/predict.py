@@ -110,14 +110,6 @@ def check_levels(args, model, image, axes, off: list[int]):
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from ..engine import InputError, StopFlag, load_model, predict_in_rounds
-    from ..engine.channels import check_channels, layout_of
-    from ..engine.imageio import write_tiff as write_image
-    from ..engine.noise.diagnostics import cpu_threads
-    from ..engine.prediction import check_some_level_active
-
     check_numbers(args, **NUMBERS)
     if wants_chunked(args):
         return run_chunked(args)
@@ -131,9 +123,47 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} is a file, not a folder")
     names = ["mmse.tif", "variance.tif"] + (["samples.tif"] if args.save_samples else [])
+    from ..engine.locks import check_unlocked, output_lock
+
+    lock = [(out, "output folder (--out-dir)", "wait for it to finish or choose another --out-dir")]
+    check_unlocked(lock)  # a prediction still writing there is named as such
     check_outputs([(out / n, n) for n in names], [args.model, args.noisy], args.overwrite)
+    with output_lock(*lock[0], note=lambda t: print(f"napari-hdn: note: {t}", file=sys.stderr)):
+        check_outputs([(out / n, n) for n in names], [args.model, args.noisy], args.overwrite)
+        return _run_tiff(args, out)
+
+
+def check_kept_samples(args, image) -> None:
+    """Before any work: the samples --save-samples keeps (a float32 copy of the image per sample,
+    held until they are written) fit in the memory this machine has free."""
+    from ..engine.prediction import available_memory
+
+    if not args.save_samples or not isinstance(args.samples, int):
+        return
+    avail = available_memory()
+    per = 4.0 * image.size
+    need = per * args.samples
+    if avail is None or need <= 0.8 * avail:
+        return
+    best = int(0.8 * avail // per)
+    fix = (f"give --samples {best} or fewer" if best >= 1 else "leave out --save-samples")
+    raise CLIError(f"--save-samples with --samples {args.samples} keeps {need / 2**30:.3g} GiB of "
+                   f"samples and this machine has {avail / 2**30:.3g} GiB free: {fix}, or write a "
+                   "zarr store chunk by chunk (--out OUT.zarr)")
+
+
+def _run_tiff(args, out: Path) -> int:
+    import numpy as np
+
+    from ..engine import InputError, StopFlag, load_model, predict_in_rounds
+    from ..engine.channels import check_channels, layout_of
+    from ..engine.imageio import write_tiff as write_image
+    from ..engine.noise.diagnostics import cpu_threads
+    from ..engine.prediction import check_some_level_active
+
     model = load_model(args.model)
     image, declared, meta = read_tiff(args.noisy, "input", with_meta=True)
+    check_kept_samples(args, image)
     axes = resolve_axes(args.axes, declared, args.noisy)
     lay = layout_of(image.shape, axes)
     check_channels(model, lay, str(args.noisy))

@@ -29,13 +29,14 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .data import as_float_array, check_axes
-from .errors import HDNError, InputError, OptionError, OutputError, StopRequested
+from .errors import HDNError, HDNWarning, InputError, OptionError, OutputError, StopRequested
 from .events import Callback, Reporter, StopFlag
 from .options import check_options
 
@@ -205,13 +206,19 @@ class LazyTiff:
 _OME_LETTERS = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
 
 
-def _ome_axes(attrs: dict) -> tuple[str | None, str]:
-    """(axes, path of the full-resolution array) from OME-Zarr multiscales metadata."""
-    ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+def _ome_axes(attrs: dict, where="the store") -> tuple[str | None, str]:
+    """(axes, path of the full-resolution array) from OME-Zarr multiscales metadata; metadata
+    without a dataset path are refused (:class:`InputError`)."""
+    ome = attrs.get("ome")
+    ms = attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict) else None)
     if not ms:
         return None, ""
-    m0 = ms[0]
-    path = m0["datasets"][0]["path"]
+    try:
+        m0 = ms[0]
+        path = str(m0["datasets"][0]["path"])
+    except (KeyError, IndexError, TypeError):
+        raise InputError(f"{where} has OME-Zarr multiscales metadata without a dataset path: the "
+                         "metadata are damaged; give an array's path inside the store") from None
     axes = m0.get("axes")
     if not axes:
         return None, path
@@ -286,8 +293,15 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
             except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem
                 raise InputError(f"could not open {p} as a zarr store ({exc})") from None
             if isinstance(node, zarr.Group):
-                ome, path = _ome_axes(dict(node.attrs))
+                ome, path = _ome_axes(dict(node.attrs), p)
                 if path:
+                    if path not in node:
+                        held = sorted(k for k, _ in node.arrays())
+                        raise InputError(
+                            f"{p} is an OME-Zarr image whose metadata name the full-resolution "
+                            f"dataset {path!r}, which the store does not hold (it holds "
+                            f"{', '.join(held) or 'no array'}): the store is incomplete or was "
+                            f"edited; give an array's path, e.g. {p}/{held[0] if held else 'NAME'}")
                     node, declared = node[path], ome
                 else:
                     arrays = [k for k, _ in node.arrays()]
@@ -302,6 +316,7 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
                     node.attrs.get("_ARRAY_DIMENSIONS")
                 if dims and all(dims):
                     declared = "".join(_OME_LETTERS.get(str(d).lower(), "?") for d in dims)
+            _check_chunks_stored(node, name)
             arr = da.from_zarr(node)
     elif isinstance(source, da.Array):
         arr = source
@@ -310,6 +325,7 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
             import zarr
 
             if isinstance(source, zarr.Array):
+                _check_chunks_stored(source, "the zarr array")
                 source = da.from_zarr(source)
         except ImportError:
             pass
@@ -322,6 +338,31 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
     if axes and "C" in axes.upper():
         axes = axes.upper().replace("C", "")
     return LazyInput(arr, axes or declared, name)
+
+
+class MissingChunksWarning(HDNWarning):
+    """Chunks of a zarr input are not stored: zarr reads them as the array's fill value."""
+
+
+def _check_chunks_stored(node, name: str) -> None:
+    """Warn when chunks of the zarr array ``node`` are not in its store. zarr reads a missing
+    chunk as the fill value, silently: a store that was not completely written (a copy cut
+    short, a writer that died) looks like an image with blocks of zeros. A writer may also leave
+    out chunks that hold only the fill value (zarr's ``write_empty_chunks=False``), so this is a
+    warning, not a refusal. Listing the store costs one directory listing per array."""
+    try:
+        total, stored = int(node.nchunks), int(node.nchunks_initialized)
+    except Exception:  # noqa: BLE001 - a store that cannot list its keys: nothing to say
+        return
+    if stored >= total:
+        return
+    missing = total - stored
+    warnings.warn(
+        f"{name}: {missing} of its {total} chunks ({missing / total:.0%}) are not stored, and zarr "
+        f"reads them as the fill value {node.fill_value}: if the store was not completely written "
+        "or copied, those regions of the result are of fill-value pixels, not of the image; "
+        "check the store (zarr's write_empty_chunks=False leaves out chunks of fill value alone, "
+        "which is harmless)", MissingChunksWarning, stacklevel=4)
 
 
 def _chunks_for(shape, tile: int) -> tuple:
@@ -535,9 +576,97 @@ def _run_attrs(spec: ChunkSpec, fingerprint: str, source: str) -> dict:
             "samples_kept": spec.keep_samples, "input": source}
 
 
+#: frames and the side of the square read from each for :func:`input_fingerprint`
+FINGERPRINT_FRAMES, FINGERPRINT_SIDE = 8, 16
+
+
+def input_fingerprint(x) -> str:
+    """A short hash of the input array ``x`` (dask): its shape, dtype and the pixels of a square at
+    the centre of up to 8 evenly spaced frames (a few chunks read, not the image). A store that a
+    run with other pixels left is then told apart from one this input left."""
+    h = hashlib.sha256(f"{tuple(x.shape)}|{np.dtype(x.dtype).str}".encode())
+    lead = tuple(int(v) for v in x.shape[:-2])
+    n = int(np.prod(lead)) if lead else 1
+    H, W = (int(v) for v in x.shape[-2:])
+    side_y, side_x = min(FINGERPRINT_SIDE, H), min(FINGERPRINT_SIDE, W)
+    ys = slice((H - side_y) // 2, (H - side_y) // 2 + side_y)
+    xs = slice((W - side_x) // 2, (W - side_x) // 2 + side_x)
+    for k in np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_FRAMES)).round().astype(int)):
+        idx = np.unravel_index(int(k), lead) if lead else ()
+        block = np.asarray(x[(*map(int, idx), ys, xs)].compute(scheduler="sync"))
+        h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()[:32]
+
+
+#: the settings (and the input) that must match for a store to be resumed, as the message names them
+_RUN_KEYS = {"model": "model", "shape": "image shape", "tile": "tile size", "margin": "margin",
+             "n_samples": "samples", "levels": "levels", "seed": "seed",
+             "samples_kept": "kept samples", "input_pixels": "input pixels"}
+
+
 def _same_run(old: dict, new: dict) -> list[str]:
-    keys = ("model", "shape", "tile", "margin", "n_samples", "levels", "seed", "samples_kept")
-    return [k for k in keys if old.get(k) != new.get(k)]
+    """The names of what differs between the run that made a store (``old``) and this one."""
+    return [name for k, name in _RUN_KEYS.items() if old.get(k) != new.get(k)]
+
+
+def _paths_of(source) -> list[Path]:
+    """The file-system paths an input reads from: a path as given (a TIFF, a store, an array
+    inside a store), or the folder of a zarr array's local store (and its array path)."""
+    if isinstance(source, (str, os.PathLike)):
+        return [Path(source)]
+    store = getattr(source, "store", None)
+    root = getattr(store, "root", None)
+    if root is None:
+        return []
+    path = str(getattr(source, "path", "") or "")
+    return [Path(root) / path if path else Path(root)]
+
+
+def check_not_an_input(out, inputs) -> None:
+    """Refuse (:class:`OutputError`) an output store that is an input, lies inside one or holds
+    one (an array of an earlier result given as the input): writing it, or replacing it with
+    ``--overwrite``, would change or delete what is read. Paths are resolved (symbolic links,
+    ``..``) before they are compared; nothing is opened."""
+    try:
+        o = Path(out).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return  # a loop: writing it fails with its own message
+    for src in inputs:
+        for i in _paths_of(src):
+            try:
+                r = i.expanduser().resolve()
+            except (OSError, RuntimeError):
+                continue
+            if r == o:
+                raise OutputError(f"the output {out} is the input: choose another output store "
+                                  "(nothing was changed)")
+            if o in r.parents:
+                raise OutputError(f"the output {out} holds the input {i} (an array inside it): "
+                                  "writing or replacing the store would change or delete the "
+                                  "input; choose another output store (nothing was changed)")
+            if r in o.parents:
+                raise OutputError(f"the output {out} lies inside the input {i}: writing it would "
+                                  "change the input; choose an output outside it (nothing was "
+                                  "changed)")
+            root = _store_root(r)
+            if root is not None and root != r and root in o.parents:
+                raise OutputError(f"the output {out} lies inside the zarr store {root} that holds "
+                                  f"the input {i}: writing it would change that store; choose an "
+                                  "output outside it (nothing was changed)")
+
+
+_ZARR_META = ("zarr.json", ".zgroup", ".zarray")
+
+
+def _store_root(path: Path) -> Path | None:
+    """The outermost folder of the zarr store that ``path`` lies in (None: in no store)."""
+    root = None
+    for d in (path, *path.parents):
+        if any((d / m).is_file() for m in _ZARR_META):
+            root = d
+        elif root is not None:
+            break
+    return root
 
 
 def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool = False,
@@ -548,9 +677,7 @@ def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool 
 
     zarr = _need("zarr")
     p = Path(out)
-    for i in inputs:
-        if i is not None and Path(i).exists() and Path(i).resolve() == p.resolve():
-            raise OutputError(f"the output {p} is the input: choose another output store")
+    check_not_an_input(p, [i for i in inputs if i is not None])
     if p.exists():
         old = None
         try:
@@ -569,10 +696,12 @@ def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool 
         else:
             diff = _same_run(old, attrs)
             if diff:
+                what = ("of another input" if diff == ["input pixels"] else
+                        f"with other settings ({', '.join(diff)} differ)")
                 raise OutputError(
-                    f"{p} holds a prediction made with other settings ({', '.join(diff)} differ): "
-                    "rerun with the same model and settings to resume it, add --overwrite "
-                    "(overwrite=True) to start again, or choose another output")
+                    f"{p} holds a prediction made {what}: its chunks cannot be reused or mixed "
+                    "with this run's; rerun with the same input, model and settings to resume it, "
+                    "add --overwrite (overwrite=True) to start again, or choose another output")
             done = np.asarray(g["done"][...])
             return done, True
     _GROUPS.pop(str(p.resolve()), None)
@@ -613,7 +742,7 @@ def predict_to_zarr(model, image, out, n_samples: int | str = "auto", *, axes: s
     marked done are computed); ``overwrite=True`` starts again. Progress events (task
     ``"predict-chunks"``) count chunks; a stop keeps the chunks written (``info["stopped"]``).
     """
-    da = _need("dask.array")
+    _need("dask.array")
     if scheduler is not None and workers is not None:
         raise OptionError("give scheduler= (an existing cluster) or workers= (a LocalCluster), "
                           "not both")
@@ -621,12 +750,25 @@ def predict_to_zarr(model, image, out, n_samples: int | str = "auto", *, axes: s
         workers = check_options(threads=workers)["threads"]
     ref, m_obj, x, ax, spec = _prepare(model, image, n_samples, axes, levels, seed, batch_size,
                                        return_samples, tile_size, margin, device, channel)
+    inputs = [image, *([model] if isinstance(model, (str, os.PathLike)) else [])]
+    check_not_an_input(out, inputs)  # before the lock file is made next to it
+    from .locks import output_lock
+
+    with output_lock(out, "prediction store",
+                     "wait for it to finish, or choose another output store"):
+        return _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite,
+                               scheduler, workers, callbacks, stop_flag)
+
+
+def _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite, scheduler, workers,
+                    callbacks, stop_flag) -> LazyPrediction:
+    da = _need("dask.array")
     source = str(image) if isinstance(image, (str, os.PathLike)) else "array"
     attrs = _run_attrs(spec, model_fingerprint(m_obj), source)
+    attrs["input_pixels"] = input_fingerprint(x)
     meta = _input_meta(image)
     if meta is not None:  # the input's axes, pixel size and units go with the results
         attrs["image"] = meta.for_axes(ax).to_dict()
-    inputs = [image] if isinstance(image, (str, os.PathLike)) else []
     done, resumed = prepare_store(out, spec, attrs, ax, overwrite, inputs)
     out = str(Path(out).resolve())
     pending = [idx for idx in np.ndindex(*spec.grid) if not done[idx]]
