@@ -76,7 +76,7 @@ def cmd_train(args) -> dict:
     import torch
 
     from napari_hdn.engine import Trainer
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     torch.set_num_threads(args.threads)
     ds = dataset(args.set)
@@ -223,7 +223,7 @@ def cmd_diagnose(args) -> dict:
     import torch
 
     from napari_hdn.engine import load_model
-    from napari_hdn.engine.prediction import LatentNoise, inference_model
+    from napari_hdn.engine.prediction.sampling import LatentNoise, inference_model
 
     torch.set_num_threads(args.threads)
     ds = dataset(args.set)

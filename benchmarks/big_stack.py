@@ -82,7 +82,7 @@ import dask.array as da
 import napari
 from qtpy.QtWidgets import QApplication
 from napari_hdn.engine import PoissonGaussianNoiseModel
-from napari_hdn.engine.frames import TiffPages
+from napari_hdn.engine.data.frames import TiffPages
 from napari_hdn.session import get_session
 path, steps = sys.argv[1], int(sys.argv[2])
 pages = TiffPages(path)  # a lazy layer: what a lazy TIFF or OME-Zarr reader gives napari

@@ -21,7 +21,7 @@ _CHILD = r"""
 import json, sys, time
 import numpy as np, torch
 from napari_hdn.engine import PoissonGaussianNoiseModel, Trainer
-from napari_hdn.engine.presets import get_preset
+from napari_hdn.engine.training.presets import get_preset
 from benchmarks.time_to_quality import spec_data
 
 seconds, threads = float(sys.argv[1]), (None if sys.argv[2] == "auto" else int(sys.argv[2]))

@@ -68,7 +68,7 @@ def datasets(name: str, data: str | None, seed: int = 0):
 def per_channel(clean, noisy, steps: int, samples: int, seed: int) -> dict:
     from napari_hdn.engine import PoissonGaussianNoiseModel, predict
     from napari_hdn.engine.channels import train_channels
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     preset = get_preset("fast CPU")
     t = time.perf_counter()
@@ -85,10 +85,10 @@ class _Joint:
     """The fast preset's ladder with C input and output channels, started from the prior."""
 
     def __init__(self, channels: int, noisy: np.ndarray):
-        from napari_hdn.engine.ladder import LadderVAE
+        from napari_hdn.engine.network.ladder import LadderVAE
         from napari_hdn.engine.noise import PoissonGaussianNoiseModel
-        from napari_hdn.engine.presets import get_preset
-        from napari_hdn.engine.priors import initial_weights
+        from napari_hdn.engine.training.presets import get_preset
+        from napari_hdn.engine.training.priors import initial_weights
 
         self.cfg = get_preset("fast CPU").model_config()
         self.ladder = LadderVAE(self.cfg)
@@ -111,7 +111,7 @@ class _Joint:
         self.channels = channels
 
     def loss(self, x):
-        from napari_hdn.engine.ladder import free_bits_kl, pad_to_multiple
+        from napari_hdn.engine.network.ladder import free_bits_kl, pad_to_multiple
 
         xp, (h, w) = pad_to_multiple(x, self.cfg.downscale)
         s, kls = self.ladder.top_down(self.ladder.bottom_up(xp), None, compute_kl=True)
@@ -124,7 +124,7 @@ class _Joint:
     @torch.no_grad()
     def mmse(self, image: np.ndarray, samples: int, seed: int) -> np.ndarray:
         """(C, Y, X) -> the mean of ``samples`` posterior samples (torch's RNG, independent)."""
-        from napari_hdn.engine.ladder import pad_to_multiple
+        from napari_hdn.engine.network.ladder import pad_to_multiple
 
         self.ladder.eval()
         torch.manual_seed(seed)
@@ -139,8 +139,8 @@ class _Joint:
 
 
 def joint(clean, noisy, steps: int, samples: int, seed: int) -> dict:
-    from napari_hdn.engine.data import augment_batch
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.data.arrays import augment_batch
+    from napari_hdn.engine.training.presets import get_preset
 
     tc = get_preset("fast CPU").training_config()
     c, n, h, w = noisy.shape

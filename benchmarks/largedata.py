@@ -1,5 +1,5 @@
 """Large data and clusters: memory, throughput, dask overhead and fault tolerance of chunked
-prediction (``napari_hdn.engine.largedata``). A benchmark, not a test: it prints figures (and
+prediction (``napari_hdn.engine.prediction.chunked``). A benchmark, not a test: it prints figures (and
 ``--json``) for docs/benchmarks.md.
 
     python -m benchmarks.largedata all --work /tmp/hdn-largedata          # every part
@@ -119,7 +119,7 @@ def part_memory(work: Path, model: Path, frames: int, size: int, samples: int, t
 
 
 def part_throughput(work: Path, model: Path, samples: int) -> dict:
-    from napari_hdn.engine.largedata import predict_to_zarr
+    from napari_hdn.engine.prediction.chunked import predict_to_zarr
 
     src = make_stack(work / "tp.zarr", 8, 1024)
     mpix = 8 * 1024 * 1024 / 1e6
@@ -134,7 +134,7 @@ def part_throughput(work: Path, model: Path, samples: int) -> dict:
     t0 = time.perf_counter()
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as c:
-        c.run(lambda: __import__("napari_hdn.engine.largedata"))  # workers import torch first
+        c.run(lambda: __import__("napari_hdn.engine.prediction.chunked"))  # workers import torch first
         start = time.perf_counter() - t0
         t = time.perf_counter()
         predict_to_zarr(model, src, work / "tp-cluster.zarr", samples, axes="TYX", tile_size=256,
@@ -151,7 +151,7 @@ def part_overhead(work: Path, model_path: Path, samples: int) -> dict:
     import dask
 
     from napari_hdn.engine import load_model, predict
-    from napari_hdn.engine.largedata import predict_dask, predict_to_zarr
+    from napari_hdn.engine.prediction.chunked import predict_dask, predict_to_zarr
 
     model = load_model(model_path)
     import zarr
@@ -167,8 +167,8 @@ def part_overhead(work: Path, model_path: Path, samples: int) -> dict:
         out[name] = {"wall_s": round(wall, 2), "mpix_per_s": round(mpix * samples / wall, 3)}
         print(f"overhead: {name}: {wall:.1f} s", flush=True)
 
-    from napari_hdn.engine.largedata import ChunkSpec
-    from napari_hdn.engine.prediction import _tile_starts
+    from napari_hdn.engine.prediction.chunked import ChunkSpec
+    from napari_hdn.engine.prediction.sampling import _tile_starts
 
     H, W = img.shape[-2:]
     frames = img.shape[0]
@@ -214,7 +214,7 @@ def part_kill_worker(work: Path, model: Path, samples: int) -> dict:
     import distributed
     import zarr
 
-    from napari_hdn.engine.largedata import predict_to_zarr
+    from napari_hdn.engine.prediction.chunked import predict_to_zarr
 
     src = make_stack(work / "kw.zarr", 4, 1024)
     kw = dict(axes="TYX", tile_size=256, margin=32, overwrite=True)

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     from napari_hdn.engine import ModelConfig, TrainingConfig, train
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

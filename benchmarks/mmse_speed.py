@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--direct", action="store_true", help="also time whole predictions")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(Path(a.new).resolve() / "src"))
-    from napari_hdn.engine.prediction import _auto_sample_batch
+    from napari_hdn.engine.prediction.sampling import _auto_sample_batch
 
     print(f"{a.threads} threads; N_eq = {a.n_eq} samples of the new default scheme stand for 100 "
           "independent samples")

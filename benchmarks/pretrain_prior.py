@@ -137,7 +137,7 @@ def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
     import torch
 
     from napari_hdn.engine import PoissonGaussianNoiseModel, Trainer
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     torch.set_num_threads(threads)
     frames = noisy_frames(clean_images(phantoms, clean_npz, photos, scales), seed)
@@ -162,7 +162,7 @@ def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
 def continued(this: dict, init: str) -> dict:
     """The recipe of a run that went on from the prior ``init``: that prior's recipe nested in it,
     and the steps of both together (each run warmed its rate up and averaged its weights anew)."""
-    from napari_hdn.engine.model import load_model
+    from napari_hdn.engine.network.model import load_model
 
     before = load_model(init, device="cpu").info.get("prior", {})
     return {**this, "continued_from": before,

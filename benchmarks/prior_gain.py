@@ -42,7 +42,7 @@ def run_variant(variant: str, device: str, prior: str, cache: str, jsonl: str | 
 
     from napari_hdn.engine import ModelConfig, Trainer
     from napari_hdn.engine.metrics import psnr
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     from .recipe_grid import _data, _noise_model
 

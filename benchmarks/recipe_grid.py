@@ -86,7 +86,7 @@ def _noise_model(ds, kind: str, cache: Path):
 
 
 def _settings(variant: str) -> tuple[dict, dict]:
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     _, _, arch, training, _ = VARIANTS[variant]
     preset = get_preset("fast CPU")

@@ -35,7 +35,7 @@ def run(data: str, seed: int, marks: tuple[int, ...], fraction: float, ema_decay
 
     from napari_hdn.engine import Trainer
     from napari_hdn.engine.metrics import psnr
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     from .datasets import make_datasets
     from .learned import calibration_noise_model

@@ -57,8 +57,8 @@ def _timed(fn, *args, **kwargs):
 def hdn_settings(prof: dict) -> tuple[dict, dict]:
     """Architecture and training settings of the benchmark's HDN (the default preset)."""
     from napari_hdn.engine import ModelConfig
-    from napari_hdn.engine.presets import get_preset
-    from napari_hdn.engine.priors import bundled_prior_for
+    from napari_hdn.engine.training.presets import get_preset
+    from napari_hdn.engine.training.priors import bundled_prior_for
 
     preset = get_preset(HDN_PRESET)
     arch = prof.get("hdn_arch") or dict(preset.model)
@@ -379,7 +379,7 @@ def run(profile: str = "quick", seed: int = 0, out_dir: Path | None = None,
                              "datasets cannot stand beside this run's; measure them again instead")
     if training.get("init") == "prior":  # what the HDN runs start from (not counted in the budget)
         from napari_hdn.engine import ModelConfig
-        from napari_hdn.engine.priors import bundled_prior_for, bundled_priors
+        from napari_hdn.engine.training.priors import bundled_prior_for, bundled_priors
 
         name = bundled_prior_for(ModelConfig(**arch))
         recipes = {n: r for n, _, r in bundled_priors()}

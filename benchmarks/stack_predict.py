@@ -12,7 +12,7 @@ trained ``--steps`` steps on the noisy stack with the true noise model and cache
 Then, one after the other in this process (``--threads``, nothing else should run):
 
 - ``auto``: ``predict(model, stack)``, the product's default (samples until the MMSE is good
-  enough; :class:`napari_hdn.engine.prediction.AutoSamples`), every frame;
+  enough; :class:`napari_hdn.engine.prediction.sampling.AutoSamples`), every frame;
 - ``antithetic 100``: ``--samples 100`` (the default before the rule), on the baseline frames;
 - ``independent 100``: 100 independent samples with the bottom-up pass shared;
 - ``reference way``: 100 independent full forward passes per frame (bottom-up and top-down for
@@ -62,7 +62,7 @@ def get_model(noisy, steps: int, cache: Path):
     if cache.exists():
         return load_model(cache), None
     t = time.perf_counter()
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     preset = get_preset("fast CPU")  # the product's default (CLI and widgets), from the prior
     model = train(noisy, PoissonGaussianNoiseModel(GAIN, READ, OFFSET), axes="ZYX",
@@ -75,7 +75,7 @@ def get_model(noisy, steps: int, cache: Path):
 
 def reference_way(net, frames, n: int, seed: int) -> np.ndarray:
     """100 independent full forward passes per frame: the bottom-up pass is redone per sample."""
-    from napari_hdn.engine.prediction import PosteriorSampler
+    from napari_hdn.engine.prediction.sampling import PosteriorSampler
 
     out = []
     for f in frames:
@@ -98,7 +98,7 @@ def pick(spec: str, n: int, default_every: int) -> list[int]:
 
 def run_stack(name, noisy, clean, model, args) -> dict:
     from napari_hdn.engine import predict
-    from napari_hdn.engine.prediction import inference_model
+    from napari_hdn.engine.prediction.sampling import inference_model
 
     net = inference_model(model)
     n = len(noisy)

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from napari_hdn.engine import Trainer
     from napari_hdn.engine.metrics import psnr
     from napari_hdn.engine.noise import fit_from_calibration
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
     from napari_hdn.synthetic import calibration_stack, striped_fluorescence
 
     torch.set_num_threads(args.threads)

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_hdn.engine import GaussianNoiseModel, HDNModel, Normalisation
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
     from napari_hdn.session import get_session
     from napari_hdn.widgets._workers import job_threads
     from napari_hdn.widgets.artefact_widget import auto_preview_side

@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from napari_hdn.engine import GaussianNoiseModel, HDNModel, Normalisation
-    from napari_hdn.engine.prediction import inference_model
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.prediction.sampling import inference_model
+    from napari_hdn.engine.training.presets import get_preset
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

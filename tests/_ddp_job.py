@@ -11,7 +11,7 @@ import torch
 from _helpers import TINY, smooth_image
 
 from napari_hdn.engine import GaussianNoiseModel, ModelConfig, TrainingConfig
-from napari_hdn.engine.ddp import train_ddp, world
+from napari_hdn.engine.training.ddp import train_ddp, world
 
 
 def data():
@@ -30,7 +30,7 @@ def settings(steps: int, **kw):
 
 def same_draws_on_every_rank():
     """Make every rank draw rank 0's patches and latent noise (the test's exact comparison)."""
-    import napari_hdn.engine.ddp as ddp
+    import napari_hdn.engine.training.ddp as ddp
 
     seed_of = ddp._rank_seed
     ddp._rank_seed = lambda seed, rank, step=0: seed_of(seed, 0, step)

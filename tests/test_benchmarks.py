@@ -101,7 +101,7 @@ def test_reusing_noise2void_needs_a_run_of_the_same_profile_and_seed(tmp_path):
 def test_recipe_grid_variants_are_valid_configurations():
     from benchmarks.recipe_grid import VARIANTS, _settings
     from napari_hdn.engine import ModelConfig, TrainingConfig
-    from napari_hdn.engine.presets import get_preset
+    from napari_hdn.engine.training.presets import get_preset
 
     preset = get_preset("fast CPU")
     for name, (dataset, noise, arch, training, marks) in VARIANTS.items():

@@ -15,7 +15,7 @@ from napari_hdn.engine.channels import (
     MultiChannelModel,
     layout_of,
 )
-from napari_hdn.engine.imageio import hdn_description, read_tiff_meta
+from napari_hdn.engine.files.imageio import hdn_description, read_tiff_meta
 from napari_hdn.engine.noise import load_noise_model
 
 FAST = dict(TINY, patch_size=32, batch_size=8, bn_chunk=4, device="cpu", lr=3e-3, threads=1,
@@ -137,7 +137,7 @@ def test_noise_models_per_channel_in_one_file(tmp_path):
     assert isinstance(back, ChannelNoiseModels) and [m.sigma for m in back] == [3.0, 7.0]
     assert main(["noise-model", "describe", str(tmp_path / "two.hdnoise")]) == 0
     with pytest.raises(ModelFileError, match="multi-channel model"):
-        from napari_hdn.engine.model import read_model_file
+        from napari_hdn.engine.network.model import read_model_file
 
         _, noisy = _two_channels()
         m = napari_hdn.train(noisy, GaussianNoiseModel(15.0), axes="CYX", **{**FAST, "max_steps": 1})
@@ -241,7 +241,7 @@ def test_cli_outputs_keep_the_pixel_size_of_one_channel_stacks(tmp_path):
 
 def test_chunked_prediction_takes_one_channel_of_a_model_per_channel(tmp_path):
     pytest.importorskip("zarr")
-    from napari_hdn.engine.largedata import predict_to_zarr
+    from napari_hdn.engine.prediction.chunked import predict_to_zarr
 
     _, noisy = _two_channels()
     model = napari_hdn.train(noisy, GaussianNoiseModel(15.0), axes="CYX", **{**FAST, "max_steps": 2})

@@ -97,7 +97,7 @@ def _train_args(*extra):
 @pytest.fixture
 def patched_default_preset(monkeypatch):
     """The default preset with other values, as a change of engine/presets.py would make them."""
-    from napari_hdn.engine import presets
+    from napari_hdn.engine.training import presets
 
     name = presets.DEFAULT_PRESET
     changed = presets.Preset(name, "changed", model=dict(levels=2, z_dim=2, filters=8, blocks=1,
@@ -110,7 +110,7 @@ def patched_default_preset(monkeypatch):
 
 def test_train_takes_the_preset_and_single_options_override_it(patched_default_preset):
     from napari_hdn.cli.train import configs_from_args
-    from napari_hdn.engine.presets import PRESETS
+    from napari_hdn.engine.training.presets import PRESETS
 
     mcfg, tcfg, over = configs_from_args(_train_args())
     assert mcfg.levels == 2 and mcfg.filters == 8  # the (changed) default preset, not a copy of it
@@ -261,7 +261,7 @@ def test_predict_auto_samples_per_frame_and_a_stop_keeps_finished_frames(tmp_pat
     import signal
 
     from napari_hdn.cli import _common, predict
-    from napari_hdn.engine.imageio import hdn_description
+    from napari_hdn.engine.files.imageio import hdn_description
 
     model = tmp_path / "m.hdn"
     assert main(["train", str(noisy_tif), "--gaussian-sigma", "10", "--out", str(model),

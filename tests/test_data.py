@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from napari_hdn.engine import InputError, to_frames
-from napari_hdn.engine.data import augment_batch, split_train_val
+from napari_hdn.engine.data.arrays import augment_batch, split_train_val
 
 
 def test_axes_and_frames():

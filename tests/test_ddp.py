@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from napari_hdn.engine import GaussianNoiseModel, train
-from napari_hdn.engine.model import read_model_file
+from napari_hdn.engine.network.model import read_model_file
 
 HERE = Path(__file__).parent
 SRC = HERE.parent / "src"
@@ -85,7 +85,7 @@ def _one_rank_run(tmp_path: Path, steps: int, **kw):
     import torch.distributed as dist
     from _ddp_job import data, same_draws_on_every_rank, settings
 
-    import napari_hdn.engine.ddp as ddp_module
+    import napari_hdn.engine.training.ddp as ddp_module
 
     seed_of = ddp_module._rank_seed
     same_draws_on_every_rank()

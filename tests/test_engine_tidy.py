@@ -77,7 +77,7 @@ def test_sampler_and_predict_leave_the_callers_model_alone(tiny_model):
 
 
 def test_a_ready_model_is_not_copied(tiny_model):
-    from napari_hdn.engine.prediction import inference_model
+    from napari_hdn.engine.prediction.sampling import inference_model
 
     ready = inference_model(tiny_model)
     assert ready is not tiny_model and ready.sampler(_noisy()).net is ready

@@ -39,9 +39,9 @@ from napari_hdn.engine import (
     PoissonGaussianNoiseModel,
     load_model,
     load_noise_model,
-    safeio,
 )
 from napari_hdn.engine.channels import ChannelNoiseModels
+from napari_hdn.engine.files import safeio
 
 TINY_FIT = ["--quiet", "--no-figure", "--kind", "histogram", "--device", "cpu"]
 

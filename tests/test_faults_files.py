@@ -27,8 +27,8 @@ from test_faults import TINY_FIT, _hashes, _model, _no_nan_outputs
 import napari_hdn
 from napari_hdn.cli import main
 from napari_hdn.engine import GaussianNoiseModel, HDNError, InputError, ModelFileError
-from napari_hdn.engine.frames import SaturationWarning, check_saturation
-from napari_hdn.engine.imageio import read_tiff, read_tiff_meta
+from napari_hdn.engine.data.frames import SaturationWarning, check_saturation
+from napari_hdn.engine.files.imageio import read_tiff, read_tiff_meta
 
 TRAIN_TINY = ["--levels", "2", "--z-dim", "2", "--filters", "8", "--blocks", "1", "--patch-size",
               "32", "--batch-size", "2", "--device", "cpu", "--quiet", "--max-steps", "1"]
@@ -288,14 +288,14 @@ API_ROWS = [
     ("load-loop", lambda d: napari_hdn.load(d / "loop.hdn"), ModelFileError, "symbolic link loop"),
     ("load-noise-fifo", lambda d: napari_hdn.load_noise_model(d / "fifo.hdnoise"), ModelFileError,
      "is a FIFO"),
-    ("read-file-not-a-path", lambda: __import__("napari_hdn.engine.safeio", fromlist=["x"]).read_file(
+    ("read-file-not-a-path", lambda: __import__("napari_hdn.engine.files.safeio", fromlist=["x"]).read_file(
         3, "napari-hdn-model", "napari-hdn model"), ModelFileError, "expected the path"),
     ("read-tiff-fifo", lambda d: read_tiff(d / "fifo.tif"), InputError, "is a FIFO"),
     ("read-tiff-loop", lambda d: read_tiff(d / "loop.tif"), InputError, "symbolic link loop"),
-    ("tiff-pages-fifo", lambda d: __import__("napari_hdn.engine.frames", fromlist=["x"]).TiffPages(
+    ("tiff-pages-fifo", lambda d: __import__("napari_hdn.engine.data.frames", fromlist=["x"]).TiffPages(
         d / "fifo.tif"), InputError, "is a FIFO"),
     ("predict-zarr-from-fifo", lambda d: __import__(
-        "napari_hdn.engine.largedata", fromlist=["x"]).predict_to_zarr(
+        "napari_hdn.engine.prediction.chunked", fromlist=["x"]).predict_to_zarr(
         _model(), str(d / "fifo.tif"), str(d / "never.zarr"), n_samples=1), InputError,
      "is a FIFO"),
 ]

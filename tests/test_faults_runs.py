@@ -31,14 +31,14 @@ from napari_hdn.engine import (
     PoissonGaussianNoiseModel,
     StopFlag,
     load_model,
-    safeio,
     train,
 )
-from napari_hdn.engine import locks as locks_module
-from napari_hdn.engine.locks import OutputLockedError, lock_file, output_lock, output_locks
+from napari_hdn.engine.files import locks as locks_module
+from napari_hdn.engine.files import safeio
+from napari_hdn.engine.files.locks import OutputLockedError, lock_file, output_lock, output_locks
 from napari_hdn.engine.noise import GMMNoiseModel, fit_noise_model
 from napari_hdn.engine.noise.diagnostics import check_noise_model, noise_model_problem
-from napari_hdn.engine.training import check_steps_left, checkpoint_state
+from napari_hdn.engine.training.trainer import check_steps_left, checkpoint_state
 
 TINY_ARGS = ["--levels", "2", "--z-dim", "2", "--filters", "8", "--blocks", "1", "--patch-size",
              "32", "--batch-size", "8", "--device", "cpu", "--quiet", "--axes", "TYX"]
@@ -524,7 +524,7 @@ def inputs_tif(d: Path) -> Path:
 
 def test_kept_samples_that_cannot_fit_are_refused_naming_the_option(inputs, tmp_path, capsys,
                                                                     monkeypatch):
-    from napari_hdn.engine import prediction
+    from napari_hdn.engine.prediction import sampling as prediction
 
     monkeypatch.setattr(prediction, "available_memory", lambda device=None: 10 * 4 * 64 * 64 * 2)
     rc = main(["predict", str(inputs / "run" / "m.hdn"), str(inputs / "noisy.tif"), "--out-dir",
@@ -538,7 +538,7 @@ def test_the_api_refuses_a_store_that_holds_its_zarr_array_input(stores):
     import zarr
 
     from napari_hdn.engine import OutputError
-    from napari_hdn.engine.largedata import predict_to_zarr
+    from napari_hdn.engine.prediction.chunked import predict_to_zarr
 
     d, model = stores
     arr = zarr.open_group(str(d / "r.zarr"), mode="r")["mmse"]

@@ -8,8 +8,8 @@ from _helpers import TINY, smooth_image
 
 import napari_hdn
 from napari_hdn.engine import GaussianNoiseModel, InputError
-from napari_hdn.engine.data import Normalisation, PatchSampler, grid_patches, training_frames
-from napari_hdn.engine.frames import Frame, TiffPages, frame_statistics, frames_of
+from napari_hdn.engine.data.arrays import Normalisation, PatchSampler, grid_patches, training_frames
+from napari_hdn.engine.data.frames import Frame, TiffPages, frame_statistics, frames_of
 
 FAST = dict(TINY, patch_size=32, batch_size=8, bn_chunk=4, device="cpu", lr=3e-3, threads=1)
 
@@ -72,7 +72,7 @@ def test_values_are_checked_frame_by_frame():
 
 def test_training_from_a_large_tiff_reads_it_on_demand(tmp_path, monkeypatch):
     """A file above the lazy threshold is trained on through TiffPages: nothing loads it whole."""
-    from napari_hdn.engine import imageio
+    from napari_hdn.engine.files import imageio
 
     data = _stack(6)
     path = tmp_path / "big.tif"

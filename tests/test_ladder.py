@@ -5,8 +5,8 @@ import torch
 from _helpers import TINY
 
 from napari_hdn.engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation
-from napari_hdn.engine.blocks import GatedResBlock, GhostBatchNorm2d
-from napari_hdn.engine.ladder import LadderVAE, free_bits_kl, gaussian_kl, pad_to_multiple
+from napari_hdn.engine.network.blocks import GatedResBlock, GhostBatchNorm2d
+from napari_hdn.engine.network.ladder import LadderVAE, free_bits_kl, gaussian_kl, pad_to_multiple
 
 
 @pytest.mark.parametrize("shape", [(37, 45), (8, 8), (33, 64), (5, 70)])

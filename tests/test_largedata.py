@@ -13,7 +13,7 @@ import zarr  # noqa: E402
 
 from napari_hdn.cli import main  # noqa: E402
 from napari_hdn.engine import InputError, OutputError, StopFlag, predict  # noqa: E402
-from napari_hdn.engine import largedata as L  # noqa: E402
+from napari_hdn.engine.prediction import chunked as L  # noqa: E402
 
 KW = dict(n_samples=3, seed=1, tile_size=32, margin=32)
 

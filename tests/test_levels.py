@@ -17,7 +17,7 @@ from napari_hdn.engine import (
     fine_tune,
     load_model,
 )
-from napari_hdn.engine.levels import structure_correlation
+from napari_hdn.engine.prediction.levels import structure_correlation
 
 FAST = dict(TINY, patch_size=32, batch_size=8, bn_chunk=4, device="cpu", lr=3e-3)
 
@@ -75,7 +75,7 @@ def test_training_with_levels_withheld_samples_their_prior_and_old_files_keep_th
     assert model.default_modes() == ["prior-sample", "posterior"]
     assert model.config.withheld_mode == "prior-sample"
     # a file written before withheld_mode existed was trained with the prior mean: it keeps it
-    from napari_hdn.engine.safeio import read_file, write_file
+    from napari_hdn.engine.files.safeio import read_file, write_file
 
     path = model.save(tmp_path / "m.hdn")
     meta, tensors = read_file(path, "napari-hdn-model", "model")
@@ -135,7 +135,7 @@ def test_structure_is_scored_at_the_level_scale():
 
 
 def test_a_level_that_removes_far_more_than_the_one_below_reads_as_signal():
-    from napari_hdn.engine.levels import MAX_GROWTH, level_verdict
+    from napari_hdn.engine.prediction.levels import MAX_GROWTH, level_verdict
 
     assert level_verdict(0.01, 0.0) == "nothing"
     assert level_verdict(0.5, 0.30) == "signal"  # where it removes follows the image
@@ -146,7 +146,8 @@ def test_a_level_that_removes_far_more_than_the_one_below_reads_as_signal():
 
 
 def test_the_suggestion_keeps_the_upper_half_of_the_levels_on(monkeypatch):
-    from napari_hdn.engine import HDNModel, Normalisation, levels
+    from napari_hdn.engine import HDNModel, Normalisation
+    from napari_hdn.engine.prediction import levels
 
     torch.manual_seed(0)
     model = HDNModel(ModelConfig(**{**TINY, "levels": 4}), GaussianNoiseModel(10.0),

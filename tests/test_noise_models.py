@@ -10,6 +10,7 @@ import torch
 from _helpers import TINY
 
 from napari_hdn.engine import HDNModel, ModelConfig, ModelFileError, Normalisation
+from napari_hdn.engine.files.safeio import write_file
 from napari_hdn.engine.noise import (
     GMMNoiseModel,
     HistogramNoiseModel,
@@ -17,7 +18,6 @@ from napari_hdn.engine.noise import (
     noise_model_kinds,
 )
 from napari_hdn.engine.noise.base import gaussian_log_pdf
-from napari_hdn.engine.safeio import write_file
 
 
 def _gmm(seed=0, k=3, d=1):

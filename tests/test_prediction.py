@@ -4,7 +4,7 @@ import torch
 from _helpers import smooth_image
 
 from napari_hdn.engine import InputError, LadderVAE, ModelConfig, Prediction
-from napari_hdn.engine.prediction import LatentNoise
+from napari_hdn.engine.prediction.sampling import LatentNoise
 
 
 def _noisy(shape=(40, 52), seed=0):
@@ -130,8 +130,8 @@ def test_bad_modes_and_inputs(tiny_model):
 
 
 def test_fused_inference_network_gives_the_unfused_numbers(tiny_model):
-    from napari_hdn.engine.fastpath import FusedGatedResBlock
-    from napari_hdn.engine.prediction import inference_model
+    from napari_hdn.engine.network.fastpath import FusedGatedResBlock
+    from napari_hdn.engine.prediction.sampling import inference_model
 
     net = inference_model(tiny_model)
     assert any(isinstance(m, FusedGatedResBlock) for m in net.ladder.modules())
@@ -190,7 +190,7 @@ def test_sampling_option(tiny_model):
 
 
 def test_test_time_augmentation(tiny_model):
-    from napari_hdn.engine.prediction import _orientations
+    from napari_hdn.engine.prediction.sampling import _orientations
 
     img = _noisy((40, 56))
     res = tiny_model.predict(img, n_samples=4, seed=3, tta=True)
@@ -214,8 +214,8 @@ def test_test_time_augmentation(tiny_model):
 
 
 def test_fused_block_in_stripes_equals_whole():
-    from napari_hdn.engine.blocks import GatedResBlock
-    from napari_hdn.engine.fastpath import FusedGatedResBlock
+    from napari_hdn.engine.network.blocks import GatedResBlock
+    from napari_hdn.engine.network.fastpath import FusedGatedResBlock
 
     torch.manual_seed(0)
     block = GatedResBlock(4, 0.0, True, True).eval()

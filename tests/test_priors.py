@@ -7,9 +7,9 @@ import torch
 from _helpers import TINY, smooth_image
 
 from napari_hdn.engine import GaussianNoiseModel, InputError, Trainer, TrainingConfig, load_model
-from napari_hdn.engine.data import Normalisation
-from napari_hdn.engine.presets import get_preset
-from napari_hdn.engine.priors import PRIORS_DIR, bundled_prior_for, bundled_priors
+from napari_hdn.engine.data.arrays import Normalisation
+from napari_hdn.engine.training.presets import get_preset
+from napari_hdn.engine.training.priors import PRIORS_DIR, bundled_prior_for, bundled_priors
 
 
 def _noisy(seed=0, shape=(64, 64)):

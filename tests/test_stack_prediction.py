@@ -17,7 +17,7 @@ from napari_hdn.engine import (
     predict,
     predict_in_rounds,
 )
-from napari_hdn.engine.prediction import AutoSamples, PosteriorSampler, resolve_samples
+from napari_hdn.engine.prediction.sampling import AutoSamples, PosteriorSampler, resolve_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,7 +222,7 @@ def test_channels_stop_keeps_frames_finished_in_every_channel():
 def test_chunked_prediction_takes_auto(tiny_model, tmp_path):
     pytest.importorskip("dask")
     pytest.importorskip("zarr")
-    from napari_hdn.engine.largedata import predict_to_zarr
+    from napari_hdn.engine.prediction.chunked import predict_to_zarr
 
     stack = _stack(2, shape=(64, 64))
     res = predict_to_zarr(tiny_model, stack, tmp_path / "p.zarr", axes="ZYX", tile_size=32,

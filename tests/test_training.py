@@ -218,7 +218,7 @@ def test_ema_weights_are_validated_returned_and_resumed_exactly(tmp_path):
                              checkpoint_dir=tmp_path / "a")
     ck = tmp_path / "a" / "last.hdn"
     # the returned weights are the average, not the raw weights of the last step
-    from napari_hdn.engine.safeio import read_file
+    from napari_hdn.engine.files.safeio import read_file
 
     _, tensors = read_file(ck, "napari-hdn-model", "model")
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}

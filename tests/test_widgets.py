@@ -452,7 +452,7 @@ def test_suggest_selects_levels_and_fine_tune_adds_a_model(viewer, qtbot, notes,
     """Suggest describes each level beside it and selects the suggestion; a level whose removal
     reads as image detail raises the warning; Fine-tune adds a model with the levels withheld and
     keeps the prediction-time preview for comparison."""
-    from napari_hdn.engine.levels import LevelReport, LevelStep
+    from napari_hdn.engine.prediction.levels import LevelReport, LevelStep
 
     layer, entry = striped
     aw = dock(viewer, "Artefact removal")

@@ -281,7 +281,7 @@ def test_preview_window_is_centred_and_aligned(m, n):
 def test_training_widget_takes_the_presets_whole(viewer, monkeypatch):
     """A change of engine/presets.py (architecture, and training settings the form has no field
     for) reaches the widget's preset without being restated there."""
-    from napari_hdn.engine import presets
+    from napari_hdn.engine.training import presets
 
     name = presets.DEFAULT_PRESET
     changed = presets.Preset(name, "changed", model=dict(levels=3, z_dim=8, filters=16, blocks=1,

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from .engine.presets import PRESETS
+from .engine.training.presets import PRESETS
 
 #: the architectures timed: the presets' (engine/presets.py)
 PAPER = PRESETS["paper"].model

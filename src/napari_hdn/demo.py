@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine.files.safeio import atomic_write, write_tiff
 from .engine.metrics import psnr
-from .engine.presets import DEFAULT_PRESET, get_preset
-from .engine.safeio import atomic_write, write_tiff
+from .engine.training.presets import DEFAULT_PRESET, get_preset
 from .synthetic import noisy_fluorescence
 
 #: settings of this run on top of the preset's training settings: its time budget stops it

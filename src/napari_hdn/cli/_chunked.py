@@ -42,7 +42,7 @@ def wants_chunked(args) -> bool:
 
 def run_chunked(args) -> int:
     from ..engine import StopFlag
-    from ..engine.largedata import predict_to_zarr
+    from ..engine.prediction.chunked import predict_to_zarr
 
     if not args.out:
         raise CLIError("a zarr input, --scheduler and --workers write a zarr store chunk by "

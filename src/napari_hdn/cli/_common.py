@@ -31,7 +31,7 @@ def read_tiff(path: str | Path, what: str = "input", with_axes: bool = False, la
     (:class:`~..engine.frames.TiffPages`), for training. A channel axis of length 1 is dropped.
     """
     from ..engine.errors import InputError
-    from ..engine.imageio import read_tiff as read
+    from ..engine.files.imageio import read_tiff as read
 
     try:
         arr, meta = read(path, what, lazy=lazy)
@@ -73,7 +73,7 @@ def resolve_axes(given: str | None, declared: str | None, path) -> str | None:
 def check_outputs(outputs, inputs, overwrite: bool) -> None:
     """Refuse, before any work, outputs that are inputs, exist (without ``--overwrite``), repeat
     each other, or lie in folders that cannot be written; ``outputs`` is ``[(path, what)]``."""
-    from ..engine.safeio import check_output
+    from ..engine.files.safeio import check_output
 
     seen: dict = {}
     for path, what in outputs:

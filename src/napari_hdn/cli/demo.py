@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.presets import DEFAULT_PRESET
+from ..engine.training.presets import DEFAULT_PRESET
 from ._common import EXIT_OK, CLIError, Progress, check_numbers, check_outputs
 
 OUTPUTS = ("demo.hdn", "noisy.tif", "truth.tif", "mmse.tif", "variance.tif", "samples.tif",

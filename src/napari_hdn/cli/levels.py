@@ -64,7 +64,7 @@ def add_options(c, prefix: str = "") -> None:
 def describe(args, model, image, axes):
     """The :class:`LevelReport` of ``image`` (frames as given by ``axes``)."""
     from ..engine import describe_levels
-    from ..engine.data import check_axes
+    from ..engine.data.arrays import check_axes
 
     check_numbers(args, n_samples="level_samples", crop="level_crop")
     if args.level_frame is not None and args.level_frame < 0:

@@ -114,7 +114,7 @@ def cmd_fit(args) -> int:
                   iterations="iterations", fit_val_fraction="val_fraction", n2v_steps="n2v_steps",
                   n2v_minutes="n2v_minutes", seed="seed")
 
-    from ..engine.locks import check_unlocked, output_locks
+    from ..engine.files.locks import check_unlocked, output_locks
 
     out = Path(args.out)
     fig_path = None
@@ -144,9 +144,9 @@ def _fit_locked(args, out: Path, fig_path: Path | None) -> int:
 
     from ..engine.channels import ChannelNoiseModels
     from ..engine.events import StopFlag
+    from ..engine.files.safeio import write_tiff
     from ..engine.noise import fit_noise_model
     from ..engine.noise.pairs import NoiseFitWarning
-    from ..engine.safeio import write_tiff
 
     stop = StopFlag()
     bar = Progress(args.quiet)

@@ -90,7 +90,7 @@ def check_levels(args, model, image, axes, off: list[int]):
     """Describe the levels on a crop: the suggested setting (``--suggest-levels``), or a warning
     when a level of ``--deactivate`` removes what looks like detail of the image."""
     from ..engine import describe_levels
-    from ..engine.data import check_axes
+    from ..engine.data.arrays import check_axes
 
     check_axes(axes, image.shape)  # before any work, as predict itself checks them
     quick = not args.suggest_levels  # a warning check costs less than a suggestion
@@ -123,7 +123,7 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out-dir {out} is a file, not a folder")
     names = ["mmse.tif", "variance.tif"] + (["samples.tif"] if args.save_samples else [])
-    from ..engine.locks import check_unlocked, output_lock
+    from ..engine.files.locks import check_unlocked, output_lock
 
     lock = [(out, "output folder (--out-dir)", "wait for it to finish or choose another --out-dir")]
     check_unlocked(lock)  # a prediction still writing there is named as such
@@ -136,7 +136,7 @@ def run(args) -> int:
 def check_kept_samples(args, image) -> None:
     """Before any work: the samples --save-samples keeps (a float32 copy of the image per sample,
     held until they are written) fit in the memory this machine has free."""
-    from ..engine.prediction import available_memory
+    from ..engine.prediction.sampling import available_memory
 
     if not args.save_samples or not isinstance(args.samples, int):
         return
@@ -157,9 +157,9 @@ def _run_tiff(args, out: Path) -> int:
 
     from ..engine import InputError, StopFlag, load_model, predict_in_rounds
     from ..engine.channels import check_channels, layout_of
-    from ..engine.imageio import write_tiff as write_image
+    from ..engine.files.imageio import write_tiff as write_image
     from ..engine.noise.diagnostics import cpu_threads
-    from ..engine.prediction import check_some_level_active
+    from ..engine.prediction.sampling import check_some_level_active
 
     model = load_model(args.model)
     image, declared, meta = read_tiff(args.noisy, "input", with_meta=True)

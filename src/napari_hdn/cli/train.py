@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..engine.presets import DEFAULT_PRESET, PRESETS
-from ..engine.priors import INIT_CHOICES
+from ..engine.training.presets import DEFAULT_PRESET, PRESETS
+from ..engine.training.priors import INIT_CHOICES
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -130,8 +130,8 @@ def configs_from_args(args):
     A new run takes the preset with the given options on top. A resumed run keeps the checkpoint's
     architecture, and its training settings unless --preset is given; options still override.
     """
-    from ..engine.presets import get_preset
-    from ..engine.priors import bundled_prior_for
+    from ..engine.training.presets import get_preset
+    from ..engine.training.priors import bundled_prior_for
 
     arch = {k: getattr(args, k) for k in ARCH_OPTIONS if getattr(args, k) is not None}
     if args.deactivate:
@@ -174,7 +174,7 @@ def check_destinations(args, out: Path, ckdir: Path) -> None:
     """Before any work: --out is no input, is new (or --overwrite), and can be written; the
     checkpoint folder can be written and holds no earlier run's checkpoints (unless resumed from
     there, or --overwrite)."""
-    from ..engine.safeio import check_folder, check_input_file
+    from ..engine.files.safeio import check_folder, check_input_file
 
     if args.resume and not Path(args.resume).is_dir():  # a checkpoint file: no FIFO, no loop
         check_input_file(args.resume, "checkpoint (--resume)", "napari-hdn model file", CLIError)
@@ -250,7 +250,7 @@ def guarded(args, out: Path, ckdir: Path, lock: bool = True):
     """The destination checks, and within the block the locks on every output: a run still
     writing one is refused at once, by name (before the checks, which would take its files for an
     earlier run's); the checks run again once the locks are held (an output finished meanwhile)."""
-    from ..engine.locks import check_unlocked, output_locks
+    from ..engine.files.locks import check_unlocked, output_locks
 
     outputs = outputs_of(args, out, ckdir)
     if lock:
@@ -267,7 +267,7 @@ def guarded(args, out: Path, ckdir: Path, lock: bool = True):
 def check_resume(args) -> None:
     """Before any work: a resume whose settings would train nothing (--max-steps at or below the
     checkpoint's step, a --minutes budget it has spent) is refused, naming the option."""
-    from ..engine.training import check_steps_left, checkpoint_state, resumed_training_config
+    from ..engine.training.trainer import check_steps_left, checkpoint_state, resumed_training_config
 
     if not args.resume:
         return
@@ -326,7 +326,7 @@ def run_torchrun(args, ckdir: Path) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.ddp}", "-m", "napari_hdn.cli", *rest]
     from ..engine import StopFlag
-    from ..engine.locks import environment_for_children
+    from ..engine.files.locks import environment_for_children
 
     # torchrun in a session of its own: a stop signal (Ctrl-C at the terminal, SIGTERM to this
     # process) reaches this launcher alone, which passes it on once; torchrun passes it to the
@@ -364,7 +364,7 @@ def run_torchrun(args, ckdir: Path) -> int:
 
 
 def run(args) -> int:
-    from ..engine.ddp import launched_by_torchrun, world
+    from ..engine.training.ddp import launched_by_torchrun, world
 
     check_numbers(args, **NUMBERS)
     if args.ddp is not None and args.ddp < 1:
@@ -394,8 +394,8 @@ def run(args) -> int:
 def _run(args, out: Path, ckdir: Path) -> int:
     from ..engine import OutputError, StopFlag, Trainer
     from ..engine.channels import layout_of
-    from ..engine.ddp import DDPTrainer, init_process_group, launched_by_torchrun, world
-    from ..engine.frames import frames_of
+    from ..engine.data.frames import frames_of
+    from ..engine.training.ddp import DDPTrainer, init_process_group, launched_by_torchrun, world
 
     parallel = launched_by_torchrun()
     if parallel:  # one rank of a torchrun launch

@@ -1,7 +1,7 @@
 """The headless HDN engine: no Qt, no napari. Importable on any server."""
 
 from .config import LATENT_MODES, OFF_MODES, ModelConfig, TrainingConfig
-from .data import Normalisation, to_frames
+from .data.arrays import Normalisation, to_frames
 from .device import available_devices, resolve_device
 from .errors import (
     DeviceError,
@@ -17,9 +17,8 @@ from .errors import (
     TrainingStopped,
 )
 from .events import ProgressEvent, StopFlag
-from .ladder import LadderVAE
-from .levels import LevelReport, describe_levels
-from .model import HDNModel, load_model
+from .network.ladder import LadderVAE
+from .network.model import HDNModel, load_model
 from .noise import (
     GaussianNoiseModel,
     NoiseModel,
@@ -27,8 +26,9 @@ from .noise import (
     PoissonGaussianNoiseModel,
     load_noise_model,
 )
-from .prediction import PosteriorSampler, Prediction, predict, predict_in_rounds
-from .training import Trainer, fine_tune, train
+from .prediction.levels import LevelReport, describe_levels
+from .prediction.sampling import PosteriorSampler, Prediction, predict, predict_in_rounds
+from .training.trainer import Trainer, fine_tune, train
 
 __all__ = [
     "LATENT_MODES",

@@ -90,7 +90,7 @@ class HDNBioimageModel(torch.nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         from torch.nn.modules.module import _IncompatibleKeys
 
-        from .model import model_from_parts
+        from .network.model import model_from_parts
 
         tensors = {str(k): v for k, v in dict(state_dict).items()}
         self.hdn = model_from_parts(self.model_meta, tensors, "the BioImage Model Zoo package")
@@ -104,7 +104,7 @@ class HDNBioimageModel(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor):
-        from .prediction import predict
+        from .prediction.sampling import predict
 
         if self.hdn is None:
             raise RuntimeError("HDNBioimageModel: load the weights (load_state_dict) first")
@@ -177,7 +177,7 @@ def _hdn_weights(rdf: dict, path) -> tuple[dict, dict]:
 
 
 def load_bmz(path, device=None):
-    """The :class:`~napari_hdn.engine.model.HDNModel` of a package written by :func:`export_bmz`.
+    """The :class:`~napari_hdn.engine.network.model.HDNModel` of a package written by :func:`export_bmz`.
 
     Raises
     ------
@@ -185,7 +185,7 @@ def load_bmz(path, device=None):
         If the file is not a zip with a bioimage.io description, not a model, not an HDN
         exported by napari-hdn, or its weights are missing or damaged.
     """
-    from .model import model_from_parts
+    from .network.model import model_from_parts
 
     p = Path(path)
     try:
@@ -245,8 +245,8 @@ class ExportReport:
 def _test_crop(image, axes: str | None, side: int) -> np.ndarray:
     """A (1, 1, h, w) float32 crop of the first frame of ``image``, at most ``side`` square,
     from its centre."""
-    from .data import check_axes
-    from .frames import frames_of
+    from .data.arrays import check_axes
+    from .data.frames import frames_of
 
     arr = image
     ax = check_axes(axes, np.shape(arr))
@@ -402,9 +402,9 @@ def export_bmz(model, out, image, *, axes: str | None = None, n_samples: int = D
     HDNError
         When the package fails bioimageio.core's test (nothing is left at ``out``).
     """
-    from .model import HDNModel, load_model
+    from .files.safeio import check_output
+    from .network.model import HDNModel, load_model
     from .options import check_option
-    from .safeio import check_output
 
     _need_spec()
     if isinstance(model, (str, os.PathLike)):

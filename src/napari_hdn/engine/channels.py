@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import check_axes
+from .data.arrays import check_axes
 from .errors import InputError, ModelFileError, StopRequested, SuspiciousNoiseModelWarning
 from .events import Reporter, StopFlag
 
@@ -132,8 +132,8 @@ class ChannelNoiseModels(Sequence):
 
     def save(self, path: str | os.PathLike) -> None:
         """One file with every channel's model (noise-model format version 2)."""
+        from .files.safeio import write_file
         from .noise.base import NOISE_FILE_FORMAT
-        from .safeio import write_file
 
         tensors, states = {}, []
         for k, m in enumerate(self.models):
@@ -212,7 +212,7 @@ class MultiChannelModel:
     """
 
     def __init__(self, models: Sequence, info: dict | None = None) -> None:
-        from .model import HDNModel
+        from .network.model import HDNModel
 
         models = list(models)
         if len(models) < 2 or not all(isinstance(m, HDNModel) for m in models):
@@ -266,13 +266,13 @@ class MultiChannelModel:
 
     def predict(self, image, n_samples="auto", **kwargs):
         """Samples, MMSE and variance of every channel; see :func:`napari_hdn.predict`."""
-        from .prediction import predict
+        from .prediction.sampling import predict
 
         return predict(self, image, n_samples=n_samples, **kwargs)
 
     # -- files ---------------------------------------------------------------------------------
     def file_contents(self) -> tuple[dict, dict]:
-        from .model import MODEL_FILE_FORMAT, _package_version
+        from .network.model import MODEL_FILE_FORMAT, _package_version
 
         tensors, channels = {}, []
         for k, m in enumerate(self.models):
@@ -289,7 +289,7 @@ class MultiChannelModel:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write every channel's model to one file (model format version 2), atomically."""
-        from .safeio import write_file
+        from .files.safeio import write_file
 
         tensors, meta = self.file_contents()
         return write_file(path, tensors, meta)
@@ -302,7 +302,7 @@ class MultiChannelModel:
 
 def models_from_file(meta: dict, tensors: dict, path) -> MultiChannelModel:
     """The channels of a version-2 model file (see :func:`~.model.load_model`)."""
-    from .model import model_from_parts
+    from .network.model import model_from_parts
 
     channels = meta.get("channels")
     if not isinstance(channels, list) or len(channels) < 2:
@@ -381,8 +381,8 @@ def train_channels(images, noise_model, *, axes: str | None = None, model_config
     to continue (unless the stop came in the last channel: the model is then returned, its last
     channel the best so far).
     """
-    from .model import load_model
-    from .training import Trainer
+    from .network.model import load_model
+    from .training.trainer import Trainer
 
     stop_flag = stop_flag or StopFlag()
     shape = tuple(images.shape) if hasattr(images, "shape") else np.shape(images)
@@ -452,7 +452,7 @@ def train_channels(images, noise_model, *, axes: str | None = None, model_config
 
 
 def _channel_frames(arr, layout: Layout, c: int):
-    from .frames import frames_of
+    from .data.frames import frames_of
 
     return frames_of(arr, layout.frame_axes, channel=(layout.channel_pos, c),
                      name=f"channel {c + 1} of the training images")

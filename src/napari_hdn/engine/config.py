@@ -43,7 +43,7 @@ def validated(cls, data: dict):
 #: the API, the command line, the GUI and every model file read (the paper's HDN is 6 levels of
 #: 64 filters, 32 latent channels and 5 blocks; the largest here is some 15 billion parameters,
 #: so a model file's description is also checked against the weights it holds before anything
-#: is built: :func:`~napari_hdn.engine.model.model_from_parts`)
+#: is built: :func:`~napari_hdn.engine.network.model.model_from_parts`)
 MODEL_LIMITS: dict[str, tuple[int | float, int | float]] = {
     "levels": (1, 10),
     "z_dim": (1, 512),

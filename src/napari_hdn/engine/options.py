@@ -12,8 +12,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .data.frames import MAX_ABS_VALUE
 from .errors import InputError
-from .frames import MAX_ABS_VALUE
 
 
 @dataclass(frozen=True)

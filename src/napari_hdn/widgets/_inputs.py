@@ -338,7 +338,7 @@ MIN_PATCH = 8  # TrainingConfig's smallest patch
 
 
 def _split_ok(frames, val_fraction: float, patch: int) -> bool:
-    from ..engine.data import split_train_val
+    from ..engine.data.arrays import split_train_val
 
     try:
         split_train_val(frames, val_fraction, patch)

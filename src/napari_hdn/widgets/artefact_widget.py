@@ -26,9 +26,9 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLa
 
 from ..engine import LATENT_MODES, InputError, describe_levels, fine_tune, predict_in_rounds
 from ..engine.channels import MultiChannelModel
-from ..engine.levels import MAX_GROWTH, STRUCTURE_LIMIT
-from ..engine.levels import mean_log_likelihood as _mean_log_likelihood
-from ..engine.prediction import inference_model
+from ..engine.prediction.levels import MAX_GROWTH, STRUCTURE_LIMIT
+from ..engine.prediction.levels import mean_log_likelihood as _mean_log_likelihood
+from ..engine.prediction.sampling import inference_model
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, combo, form, scroll_body, set_message, spin, status_label
 from ._inputs import NO_MODEL, LayerChooser, SessionChooser, check_model_fits, chosen_model_and_image

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
 from ..engine import InputError, ProgressEvent, predict_in_rounds, resolve_device
 from ..engine.channels import MultiChannelModel, check_channels, layout_of
-from ..engine.prediction import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
+from ..engine.prediction.sampling import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, MODEL_FILTER, ask_open, form, notify_info, scroll_body, spin, status_label
 from ._inputs import (
@@ -207,7 +207,7 @@ class PredictWidget(EngineWidget):
     def _prepare_lazy(self, layer, data):
         """A dask- or zarr-backed layer (e.g. an OME-Zarr): predicted chunk by chunk into a zarr
         store in the temporary folder, never loaded whole; the results are opened lazily."""
-        from ..engine.largedata import model_fingerprint, predict_to_zarr
+        from ..engine.prediction.chunked import model_fingerprint, predict_to_zarr
 
         entry = self.model_combo.current_entry()
         if entry is None:

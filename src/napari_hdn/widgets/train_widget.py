@@ -21,8 +21,8 @@ from ..engine.channels import (
     train_channels,
 )
 from ..engine.channels import verdict_warnings as verdict_warning
-from ..engine.presets import DEFAULT_PRESET, PRESETS
-from ..engine.priors import bundled_prior_for
+from ..engine.training.presets import DEFAULT_PRESET, PRESETS
+from ..engine.training.priors import bundled_prior_for
 from ._base import EngineWidget, TaskState
 from ._forms import (
     MAX_SEED,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError
-from ..safeio import check_finite_tensors, read_file, write_file
+from ..files.safeio import check_finite_tensors, read_file, write_file
 
 NOISE_FILE_FORMAT = "napari-hdn-noise-model"
 EXTRAPOLATION_MODES = ("linear", "clamp")

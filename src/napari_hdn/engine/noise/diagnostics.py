@@ -465,8 +465,8 @@ def _figure(model, signal, observation, histogram, levels, figsize):
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
     """Write a figure from :func:`diagnostics_figure` as PNG (no pyplot, no display needed),
-    atomically (see :func:`~napari_hdn.engine.safeio.atomic_write`)."""
-    from ..safeio import atomic_write
+    atomically (see :func:`~napari_hdn.engine.files.safeio.atomic_write`)."""
+    from ..files.safeio import atomic_write
 
     fmt = Path(os.fspath(path)).suffix.lstrip(".").lower() or "png"
     atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi), "figure")

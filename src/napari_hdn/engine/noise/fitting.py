@@ -545,7 +545,7 @@ def fit_from_clean(clean, noisy, kind: str = "gmm", **kwargs) -> NoiseModel:
 
 
 def _frames(images, name):
-    from ..data import to_frames
+    from ..data.arrays import to_frames
 
     return to_frames(images, None if isinstance(images, (list, tuple)) else _axes(images), name)
 

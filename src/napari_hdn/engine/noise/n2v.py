@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import PatchSampler, augment_batch, to_frames
+from ..data.arrays import PatchSampler, augment_batch, to_frames
 from ..device import resolve_device
 from ..errors import InputError, TrainingStopped
 from ..events import Reporter, StopFlag
-from ..safeio import read_file, write_file
+from ..files.safeio import read_file, write_file
 
 N2V_FILE_FORMAT = "napari-hdn-n2v"
 N2V_FILE_VERSION = 1

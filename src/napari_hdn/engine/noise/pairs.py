@@ -52,7 +52,7 @@ class NoisePairs:
 
 
 def _as_array(a, name: str) -> np.ndarray:
-    from ..data import image_array
+    from ..data.arrays import image_array
 
     arr = np.asarray(image_array(a, name))  # tensors, masked arrays, lists of one shape
     if arr.dtype == object or arr.dtype.kind not in "biuf":

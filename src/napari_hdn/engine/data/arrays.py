@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import HDNWarning, InputError
+from ..errors import HDNWarning, InputError
 from .frames import (
     MAX_ABS_VALUE,
     Frame,

@@ -5,7 +5,7 @@ Launch with torch's own launcher, one process per GPU::
     torchrun --nproc-per-node 4 -m napari_hdn.cli train noisy.tif --gaussian-sigma 10 --out m.hdn
 
 (``napari-hdn train --ddp 4 ...`` runs that command). :class:`DDPTrainer` is the
-:class:`~napari_hdn.engine.training.Trainer` with these differences:
+:class:`~napari_hdn.engine.training.trainer.Trainer` with these differences:
 
 * the global batch (``batch_size``) is split evenly over the ranks; each rank draws its own
   patches (its own generator, seeded from the seed and the rank) and processes them in BatchNorm
@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import HDNError, InputError
-from .training import Trainer
+from ..errors import HDNError, InputError
+from .trainer import Trainer
 
 #: seconds a collective waits for the other ranks before the run is declared dead
 DEFAULT_TIMEOUT_S = 600
@@ -113,7 +113,7 @@ class DDPTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         if not dist.is_initialized():
             raise InputError("DDPTrainer needs torch.distributed initialised: launch with torchrun "
-                             "(or call napari_hdn.engine.ddp.init_process_group)")
+                             "(or call napari_hdn.engine.training.ddp.init_process_group)")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         super().__init__(*args, **kwargs)
         cfg = self.tcfg
@@ -267,9 +267,9 @@ class DDPTrainer(Trainer):
 def train_ddp(images, noise_model=None, *, model_config=None, training_config=None, **kwargs):
     """:func:`napari_hdn.engine.train` for one rank of a torchrun launch: joins the process group
     torchrun describes, trains with :class:`DDPTrainer`, returns the model on every rank."""
-    from .config import ModelConfig, TrainingConfig, validated
-    from .device import resolve_device
-    from .training import _split_overrides
+    from ..config import ModelConfig, TrainingConfig, validated
+    from ..device import resolve_device
+    from .trainer import _split_overrides
 
     trainer_kw = {k: kwargs.pop(k) for k in ("axes", "checkpoint_dir", "callbacks", "resume",
                                              "stop_flag") if k in kwargs}

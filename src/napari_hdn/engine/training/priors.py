@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import InputError
-from .ladder import LadderVAE
+from ..config import ModelConfig
+from ..errors import InputError
+from ..network.ladder import LadderVAE
 
-PRIORS_DIR = Path(__file__).resolve().parent.parent / "priors"
+PRIORS_DIR = Path(__file__).resolve().parents[2] / "priors"
 #: the bundled priors, by file name
 BUNDLED = ("fast-cpu.hdn",)
 INIT_CHOICES = ("scratch", "prior")
@@ -57,7 +57,7 @@ def _weights_for(config: ModelConfig, state: dict[str, torch.Tensor]):
 
 @lru_cache(maxsize=4)
 def _read_bundled(name: str):
-    from .model import read_model_file
+    from ..network.model import read_model_file
 
     return read_model_file(PRIORS_DIR / name)[0]
 
@@ -116,7 +116,7 @@ def initial_weights(init: str, config: ModelConfig) -> tuple[dict[str, torch.Ten
         record = {"init": "prior", "file": name, "sha256": digest,
                   "prior": dict(model.info.get("prior", {}))}
         return _weights_for(config, model.ladder.state_dict()), record
-    from .model import load_model
+    from ..network.model import load_model
 
     path = Path(init)
     if not path.is_file():

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
 from .blocks import GatedResBlock, Merge, level_blocks
-from .config import ModelConfig
 
 # eps provider: (level, shape) -> standard normal tensor of that shape, or None for torch.randn
 NoiseFn = Callable[[int, tuple[int, ...]], torch.Tensor]

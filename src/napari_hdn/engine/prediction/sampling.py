@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import as_float_array, check_axes, image_array
-from .device import resolve_device
-from .errors import HDNWarning, InputError, StopRequested
-from .events import Callback, Reporter, StopFlag
-from .fastpath import fuse_for_inference
-from .frames import check_saturation
-from .heap import keep_heap
-from .ladder import pad_to_multiple
-from .options import check_options
+from ..data.arrays import as_float_array, check_axes, image_array
+from ..data.frames import check_saturation
+from ..device import resolve_device
+from ..errors import HDNWarning, InputError, StopRequested
+from ..events import Callback, Reporter, StopFlag
+from ..heap import keep_heap
+from ..network.fastpath import fuse_for_inference
+from ..network.ladder import pad_to_multiple
+from ..options import check_options
 
 _NOISE_BLOCK = 32  # latent pixels per side of one independently seeded noise block
 
@@ -211,7 +211,7 @@ def inference_model(model, device=None):
     on one CPU thread); passing the result to :func:`predict` or :class:`PosteriorSampler` again
     makes no further copy.
     """
-    from .channels import MultiChannelModel
+    from ..channels import MultiChannelModel
 
     if isinstance(model, MultiChannelModel):
         ready = [inference_model(m, device) for m in model.models]
@@ -546,8 +546,8 @@ def as_model(model):
     """An HDNModel as it is; a path is loaded (so ``napari_hdn.predict("m.hdn", image)`` works)."""
     import os
 
-    from .channels import MultiChannelModel
-    from .model import HDNModel, load_model
+    from ..channels import MultiChannelModel
+    from ..network.model import HDNModel, load_model
 
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
@@ -729,7 +729,7 @@ def predict(
     ModelFileError
         ``model`` is a path to a file that is not a usable model.
     """
-    from .channels import MultiChannelModel, check_channels, layout_of
+    from ..channels import MultiChannelModel, check_channels, layout_of
 
     model = as_model(model)
     image = image_array(image)  # a tensor's values, a list stacked; a masked array refused

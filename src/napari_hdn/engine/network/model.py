@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, validate_level_modes, validation_message
-from .data import Normalisation
-from .errors import InputError, ModelFileError
+from ..config import ModelConfig, validate_level_modes, validation_message
+from ..data.arrays import Normalisation
+from ..errors import InputError, ModelFileError
+from ..files.safeio import check_finite_tensors, finite_number, read_file, write_file
+from ..noise.base import NoiseModel, noise_model_from_state
 from .ladder import LadderVAE, free_bits_kl, pad_to_multiple
-from .noise.base import NoiseModel, noise_model_from_state
-from .safeio import check_finite_tensors, finite_number, read_file, write_file
 
 MODEL_FILE_FORMAT = "napari-hdn-model"
 MODEL_FILE_VERSION = 1
@@ -130,7 +130,7 @@ class HDNModel:
     # -- prediction ----------------------------------------------------------------------------
     def predict(self, image, n_samples="auto", **kwargs):
         """Posterior samples, MMSE and variance of ``image``; see :func:`napari_hdn.predict`."""
-        from .prediction import predict
+        from ..prediction.sampling import predict
 
         return predict(self, image, n_samples=n_samples, **kwargs)
 
@@ -138,7 +138,7 @@ class HDNModel:
         """A :class:`PosteriorSampler` with the bottom-up pass of a 2D ``image`` cached, for
         repeated sampling: it also keeps up to ``reuse_mb`` MiB of top-down states, so a call that
         changes only lower levels' modes does not recompute the levels above."""
-        from .prediction import PosteriorSampler
+        from ..prediction.sampling import PosteriorSampler
 
         return PosteriorSampler(self, image, origin=origin, device=device, reuse_mb=reuse_mb)
 
@@ -289,8 +289,8 @@ def load_model(path: str | os.PathLike, device=None):
         version, or holds values no model can have (NaN or infinite weights, a normalisation std
         that is not a positive finite number, metadata of the wrong types).
     """
-    from .bmz import is_bmz_package, load_bmz
-    from .channels import CHANNEL_FILE_VERSION, models_from_file
+    from ..bmz import is_bmz_package, load_bmz
+    from ..channels import CHANNEL_FILE_VERSION, models_from_file
 
     if str(path).lower().endswith(".zip") or is_bmz_package(path):  # a BioImage Model Zoo package
         return load_bmz(path, device=device)
@@ -305,7 +305,7 @@ def load_model(path: str | os.PathLike, device=None):
                 f"{CHANNEL_FILE_VERSION}. Update napari-hdn to load it.")
         model = model_from_parts(meta, tensors, path)
     if device is not None:
-        from .device import resolve_device
+        from ..device import resolve_device
 
         model.to(resolve_device(device))
     return model

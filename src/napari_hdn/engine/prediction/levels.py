@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from .config import OFF_MODES
-from .data import as_float_array
-from .errors import InputError
+from ..config import OFF_MODES
+from ..data.arrays import as_float_array
+from ..errors import InputError
 
 #: a removal whose local energy correlates with the estimate's structure above this is "signal"
 STRUCTURE_LIMIT = 0.25
@@ -176,8 +176,8 @@ def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-mean
     crop : largest side of the centre crop analysed (the cost is ``levels * n_samples`` top-down
         passes of the crop)
     """
-    from .options import check_options
-    from .prediction import PosteriorSampler, check_finite_result
+    from ..options import check_options
+    from .sampling import PosteriorSampler, check_finite_result
 
     c = check_options(n_samples=n_samples, crop=crop, seed=seed)
     n_samples, crop, seed = c["n_samples"], c["crop"], c["seed"]

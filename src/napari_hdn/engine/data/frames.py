@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import HDNWarning, InputError
+from ..errors import HDNWarning, InputError
 
 #: larger magnitudes overflow float32 when squared in the likelihood (3.4e38)
 MAX_ABS_VALUE = 1e18
@@ -302,7 +302,7 @@ class TiffPages:
     def __init__(self, path: str | os.PathLike, series: int = 0) -> None:
         import tifffile
 
-        from .safeio import check_input_file
+        from ..files.safeio import check_input_file
 
         check_input_file(path, "TIFF", "TIFF file", InputError)  # never a FIFO opened
         self.path = os.fspath(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: a TIFF whose pixels take more than this is read on demand (frames.TiffPages), not loaded,
 #: where the caller allows it (training); ``NAPARI_HDN_LAZY_MB`` sets it
@@ -271,7 +271,7 @@ def read_tiff(path: str | os.PathLike, what: str = "input", lazy: bool = False,
     """
     import tifffile
 
-    from .frames import TiffPages
+    from ..data.frames import TiffPages
 
     shape, dtype, meta = read_tiff_meta(path, what, series)
     p = Path(path)
@@ -378,7 +378,7 @@ def meta_from_layer(layer_meta: dict, ndim: int) -> tuple[str, ImageMeta, bool]:
     from the dimensions), physical sizes from its scale and units (a scale in napari's default
     unit, pixels, is taken as µm: it is what a scale of a microscopy layer means).
     ``sample_axis``: a leading "sample" axis (posterior samples), left out of ``axes``."""
-    from .data import default_axes
+    from ..data.arrays import default_axes
 
     rgb = bool(layer_meta.get("rgb"))
     space = ndim - (1 if rgb else 0)  # napari's dimensions (an RGB layer's colours are not one)
@@ -413,7 +413,7 @@ def write_ome_zarr(path: str | os.PathLike, array, axes: str, meta: ImageMeta | 
 
     import zarr
 
-    from .errors import OutputError
+    from ..errors import OutputError
 
     arr = np.asarray(array)
     axes = axes.upper()

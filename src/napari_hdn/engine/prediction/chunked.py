@@ -2,7 +2,7 @@
 
 The image is cut into output chunks: one frame (S/T/Z index) and one ``tile x tile`` block of it.
 Each chunk is an independent task that reads its block plus a ``margin`` on every side (the
-receptive-field margin), samples it with :class:`~napari_hdn.engine.prediction.PosteriorSampler`
+receptive-field margin), samples it with :class:`~napari_hdn.engine.prediction.sampling.PosteriorSampler`
 at its absolute position (``origin``), and keeps the centre. Latent noise is keyed to that
 position, so the stitched result equals in-memory prediction up to float rounding wherever the
 margin covers the network's receptive field (the default 64 pixels does for the presets).
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import as_float_array, check_axes
-from .errors import HDNError, HDNWarning, InputError, OptionError, OutputError, StopRequested
-from .events import Callback, Reporter, StopFlag
-from .options import check_options
+from ..data.arrays import as_float_array, check_axes
+from ..errors import HDNError, HDNWarning, InputError, OptionError, OutputError, StopRequested
+from ..events import Callback, Reporter, StopFlag
+from ..options import check_options
 
 #: output chunk side (pixels) and margin read around it, the defaults of every entry point
 DEFAULT_TILE = 512
@@ -108,7 +108,7 @@ class ModelRef:
     """
 
     def __init__(self, model, channel: int | None = None):
-        from .model import HDNModel
+        from ..network.model import HDNModel
 
         self.model = None
         self.path = None
@@ -134,7 +134,7 @@ class ModelRef:
     def get(self, device=None):
         """The model ready for sampling on ``device`` (eval, channels-last on CPUs); loaded from
         the file at most once per process and device."""
-        from .prediction import inference_model
+        from .sampling import inference_model
 
         if self.model is not None:
             key = ("mem", id(self.model), str(device))
@@ -148,7 +148,7 @@ class ModelRef:
                 if self.model is not None:
                     model = self.model
                 else:
-                    from .model import load_model
+                    from ..network.model import load_model
 
                     model = load_model(self.path)
                     if self.channel is not None:
@@ -274,7 +274,7 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
         p = Path(source)
         name = str(p)
         if p.suffix.lower() in (".tif", ".tiff"):
-            from .imageio import read_tiff_meta
+            from ..files.imageio import read_tiff_meta
 
             # a regular file (never a FIFO opened), one image series, RGB planes as channels C
             declared = read_tiff_meta(p)[2].axes
@@ -391,7 +391,7 @@ class ChunkSpec:
         """Samples kept per pixel with ``keep_samples``: all of a fixed count; the rule's floor
         (the fewest every chunk draws) with "auto"."""
         if isinstance(self.n_samples, str):
-            from .prediction import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
+            from .sampling import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
 
             return _auto_floor(AUTO_SAMPLES, DEFAULT_SAMPLING)
         return self.n_samples
@@ -419,7 +419,7 @@ class ChunkSpec:
 def compute_chunk(block, model, spec: ChunkSpec, idx: tuple, stop_flag: StopFlag | None = None):
     """Sample one chunk: returns ``(2 [+ n_samples], h, w)`` float32 = MMSE, variance[, samples]
     of the chunk's own region."""
-    from .prediction import PosteriorSampler
+    from .sampling import PosteriorSampler
 
     read, own, _ = spec.windows(idx)
     arr = as_float_array(np.asarray(block, dtype=np.float32).reshape(
@@ -466,12 +466,12 @@ class LazyPrediction:
 
 def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_samples, tile_size,
              margin, device, channel):
-    from .prediction import as_model, check_some_level_active, check_training_range, resolve_samples
+    from .sampling import as_model, check_some_level_active, check_training_range, resolve_samples
 
     fixed, _ = resolve_samples(n_samples)
     c = check_options(batch_size=batch_size, tile_size=tile_size, tile_overlap=margin, seed=seed)
     c["n_samples"] = fixed if fixed is not None else "auto"
-    from .channels import MultiChannelModel
+    from ..channels import MultiChannelModel
 
     ref = ModelRef(model)
     m_obj = ref.model if ref.model is not None else as_model(ref.path)
@@ -752,7 +752,7 @@ def predict_to_zarr(model, image, out, n_samples: int | str = "auto", *, axes: s
                                        return_samples, tile_size, margin, device, channel)
     inputs = [image, *([model] if isinstance(model, (str, os.PathLike)) else [])]
     check_not_an_input(out, inputs)  # before the lock file is made next to it
-    from .locks import output_lock
+    from ..files.locks import output_lock
 
     with output_lock(out, "prediction store",
                      "wait for it to finish, or choose another output store"):
@@ -800,7 +800,7 @@ def _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite, sche
 
 def _input_meta(image):
     """The axes, pixel size and units a TIFF or OME-Zarr input declares (None otherwise)."""
-    from .imageio import read_tiff_meta, read_zarr_meta
+    from ..files.imageio import read_tiff_meta, read_zarr_meta
 
     if not isinstance(image, (str, os.PathLike)):
         return None

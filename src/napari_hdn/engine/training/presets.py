@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ModelConfig, TrainingConfig
+from ..config import ModelConfig, TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,6 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}") from None

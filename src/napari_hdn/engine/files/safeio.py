@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
-from .errors import ModelFileError, OutputError
+from ..errors import ModelFileError, OutputError
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig, TrainingConfig, validated
-from .data import (
+from ..config import ModelConfig, TrainingConfig, validated
+from ..data.arrays import (
     Normalisation,
     PatchSampler,
     augment_batch,
@@ -27,8 +27,9 @@ from .data import (
     split_train_val,
     training_frames,
 )
-from .device import resolve_device
-from .errors import (
+from ..data.frames import Frame, frame_statistics, sample_pixels
+from ..device import resolve_device
+from ..errors import (
     HDNWarning,
     InputError,
     ModelFileError,
@@ -36,15 +37,14 @@ from .errors import (
     SuspiciousNoiseModelWarning,
     TrainingDivergedError,
 )
-from .events import Callback, Reporter, StopFlag
-from .frames import Frame, frame_statistics, sample_pixels
-from .heap import keep_heap
-from .model import HDNModel, read_model_file
-from .noise.base import NoiseModel, NoiseModelRangeWarning
-from .noise.diagnostics import check_noise_model, verdict_warning
-from .options import RULES
+from ..events import Callback, Reporter, StopFlag
+from ..heap import keep_heap
+from ..network.model import HDNModel, read_model_file
+from ..noise.base import NoiseModel, NoiseModelRangeWarning
+from ..noise.diagnostics import check_noise_model, verdict_warning
+from ..options import RULES
+from ..threads import BusyMonitor, ThreadGovernor
 from .priors import initial_weights
-from .threads import BusyMonitor, ThreadGovernor
 
 OPTIM_PREFIX = "optim."
 # patch-channels per forward/backward pass on CPU (patches x filters): 16 patches at 32 filters, 8
@@ -859,7 +859,7 @@ def train(
     m_over, t_over = _split_overrides(options)
     if m_over:
         config = validated(ModelConfig, {**(config or ModelConfig()).model_dump(), **m_over})
-    from .channels import ChannelNoiseModels, layout_of, train_channels
+    from ..channels import ChannelNoiseModels, layout_of, train_channels
 
     shape = np.shape(images) if not isinstance(images, (list, tuple)) else None
     layout = layout_of(shape, axes) if shape is not None else None

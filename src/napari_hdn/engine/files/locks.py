@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 try:  # POSIX
     import fcntl
