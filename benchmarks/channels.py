@@ -67,7 +67,7 @@ def datasets(name: str, data: str | None, seed: int = 0):
 
 def per_channel(clean, noisy, steps: int, samples: int, seed: int) -> dict:
     from napari_hdn.engine import PoissonGaussianNoiseModel, predict
-    from napari_hdn.engine.channels import train_channels
+    from napari_hdn.engine.training.channels import train_channels
     from napari_hdn.engine.training.presets import get_preset
 
     preset = get_preset("fast CPU")

@@ -162,7 +162,7 @@ def pretrain(device: str, seconds: float, batch: int, phantoms: int, out: str,
 def continued(this: dict, init: str) -> dict:
     """The recipe of a run that went on from the prior ``init``: that prior's recipe nested in it,
     and the steps of both together (each run warmed its rate up and averaged its weights anew)."""
-    from napari_hdn.engine.network.model import load_model
+    from napari_hdn.engine.network.loading import load_model
 
     before = load_model(init, device="cpu").info.get("prior", {})
     return {**this, "continued_from": before,

@@ -75,7 +75,7 @@ def _data(name: str):
 
 def _noise_model(ds, kind: str, cache: Path):
     from napari_hdn.engine import GaussianNoiseModel, PoissonGaussianNoiseModel
-    from napari_hdn.engine.noise.base import load_noise_model
+    from napari_hdn.engine.noise.channels import load_noise_model
 
     if kind == "true":
         n = ds.noise

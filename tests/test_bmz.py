@@ -21,7 +21,7 @@ from napari_hdn.engine import (
     load_model,
     predict,
 )
-from napari_hdn.engine.bmz import is_bmz_package, load_bmz
+from napari_hdn.engine.network.loading import is_bmz_package, load_bmz
 
 pytest.importorskip("bioimageio.core", reason="BMZ export needs the bmz extra: "
                     "pip install 'napari-hdn[bmz]'")

@@ -10,13 +10,11 @@ from _helpers import TINY, smooth_image
 import napari_hdn
 from napari_hdn.cli import main
 from napari_hdn.engine import GaussianNoiseModel, InputError, ModelFileError, StopFlag
-from napari_hdn.engine.channels import (
-    ChannelNoiseModels,
-    MultiChannelModel,
-    layout_of,
-)
-from napari_hdn.engine.files.imageio import hdn_description, read_tiff_meta
+from napari_hdn.engine.data.imageio import hdn_description, read_tiff_meta
+from napari_hdn.engine.data.layout import layout_of
+from napari_hdn.engine.network.multichannel import MultiChannelModel
 from napari_hdn.engine.noise import load_noise_model
+from napari_hdn.engine.noise.channels import ChannelNoiseModels
 
 FAST = dict(TINY, patch_size=32, batch_size=8, bn_chunk=4, device="cpu", lr=3e-3, threads=1,
             val_fraction=0.0)

@@ -261,7 +261,7 @@ def test_predict_auto_samples_per_frame_and_a_stop_keeps_finished_frames(tmp_pat
     import signal
 
     from napari_hdn.cli import _common, predict
-    from napari_hdn.engine.files.imageio import hdn_description
+    from napari_hdn.engine.data.imageio import hdn_description
 
     model = tmp_path / "m.hdn"
     assert main(["train", str(noisy_tif), "--gaussian-sigma", "10", "--out", str(model),

@@ -40,8 +40,8 @@ from napari_hdn.engine import (
     load_model,
     load_noise_model,
 )
-from napari_hdn.engine.channels import ChannelNoiseModels
 from napari_hdn.engine.files import safeio
+from napari_hdn.engine.noise.channels import ChannelNoiseModels
 
 TINY_FIT = ["--quiet", "--no-figure", "--kind", "histogram", "--device", "cpu"]
 

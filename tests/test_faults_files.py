@@ -28,7 +28,7 @@ import napari_hdn
 from napari_hdn.cli import main
 from napari_hdn.engine import GaussianNoiseModel, HDNError, InputError, ModelFileError
 from napari_hdn.engine.data.frames import SaturationWarning, check_saturation
-from napari_hdn.engine.files.imageio import read_tiff, read_tiff_meta
+from napari_hdn.engine.data.imageio import read_tiff, read_tiff_meta
 
 TRAIN_TINY = ["--levels", "2", "--z-dim", "2", "--filters", "8", "--blocks", "1", "--patch-size",
               "32", "--batch-size", "2", "--device", "cpu", "--quiet", "--max-steps", "1"]

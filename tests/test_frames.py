@@ -72,7 +72,7 @@ def test_values_are_checked_frame_by_frame():
 
 def test_training_from_a_large_tiff_reads_it_on_demand(tmp_path, monkeypatch):
     """A file above the lazy threshold is trained on through TiffPages: nothing loads it whole."""
-    from napari_hdn.engine.files import imageio
+    from napari_hdn.engine.data import imageio
 
     data = _stack(6)
     path = tmp_path / "big.tif"

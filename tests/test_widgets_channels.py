@@ -8,7 +8,8 @@ from _helpers import smooth_image
 from _widget_helpers import WAIT, dock, set_tiny
 
 from napari_hdn.engine import GaussianNoiseModel
-from napari_hdn.engine.channels import ChannelNoiseModels, MultiChannelModel
+from napari_hdn.engine.network.multichannel import MultiChannelModel
+from napari_hdn.engine.noise.channels import ChannelNoiseModels
 from napari_hdn.widgets import get_session
 from napari_hdn.widgets._base import TaskState
 

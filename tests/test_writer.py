@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from napari_hdn._writer import write_ome_tiff, write_ome_zarr
-from napari_hdn.engine.files.imageio import hdn_description, read_tiff_meta, read_zarr_meta
+from napari_hdn.engine.data.imageio import hdn_description, read_tiff_meta, read_zarr_meta
 
 
 def _state(**kw):

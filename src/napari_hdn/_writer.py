@@ -11,7 +11,7 @@ import os
 def _prepare(data, meta: dict):
     import numpy as np
 
-    from .engine.files.imageio import meta_from_layer
+    from .engine.data.imageio import meta_from_layer
 
     arr = np.asarray(data)
     axes, info, sample = meta_from_layer(meta, arr.ndim)
@@ -22,7 +22,7 @@ def _prepare(data, meta: dict):
 
 def write_ome_tiff(path: str, data, meta: dict) -> list[str]:
     """Write one image layer as OME-TIFF; returns the path written (napari's writer contract)."""
-    from .engine.files.imageio import write_tiff
+    from .engine.data.imageio import write_tiff
 
     arr, axes, info, sample, desc = _prepare(data, meta)
     p = os.fspath(path)
@@ -34,7 +34,7 @@ def write_ome_tiff(path: str, data, meta: dict) -> list[str]:
 
 def write_ome_zarr(path: str, data, meta: dict) -> list[str]:
     """Write one image layer as an OME-Zarr image (NGFF 0.4); returns the path written."""
-    from .engine.files.imageio import write_ome_zarr as write
+    from .engine.data.imageio import write_ome_zarr as write
 
     arr, axes, info, sample, desc = _prepare(data, meta)
     if sample:  # NGFF has no axis for posterior samples: a custom axis "frame" before Y, X

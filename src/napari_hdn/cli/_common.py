@@ -30,8 +30,8 @@ def read_tiff(path: str | Path, what: str = "input", with_axes: bool = False, la
     (axes, pixel sizes, units). ``lazy``: a large file comes back read on demand
     (:class:`~..engine.frames.TiffPages`), for training. A channel axis of length 1 is dropped.
     """
+    from ..engine.data.imageio import read_tiff as read
     from ..engine.errors import InputError
-    from ..engine.files.imageio import read_tiff as read
 
     try:
         arr, meta = read(path, what, lazy=lazy)
@@ -49,7 +49,7 @@ def read_tiff(path: str | Path, what: str = "input", with_axes: bool = False, la
 
 def one_channel(arr, axes: str | None, path, what: str = "input"):
     """Refuse (CLIError) an image with several channels where a command restores one."""
-    from ..engine.channels import layout_of
+    from ..engine.data.layout import layout_of
     from ..engine.errors import InputError
 
     try:

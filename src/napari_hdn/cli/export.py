@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..engine import load_model
     from ..engine.bmz import _need_spec, export_bmz
-    from ..engine.channels import MultiChannelModel
+    from ..engine.network.multichannel import MultiChannelModel
 
     check_numbers(args, n_samples="samples", seed="seed")
     _need_spec()  # before the model and the image are read

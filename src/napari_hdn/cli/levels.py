@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
 
 def pick_channel(args, model, image, axes):
     """(model, image, axes) of one channel: ``--channel`` of a multi-channel model and image."""
-    from ..engine.channels import MultiChannelModel, check_channels, layout_of
+    from ..engine.data.layout import layout_of
+    from ..engine.network.multichannel import MultiChannelModel, check_channels
 
     lay = layout_of(image.shape, axes)
     check_channels(model, lay, str(args.noisy))

@@ -142,10 +142,10 @@ def _fit_locked(args, out: Path, fig_path: Path | None) -> int:
 
     import numpy as np
 
-    from ..engine.channels import ChannelNoiseModels
     from ..engine.events import StopFlag
     from ..engine.files.safeio import write_tiff
     from ..engine.noise import fit_noise_model
+    from ..engine.noise.channels import ChannelNoiseModels
     from ..engine.noise.pairs import NoiseFitWarning
 
     stop = StopFlag()
@@ -242,7 +242,7 @@ class _Sources(list):
 
 def _channel_sources(args) -> _Sources:
     """How to make the pixel pairs of each channel of the data the options name."""
-    from ..engine.channels import layout_of
+    from ..engine.data.layout import layout_of
     from ..engine.errors import InputError
     from ..engine.noise import bootstrap_pairs, pairs_from_calibration, pairs_from_clean
 
@@ -293,9 +293,9 @@ def _channel_sources(args) -> _Sources:
 
 # -- describe ------------------------------------------------------------------------------------
 def cmd_describe(args) -> int:
-    from ..engine.channels import ChannelNoiseModels
     from ..engine.errors import ModelFileError
     from ..engine.noise import load_noise_model
+    from ..engine.noise.channels import ChannelNoiseModels
     from ..engine.noise.diagnostics import check_noise_model
 
     if args.figure:

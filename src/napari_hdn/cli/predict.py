@@ -156,8 +156,9 @@ def _run_tiff(args, out: Path) -> int:
     import numpy as np
 
     from ..engine import InputError, StopFlag, load_model, predict_in_rounds
-    from ..engine.channels import check_channels, layout_of
-    from ..engine.files.imageio import write_tiff as write_image
+    from ..engine.data.imageio import write_tiff as write_image
+    from ..engine.data.layout import layout_of
+    from ..engine.network.multichannel import check_channels
     from ..engine.noise.diagnostics import cpu_threads
     from ..engine.prediction.sampling import check_some_level_active
 

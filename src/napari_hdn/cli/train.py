@@ -108,7 +108,7 @@ def noise_model_from_args(args):
     if sum(given) > 1:
         raise CLIError("give only one of --noise-model, --gaussian-sigma, --poisson-gain")
     if args.noise_model:
-        from ..engine.channels import ChannelNoiseModels
+        from ..engine.noise.channels import ChannelNoiseModels
         from ..engine.noise.diagnostics import check_noise_model
 
         loaded = load_noise_model(args.noise_model)
@@ -393,8 +393,8 @@ def run(args) -> int:
 
 def _run(args, out: Path, ckdir: Path) -> int:
     from ..engine import OutputError, StopFlag, Trainer
-    from ..engine.channels import layout_of
     from ..engine.data.frames import frames_of
+    from ..engine.data.layout import layout_of
     from ..engine.training.ddp import DDPTrainer, init_process_group, launched_by_torchrun, world
 
     parallel = launched_by_torchrun()
@@ -462,7 +462,7 @@ def _run(args, out: Path, ckdir: Path) -> int:
 def run_channels(args, images, lay, meta, out: Path, ckdir: Path) -> int:
     """Train one HDN per channel of ``images`` (layout ``lay``) and write them as one model."""
     from ..engine import StopFlag, StopRequested
-    from ..engine.channels import train_channels
+    from ..engine.training.channels import train_channels
 
     noise = noise_model_from_args(args)
     if noise is None and not args.resume:

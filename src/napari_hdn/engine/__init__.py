@@ -18,7 +18,8 @@ from .errors import (
 )
 from .events import ProgressEvent, StopFlag
 from .network.ladder import LadderVAE
-from .network.model import HDNModel, load_model
+from .network.loading import load_model
+from .network.model import HDNModel
 from .noise import (
     GaussianNoiseModel,
     NoiseModel,

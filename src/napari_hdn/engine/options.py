@@ -12,7 +12,6 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .data.frames import MAX_ABS_VALUE
 from .errors import InputError
 
 
@@ -30,8 +29,8 @@ class Rule:
 
 
 #: the largest size of a value in the user's units (signals, noise parameters): what float32
-#: arithmetic can square (the data's own limit, :data:`.frames.MAX_ABS_VALUE`)
-MAX_VALUE = MAX_ABS_VALUE
+#: arithmetic can square (3.4e38): also the largest pixel magnitude the data may have
+MAX_VALUE = 1e18
 #: the largest sample count: 1000 times the paper's 100 (a fixed count's memory does not grow
 #: with it, its time does: days for a large image)
 MAX_SAMPLES = 100_000

@@ -25,7 +25,7 @@ from qtpy.QtGui import QStandardItemModel
 from qtpy.QtWidgets import QCheckBox, QComboBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
 from ..engine import LATENT_MODES, InputError, describe_levels, fine_tune, predict_in_rounds
-from ..engine.channels import MultiChannelModel
+from ..engine.network.multichannel import MultiChannelModel
 from ..engine.prediction.levels import MAX_GROWTH, STRUCTURE_LIMIT
 from ..engine.prediction.levels import mean_log_likelihood as _mean_log_likelihood
 from ..engine.prediction.sampling import inference_model

@@ -8,7 +8,7 @@ import numpy as np
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QPushButton, QSizePolicy, QStackedWidget, QWidget
 
 from ..engine import GaussianNoiseModel, InputError, PoissonGaussianNoiseModel
-from ..engine.channels import ChannelNoiseModels, layout_of
+from ..engine.data.layout import layout_of
 from ..engine.noise import (
     bootstrap_pairs,
     diagnostics_figure,
@@ -17,6 +17,7 @@ from ..engine.noise import (
     pairs_from_clean,
     split_pairs,
 )
+from ..engine.noise.channels import ChannelNoiseModels
 from ._base import EngineWidget, TaskState
 from ._forms import (
     MAX_SEED,

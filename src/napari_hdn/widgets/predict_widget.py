@@ -14,7 +14,8 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
 from ..engine import InputError, ProgressEvent, predict_in_rounds, resolve_device
-from ..engine.channels import MultiChannelModel, check_channels, layout_of
+from ..engine.data.layout import layout_of
+from ..engine.network.multichannel import MultiChannelModel, check_channels
 from ..engine.prediction.sampling import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, MODEL_FILTER, ask_open, form, notify_info, scroll_body, spin, status_label

@@ -12,15 +12,11 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
 from ..engine import DeviceError, InputError, ModelConfig, Trainer, TrainingConfig, resolve_device
-from ..engine.channels import (
-    ChannelNoiseModels,
-    MultiChannelModel,
-    check_channels,
-    layout_of,
-    per_channel_noise,
-    train_channels,
-)
-from ..engine.channels import verdict_warnings as verdict_warning
+from ..engine.data.layout import layout_of
+from ..engine.network.multichannel import MultiChannelModel, check_channels
+from ..engine.noise.channels import ChannelNoiseModels, per_channel_noise
+from ..engine.noise.channels import verdict_warnings as verdict_warning
+from ..engine.training.channels import train_channels
 from ..engine.training.presets import DEFAULT_PRESET, PRESETS
 from ..engine.training.priors import bundled_prior_for
 from ._base import EngineWidget, TaskState

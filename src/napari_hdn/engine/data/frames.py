@@ -21,9 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import HDNWarning, InputError
+from ..options import MAX_VALUE as MAX_ABS_VALUE  # larger magnitudes overflow float32 squared
 
-#: larger magnitudes overflow float32 when squared in the likelihood (3.4e38)
-MAX_ABS_VALUE = 1e18
 #: a larger share of the sampled pixels at the image's top value is called saturated (clipped)
 CLIPPED_SHARE = 0.01
 

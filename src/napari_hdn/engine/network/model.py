@@ -165,11 +165,6 @@ class HDNModel:
         meta.update(extra_meta or {})
         return write_file(path, tensors, meta)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, device=None) -> HDNModel:
-        """Load a model file; see :func:`load_model`."""
-        return load_model(path, device=device)
-
     def __repr__(self) -> str:
         c = self.config
         return (
@@ -275,37 +270,3 @@ def _ladder_for(config: ModelConfig, weights: dict, path) -> LadderVAE:
             raise ModelFileError(f"{path}: weights do not match the stored architecture ({k} is "
                                  f"{v.dtype}, not {t.dtype}); the file is damaged or was edited.")
     return ladder
-
-
-def load_model(path: str | os.PathLike, device=None):
-    """Load a napari-hdn model file: an :class:`HDNModel`, or a
-    :class:`~napari_hdn.engine.channels.MultiChannelModel` for a file with one model per channel.
-
-    Raises
-    ------
-    ModelFileError
-        If the file is missing, unreadable, truncated, corrupt, not a napari-hdn model (a .hdn file
-        or a BioImage Model Zoo package that napari-hdn exported), of a newer
-        version, or holds values no model can have (NaN or infinite weights, a normalisation std
-        that is not a positive finite number, metadata of the wrong types).
-    """
-    from ..bmz import is_bmz_package, load_bmz
-    from ..channels import CHANNEL_FILE_VERSION, models_from_file
-
-    if str(path).lower().endswith(".zip") or is_bmz_package(path):  # a BioImage Model Zoo package
-        return load_bmz(path, device=device)
-    meta, tensors = read_file(path, MODEL_FILE_FORMAT, "napari-hdn model")
-    version = meta.get("format_version")
-    if version == CHANNEL_FILE_VERSION and isinstance(meta.get("channels"), list):
-        model = models_from_file(meta, tensors, path)
-    else:
-        if not isinstance(version, int) or version > MODEL_FILE_VERSION:
-            raise ModelFileError(
-                f"{path} has model format version {version}; this napari-hdn reads up to "
-                f"{CHANNEL_FILE_VERSION}. Update napari-hdn to load it.")
-        model = model_from_parts(meta, tensors, path)
-    if device is not None:
-        from ..device import resolve_device
-
-        model.to(resolve_device(device))
-    return model

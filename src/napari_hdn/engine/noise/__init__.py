@@ -5,11 +5,11 @@ from .analytic import GaussianNoiseModel, PoissonGaussianNoiseModel
 from .base import (
     NoiseModel,
     NoiseModelRangeWarning,
-    load_noise_model,
     noise_model_from_state,
     noise_model_kinds,
     register_noise_model,
 )
+from .channels import load_noise_model
 from .diagnostics import (
     binned_statistics,
     diagnostics_figure,

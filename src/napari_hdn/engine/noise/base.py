@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError
-from ..files.safeio import check_finite_tensors, read_file, write_file
+from ..files.safeio import write_file
 
 NOISE_FILE_FORMAT = "napari-hdn-noise-model"
 EXTRAPOLATION_MODES = ("linear", "clamp")
@@ -110,35 +110,6 @@ def noise_model_from_state(kind: str, params: dict, tensors: dict) -> NoiseModel
         return _REGISTRY[kind].from_state(params, tensors)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelFileError(f"noise model parameters for kind {kind!r} are invalid: {exc}") from None
-
-
-def load_noise_model(path: str | os.PathLike):
-    """Load a noise model file written by :meth:`NoiseModel.save` (a :class:`NoiseModel`), or by
-    :meth:`~napari_hdn.engine.channels.ChannelNoiseModels.save` (one model per channel).
-
-    Raises
-    ------
-    ModelFileError
-        If the file is missing, corrupt, not a noise-model file, or from a newer format version.
-    """
-    meta, tensors = read_file(path, NOISE_FILE_FORMAT, "napari-hdn noise model")
-    version = meta.get("format_version")
-    if version == 2 and "channels" in meta:  # one noise model per channel
-        from ..channels import noise_models_from_file
-
-        check_finite_tensors(tensors, path, "noise model")
-        return noise_models_from_file(meta, tensors, path)
-    if not isinstance(version, int) or version > NOISE_FILE_VERSION:
-        raise ModelFileError(
-            f"{path} has noise-model format version {version}, this napari-hdn reads up to "
-            f"{NOISE_FILE_VERSION + 1}: update napari-hdn."
-        )
-    params = meta.get("params", {})
-    if not isinstance(params, dict):
-        raise ModelFileError(f"{path}: the noise model's parameters are invalid (a "
-                             f"{type(params).__name__}, not a dict); the file is damaged or edited.")
-    check_finite_tensors(tensors, path, "noise model")
-    return noise_model_from_state(str(meta.get("kind", "?")), params, tensors)
 
 
 LOG_2PI = math.log(2.0 * math.pi)

@@ -35,13 +35,7 @@ import math
 import torch
 
 from ..options import MAX_VALUE
-from .base import (
-    EXTRAPOLATION_MODES,
-    LOG_2PI,
-    NoiseModel,
-    VarianceLaw,
-    register_noise_model,
-)
+from .base import EXTRAPOLATION_MODES, LOG_2PI, NoiseModel, VarianceLaw, register_noise_model
 
 
 def _poly(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

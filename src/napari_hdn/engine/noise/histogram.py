@@ -27,12 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..options import MAX_VALUE
-from .base import (
-    EXTRAPOLATION_MODES,
-    NoiseModel,
-    VarianceLaw,
-    register_noise_model,
-)
+from .base import EXTRAPOLATION_MODES, NoiseModel, VarianceLaw, register_noise_model
 
 
 @register_noise_model

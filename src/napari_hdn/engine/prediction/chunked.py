@@ -148,7 +148,7 @@ class ModelRef:
                 if self.model is not None:
                     model = self.model
                 else:
-                    from ..network.model import load_model
+                    from ..network.loading import load_model
 
                     model = load_model(self.path)
                     if self.channel is not None:
@@ -274,7 +274,7 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
         p = Path(source)
         name = str(p)
         if p.suffix.lower() in (".tif", ".tiff"):
-            from ..files.imageio import read_tiff_meta
+            from ..data.imageio import read_tiff_meta
 
             # a regular file (never a FIFO opened), one image series, RGB planes as channels C
             declared = read_tiff_meta(p)[2].axes
@@ -471,7 +471,7 @@ def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_sam
     fixed, _ = resolve_samples(n_samples)
     c = check_options(batch_size=batch_size, tile_size=tile_size, tile_overlap=margin, seed=seed)
     c["n_samples"] = fixed if fixed is not None else "auto"
-    from ..channels import MultiChannelModel
+    from ..network.multichannel import MultiChannelModel
 
     ref = ModelRef(model)
     m_obj = ref.model if ref.model is not None else as_model(ref.path)
@@ -800,7 +800,7 @@ def _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite, sche
 
 def _input_meta(image):
     """The axes, pixel size and units a TIFF or OME-Zarr input declares (None otherwise)."""
-    from ..files.imageio import read_tiff_meta, read_zarr_meta
+    from ..data.imageio import read_tiff_meta, read_zarr_meta
 
     if not isinstance(image, (str, os.PathLike)):
         return None

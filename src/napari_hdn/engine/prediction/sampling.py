@@ -211,7 +211,7 @@ def inference_model(model, device=None):
     on one CPU thread); passing the result to :func:`predict` or :class:`PosteriorSampler` again
     makes no further copy.
     """
-    from ..channels import MultiChannelModel
+    from ..network.multichannel import MultiChannelModel
 
     if isinstance(model, MultiChannelModel):
         ready = [inference_model(m, device) for m in model.models]
@@ -546,8 +546,9 @@ def as_model(model):
     """An HDNModel as it is; a path is loaded (so ``napari_hdn.predict("m.hdn", image)`` works)."""
     import os
 
-    from ..channels import MultiChannelModel
-    from ..network.model import HDNModel, load_model
+    from ..network.loading import load_model
+    from ..network.model import HDNModel
+    from ..network.multichannel import MultiChannelModel
 
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
@@ -729,7 +730,8 @@ def predict(
     ModelFileError
         ``model`` is a path to a file that is not a usable model.
     """
-    from ..channels import MultiChannelModel, check_channels, layout_of
+    from ..data.layout import layout_of
+    from ..network.multichannel import MultiChannelModel, check_channels
 
     model = as_model(model)
     image = image_array(image)  # a tensor's values, a list stacked; a masked array refused

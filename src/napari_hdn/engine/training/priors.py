@@ -116,7 +116,7 @@ def initial_weights(init: str, config: ModelConfig) -> tuple[dict[str, torch.Ten
         record = {"init": "prior", "file": name, "sha256": digest,
                   "prior": dict(model.info.get("prior", {}))}
         return _weights_for(config, model.ladder.state_dict()), record
-    from ..network.model import load_model
+    from ..network.loading import load_model
 
     path = Path(init)
     if not path.is_file():

@@ -823,7 +823,7 @@ def train(
     images : ndarray or list of ndarray
         Noisy images: YX, a stack of frames (SYX/TYX) or a volume treated slice-wise (ZYX); with
         a channel axis C (``CYX``, ``TCYX``, ``YXC`` for RGB) one HDN is trained per channel and
-        a :class:`~napari_hdn.engine.channels.MultiChannelModel` returned. A memory-mapped,
+        a :class:`~napari_hdn.engine.network.multichannel.MultiChannelModel` returned. A memory-mapped,
         dask or zarr array is read patch by patch, never copied whole.
     noise_model : NoiseModel or ChannelNoiseModels
         Pixel noise model in the units of ``images``, e.g. ``GaussianNoiseModel(sigma=25)``; for
@@ -859,7 +859,9 @@ def train(
     m_over, t_over = _split_overrides(options)
     if m_over:
         config = validated(ModelConfig, {**(config or ModelConfig()).model_dump(), **m_over})
-    from ..channels import ChannelNoiseModels, layout_of, train_channels
+    from ..data.layout import layout_of
+    from ..noise.channels import ChannelNoiseModels
+    from .channels import train_channels
 
     shape = np.shape(images) if not isinstance(images, (list, tuple)) else None
     layout = layout_of(shape, axes) if shape is not None else None

@@ -169,7 +169,7 @@ def _plain_meta(page, meta: ImageMeta) -> None:
 def _check_file(path, what: str) -> Path:
     """``path`` once it is known to be a regular file (:func:`~.safeio.check_input_file`: a
     FIFO is never opened, a folder, a device or a symbolic link loop is refused in one line)."""
-    from .safeio import check_input_file
+    from ..files.safeio import check_input_file
 
     return check_input_file(path, what, "TIFF file", InputError)
 
@@ -271,7 +271,7 @@ def read_tiff(path: str | os.PathLike, what: str = "input", lazy: bool = False,
     """
     import tifffile
 
-    from ..data.frames import TiffPages
+    from .frames import TiffPages
 
     shape, dtype, meta = read_tiff_meta(path, what, series)
     p = Path(path)
@@ -306,7 +306,7 @@ def write_tiff(path: str | os.PathLike, array, axes: str, meta: ImageMeta | None
     resolution in the TIFF tags too. Without, a plain TIFF with the JSON description.
     ``sample_axis``: ``array`` has one more leading axis than ``axes`` (posterior samples).
     """
-    from .safeio import write_tiff as write_plain
+    from ..files.safeio import write_tiff as write_plain
 
     arr = np.asarray(array)
     axes = axes.upper()
@@ -378,7 +378,7 @@ def meta_from_layer(layer_meta: dict, ndim: int) -> tuple[str, ImageMeta, bool]:
     from the dimensions), physical sizes from its scale and units (a scale in napari's default
     unit, pixels, is taken as µm: it is what a scale of a microscopy layer means).
     ``sample_axis``: a leading "sample" axis (posterior samples), left out of ``axes``."""
-    from ..data.arrays import default_axes
+    from .arrays import default_axes
 
     rgb = bool(layer_meta.get("rgb"))
     space = ndim - (1 if rgb else 0)  # napari's dimensions (an RGB layer's colours are not one)
@@ -455,7 +455,7 @@ def write_ome_zarr(path: str | os.PathLike, array, axes: str, meta: ImageMeta | 
         tmp.rename(target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        from .safeio import write_failure
+        from ..files.safeio import write_failure
 
         raise OutputError(write_failure(exc, target)) from None
     return target
