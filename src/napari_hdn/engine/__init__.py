@@ -1,4 +1,21 @@
-"""The headless HDN engine: no Qt, no napari. Importable on any server."""
+"""The headless HDN engine: no Qt, no napari. Importable on any server.
+
+Its rooms, each importing only the ground and the rooms before it in this list:
+
+- the ground, modules at this level: ``errors``, ``config`` (architecture and training settings),
+  ``options`` (the one table of numeric option bounds), ``events`` (progress and stop),
+  ``threads``, ``device``, ``heap``, ``metrics``;
+- ``files``: model and noise-model files written atomically and read safely, output locks;
+- ``data``: arrays checked and normalised, frames read on demand, channel layouts, TIFF/OME-Zarr;
+- ``noise``: pixel noise models, their fitting and diagnostics;
+- ``network``: the ladder VAE, the model a file holds, loading model files and BMZ packages;
+- ``prediction``: posterior sampling, MMSE and variance, latent levels, chunked prediction;
+- ``training``: the Trainer, checkpoints, DDP, presets, the bundled prior, multi-channel runs;
+- ``bmz``: BioImage Model Zoo export (its architecture class is what exported packages name).
+
+The one import that runs back up is a convenience: ``HDNModel.predict`` / ``.sampler`` (and
+``MultiChannelModel.predict``) call the prediction room from inside those methods.
+"""
 
 from .config import LATENT_MODES, OFF_MODES, ModelConfig, TrainingConfig
 from .data.arrays import Normalisation, to_frames

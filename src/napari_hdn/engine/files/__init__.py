@@ -1,2 +1,2 @@
-"""Files: model and noise-model files written atomically and read safely, output locks,
-TIFF and OME-Zarr image input and output."""
+"""Files: model and noise-model files written atomically and read safely (no pickles), and the
+advisory locks that keep two runs from writing one output."""

@@ -1,2 +1,2 @@
 """The HDN network: its blocks, the ladder VAE, the model a file holds (network, noise model,
-normalisation), and the fused inference path."""
+normalisation), one model per channel, and reading model files and BMZ packages."""
