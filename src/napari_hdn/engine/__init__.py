@@ -16,7 +16,7 @@ from .errors import (
     TrainingDivergedError,
     TrainingStopped,
 )
-from .events import ProgressEvent, StopFlag
+from .events import EventKind, EventTask, ProgressEvent, StopFlag
 from .ladder import LadderVAE
 from .levels import LevelReport, describe_levels
 from .model import HDNModel, load_model
@@ -35,6 +35,8 @@ __all__ = [
     "OFF_MODES",
     "LevelReport",
     "DeviceError",
+    "EventKind",
+    "EventTask",
     "GaussianNoiseModel",
     "HDNError",
     "HDNModel",

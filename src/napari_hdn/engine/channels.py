@@ -25,7 +25,7 @@ import numpy as np
 
 from .data import check_axes
 from .errors import InputError, ModelFileError, StopRequested, SuspiciousNoiseModelWarning
-from .events import Reporter, StopFlag
+from .events import EventTask, Reporter, StopFlag
 
 CHANNEL_FILE_VERSION = 2  # of model and noise-model files holding channels
 #: where a multi-channel run keeps its noise models, in its checkpoint folder (for a resume)
@@ -344,7 +344,7 @@ def check_channels(model, layout: Layout, name: str = "the image") -> None:
 
 
 def _relay(callbacks, channel: int, channels: int):
-    report = Reporter("train", callbacks)
+    report = Reporter(EventTask.TRAIN, callbacks)
 
     def relay(ev):
         ev.metrics = {**(ev.metrics or {}), "channel": channel, "channels": channels}

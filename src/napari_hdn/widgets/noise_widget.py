@@ -7,7 +7,7 @@ import html
 import numpy as np
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QPushButton, QSizePolicy, QStackedWidget, QWidget
 
-from ..engine import GaussianNoiseModel, InputError, PoissonGaussianNoiseModel
+from ..engine import EventKind, EventTask, GaussianNoiseModel, InputError, PoissonGaussianNoiseModel
 from ..engine.channels import ChannelNoiseModels, layout_of
 from ..engine.noise import (
     bootstrap_pairs,
@@ -433,7 +433,7 @@ class NoiseModelWidget(EngineWidget):
     # -- worker events (GUI thread) ----------------------------------------------------------------
     def on_events(self, events) -> None:
         for ev in events:
-            if ev.task == "n2v" and ev.kind == "stopped" and self.state == TaskState.STOPPING:
+            if ev.task == EventTask.N2V and ev.kind == EventKind.STOPPED and self.state == TaskState.STOPPING:
                 # the stop ended Noise2Void only: the pseudo-clean image and the fit come next,
                 # and Stop can end the fit
                 self.set_state(TaskState.RUNNING)
@@ -445,14 +445,14 @@ class NoiseModelWidget(EngineWidget):
             self.progress.setValue(min(last.step, last.total))
         m = last.metrics
         ch = f"channel {m['channel'] + 1} of {m['channels']}: " if m.get("channels") else ""
-        if last.task == "n2v":
+        if last.task == EventTask.N2V:
             text = (f"Noise2Void (pseudo-clean image): step {last.step} (until its validation "
                     f"loss levels off, at most {last.total})")
             if m.get("val_loss") is not None:
                 self._n2v_val = m["val_loss"]
             if getattr(self, "_n2v_val", None) is not None:
                 text += f", val loss {self._n2v_val:.4g}"
-        elif last.task == "n2v-predict":
+        elif last.task == EventTask.N2V_PREDICT:
             text = f"Noise2Void: predicting the pseudo-clean image, frame {last.step} / {last.total}"
         else:
             text = f"Fitting: iteration {last.step} / {last.total}"

@@ -13,7 +13,7 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
-from ..engine import InputError, ProgressEvent, predict_in_rounds, resolve_device
+from ..engine import EventKind, EventTask, InputError, ProgressEvent, predict_in_rounds, resolve_device
 from ..engine.channels import MultiChannelModel, check_channels, layout_of
 from ..engine.prediction import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
 from ._base import EngineWidget, TaskState
@@ -177,7 +177,7 @@ class PredictWidget(EngineWidget):
             def on_frames(first, stop, mmse, variance, counts, samples):
                 # finished frames go to the GUI thread with the progress events (copies: the
                 # engine's arrays are its own)
-                extra["report"](ProgressEvent("predict", "frames", step=stop, metrics={
+                extra["report"](ProgressEvent(EventTask.PREDICT, EventKind.FRAMES, step=stop, metrics={
                     "first": first, "mmse": np.array(mmse), "variance": np.array(variance),
                     "samples": None if samples is None else np.array(samples),
                     "shape": shape}))
@@ -241,14 +241,14 @@ class PredictWidget(EngineWidget):
         self.show_status("Computing…")
 
     def on_events(self, events) -> None:
-        frames = [ev for ev in events if ev.kind == "frames"]
-        super().on_events([ev for ev in events if ev.kind != "frames"])
+        frames = [ev for ev in events if ev.kind == EventKind.FRAMES]
+        super().on_events([ev for ev in events if ev.kind != EventKind.FRAMES])
         if frames:
             self._show_frames(frames)
         if self.meta.get("lazy"):
             self.show_status(f"Sampling… {self.progress.value()} / {self.progress.maximum()} chunks")
             return
-        last = next((ev for ev in reversed(events) if ev.kind in ("start", "step")), None)
+        last = next((ev for ev in reversed(events) if ev.kind in (EventKind.START, EventKind.STEP)), None)
         if last is not None:
             self.show_status(progress_text(last.metrics or {}, self.progress.value(),
                                            self.progress.maximum()))

@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
-from ..engine import DeviceError, InputError, ModelConfig, Trainer, TrainingConfig, resolve_device
+from ..engine import (
+    DeviceError,
+    EventKind,
+    EventTask,
+    InputError,
+    ModelConfig,
+    Trainer,
+    TrainingConfig,
+    resolve_device,
+)
 from ..engine.channels import (
     ChannelNoiseModels,
     MultiChannelModel,
@@ -551,15 +560,15 @@ class TrainingWidget(EngineWidget):
     def on_events(self, events) -> None:
         last = None
         for ev in events:
-            if ev.task != "train":
+            if ev.task != EventTask.TRAIN:
                 continue
-            if ev.kind == "step":
+            if ev.kind == EventKind.STEP:
                 self.plot.add_step(ev.step, ev.metrics)
                 last = ev
-            elif ev.kind == "epoch":
+            elif ev.kind == EventKind.EPOCH:
                 self.plot.add_epoch(ev.step, ev.metrics)
                 last = ev
-            elif ev.kind == "start":
+            elif ev.kind == EventKind.START:
                 done, total = self._overall(ev)
                 if ev.metrics.get("channel"):  # the next channel: its own curves
                     self.plot.reset()

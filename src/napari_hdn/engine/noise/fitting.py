@@ -29,7 +29,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import InputError, TrainingDivergedError, TrainingStopped
-from ..events import Reporter, StopFlag
+from ..events import EventKind, EventTask, Reporter, StopFlag
 from .base import LOG_2PI, NoiseModel
 from .diagnostics import (
     binned_statistics,
@@ -175,7 +175,7 @@ def _fit_gmm(train: NoisePairs, held: NoisePairs | None, *, n_gaussians, degree,
 
     best = evaluate()
     best_theta = theta.detach().clone()
-    report("start", step=0, total=iterations, metrics={"val_nll": best})
+    report(EventKind.START, step=0, total=iterations, metrics={"val_nll": best})
     if method == "binned":
         step_fn, eval_every = _BinnedLBFGS(model, theta, cs, cr, w), 10
     else:
@@ -206,7 +206,7 @@ def _fit_gmm(train: NoisePairs, held: NoisePairs | None, *, n_gaussians, degree,
                 metrics["val_nll"] = val
                 if math.isfinite(val) and val <= best:
                     best, best_theta = val, theta.detach().clone()
-            report("step", step=step, total=iterations, metrics=metrics)
+            report(EventKind.STEP, step=step, total=iterations, metrics=metrics)
             if converged:
                 break
     except TrainingStopped:
@@ -396,7 +396,7 @@ def fit_noise_model(
             raise InputError("give the noisy observation next to the signal (or a NoisePairs)")
         pairs = check_pairs(signal, observation)
     dev = resolve_device(device)
-    report = Reporter("noise-fit", callbacks)
+    report = Reporter(EventTask.NOISE_FIT, callbacks)
     t0 = time.perf_counter()
     train, held = split_pairs(pairs, val_fraction, seed)
     settings: dict = {"kind": kind, "val_fraction": val_fraction, "seed": int(seed)}
@@ -463,7 +463,7 @@ def _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag, *, n_gau
             raise TrainingDivergedError("noise-model fitting produced NaN parameters; check the data")
         _check_fitted(model, train)
     else:
-        report("start", step=0, total=1)
+        report(EventKind.START, step=0, total=1)
         model = hist
         settings.update(stopped=False, signal_bins=hist.n_signal_bins, offset_bins=hist.n_offset_bins)
     stopped = bool(settings.get("stopped"))
@@ -473,7 +473,7 @@ def _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag, *, n_gau
     settings["seconds"] = round(time.perf_counter() - t0, 3)
     info["fit"] = settings
     model.info = info
-    report("stopped" if stopped else "done", step=settings.get("iterations", 1),
+    report(EventKind.STOPPED if stopped else EventKind.DONE, step=settings.get("iterations", 1),
            total=settings.get("iterations_planned", 1),
            metrics={"heldout_nll": info.get("heldout_nll")})
     return model
