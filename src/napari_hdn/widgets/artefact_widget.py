@@ -29,6 +29,7 @@ from ..engine.channels import MultiChannelModel
 from ..engine.levels import MAX_GROWTH, STRUCTURE_LIMIT
 from ..engine.levels import mean_log_likelihood as _mean_log_likelihood
 from ..engine.prediction import inference_model
+from ..session import Registry
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, combo, form, scroll_body, set_message, spin, status_label
 from ._inputs import NO_MODEL, LayerChooser, SessionChooser, check_model_fits, chosen_model_and_image
@@ -169,7 +170,7 @@ class ArtefactWidget(EngineWidget):
 
         lay = scroll_body(self)
         box = QGroupBox("Input")
-        self.model_combo = SessionChooser("models")
+        self.model_combo = SessionChooser(Registry.MODELS)
         self.layer_combo = LayerChooser(napari_viewer)
         box.setLayout(form([("Model", self.model_combo), ("Image layer", self.layer_combo)]))
         lay.addWidget(box)

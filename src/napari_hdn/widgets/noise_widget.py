@@ -17,6 +17,7 @@ from ..engine.noise import (
     pairs_from_clean,
     split_pairs,
 )
+from ..session import Registry
 from ._base import EngineWidget, TaskState
 from ._forms import (
     MAX_SEED,
@@ -191,7 +192,7 @@ class NoiseModelWidget(EngineWidget):
         self.add_run_row(lay, "Fit", idle_text="Choose a source, then Fit.")
 
         box = QGroupBox("Result")
-        self.model_combo = SessionChooser("noise")
+        self.model_combo = SessionChooser(Registry.NOISE_MODELS)
         self.save_btn = QPushButton("Save…")
         self.load_btn = QPushButton("Load…")
         self.verdict = status_label()

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 from ..engine import EventKind, EventTask, InputError, ProgressEvent, predict_in_rounds, resolve_device
 from ..engine.channels import MultiChannelModel, check_channels, layout_of
 from ..engine.prediction import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
+from ..session import Registry
 from ._base import EngineWidget, TaskState
 from ._forms import MAX_SEED, MODEL_FILTER, ask_open, form, notify_info, scroll_body, spin, status_label
 from ._inputs import (
@@ -67,7 +68,7 @@ class PredictWidget(EngineWidget):
 
         lay = scroll_body(self)
         box = QGroupBox("Input")
-        self.model_combo = SessionChooser("models")
+        self.model_combo = SessionChooser(Registry.MODELS)
         self.model_load = QPushButton("Load…")
         self.model_load.setToolTip("Load a model file (.hdn); File > Open does the same")
         row = QHBoxLayout()

@@ -32,6 +32,7 @@ from ..engine.channels import (
 from ..engine.channels import verdict_warnings as verdict_warning
 from ..engine.presets import DEFAULT_PRESET, PRESETS
 from ..engine.priors import bundled_prior_for
+from ..session import Registry
 from ._base import EngineWidget, TaskState
 from ._forms import (
     MAX_SEED,
@@ -131,7 +132,7 @@ class TrainingWidget(EngineWidget):
         data_box = QGroupBox("Data")
         self.layer_combo = LayerChooser(napari_viewer)
         self.axes_combo = AxesChooser(self.layer_combo)
-        self.noise_combo = SessionChooser("noise")
+        self.noise_combo = SessionChooser(Registry.NOISE_MODELS)
         self.noise_load = QPushButton("Load…")
         self.noise_load.setToolTip("Load a noise model file (.hdnoise)")
         nm_row = QHBoxLayout()
@@ -213,7 +214,7 @@ class TrainingWidget(EngineWidget):
         lay.addWidget(self.plot)
 
         model_box = QGroupBox("Trained model")
-        self.model_combo = SessionChooser("models")
+        self.model_combo = SessionChooser(Registry.MODELS)
         self.resume_btn = QPushButton("Resume")
         self.resume_btn.setToolTip("Continue training the chosen model for 'Steps' more steps")
         self.save_btn = QPushButton("Save…")
