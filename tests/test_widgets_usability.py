@@ -309,13 +309,14 @@ def test_a_preview_takes_every_core_only_while_no_other_job_runs(qtbot, monkeypa
     import torch
     from qtpy.QtCore import QObject
 
-    from napari_hdn.widgets._workers import EngineTask, default_cpu_threads, job_threads
+    from napari_hdn.engine.threads import default_job_threads
+    from napari_hdn.widgets._workers import EngineTask, job_threads
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     torch.set_num_threads(4)  # the widget_session fixture puts it back to 1 for the next test
     owner = QObject()
     long_job, preview = (EngineTask(owner, lambda ev: None, lambda out: None) for _ in range(2))
-    assert default_cpu_threads() == 3
+    assert default_job_threads() == 3
     assert job_threads(interactive=True) == 4 and job_threads() == 3
 
     release, seen = threading.Event(), {}

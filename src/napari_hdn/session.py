@@ -184,7 +184,8 @@ class HDNSession:
     def __init__(self) -> None:
         self.noise_models: dict[str, NoiseEntry] = {}
         self.models: dict[str, ModelEntry] = {}
-        #: torch threads for the widgets' jobs; None: all cores but one (see widgets/_workers)
+        #: torch threads for the widgets' jobs, the user's choice; None: automatic
+        #: (:func:`napari_hdn.engine.threads.job_threads`)
         self.cpu_threads: int | None = None
         self.runs: list[TrainingRun] = []
         self._cleanup_registered = False

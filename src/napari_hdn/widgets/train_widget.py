@@ -32,6 +32,7 @@ from ..engine.channels import (
 from ..engine.channels import verdict_warnings as verdict_warning
 from ..engine.presets import DEFAULT_PRESET, PRESETS
 from ..engine.priors import bundled_prior_for
+from ..engine.threads import default_job_threads
 from ..session import Registry
 from ._base import EngineWidget, TaskState
 from ._forms import (
@@ -63,7 +64,6 @@ from ._inputs import (
     lazy_layer_data,
 )
 from ._plot import TrainingPlot
-from ._workers import default_cpu_threads
 
 CUSTOM = "custom"
 START_PRIOR = "pretrained prior"
@@ -191,7 +191,7 @@ class TrainingWidget(EngineWidget):
                             "Torch threads for training, prediction and previews in napari (auto: "
                             "all cores but one, so the viewer stays responsive; an artefact "
                             "preview takes every core while nothing else runs)",
-                            special=f"auto ({default_cpu_threads()})")
+                            special=f"auto ({default_job_threads()})")
         self.threads.valueChanged.connect(self._on_threads)
         self.advanced.content.setLayout(form([
             ("Levels", self.levels), ("Latent channels", self.z_dim), ("Filters", self.filters),

@@ -30,10 +30,10 @@ import torch
 from ..device import resolve_device
 from ..errors import InputError, TrainingDivergedError, TrainingStopped
 from ..events import EventKind, EventTask, Reporter, StopFlag
+from ..threads import small_tensors
 from .base import LOG_2PI, NoiseModel
 from .diagnostics import (
     binned_statistics,
-    cpu_threads,
     fit_verdict,
     heldout_nll,
     noise_model_problem,
@@ -404,8 +404,7 @@ def fit_noise_model(
     if kind == "histogram" or compare_histogram:
         hist = HistogramNoiseModel.from_pairs(train.signal, train.observation, signal_bins, offset_bins)
         _check_fitted(hist, train)  # before a GMM is fitted: it is compared with this one
-    # small tensors (binned cells, mini-batches, diagnostics): one CPU thread is about as fast
-    with cpu_threads(1, dev):
+    with small_tensors(dev):  # binned cells, mini-batches, diagnostics
         return _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag,
                     n_gaussians=n_gaussians, degree=degree, min_variance=min_variance, method=method,
                     iterations=int(iterations), batch_size=int(batch_size), lr=float(lr), seed=seed)
