@@ -303,6 +303,20 @@ def test_training_widget_takes_the_presets_whole(viewer, monkeypatch):
 # -- previews take every core while nothing else runs (issue 10) -----------------------------------
 
 
+def test_the_forms_offer_what_the_engine_takes(viewer):
+    """The spin boxes read the engine's option rules: the noise form offers every mixture size and
+    degree a GMM can have, and no form offers a value the engine refuses."""
+    from napari_hdn.engine.options import bounds
+
+    nw = dock(viewer, "Noise model")
+    assert (nw.n_gaussians.minimum(), nw.n_gaussians.maximum()) == bounds("n_gaussians")
+    assert (nw.degree.minimum(), nw.degree.maximum()) == bounds("degree")
+    tw = dock(viewer, "Training")
+    for box, key in ((tw.patch, "patch_size"), (tw.batch, "batch_size"), (tw.steps, "max_steps")):
+        lo, hi = bounds(key)
+        assert lo <= box.minimum() and box.maximum() <= hi, key
+
+
 def test_a_preview_takes_every_core_only_while_no_other_job_runs(qtbot, monkeypatch):
     import threading
 

@@ -18,7 +18,17 @@ from ..engine.channels import MultiChannelModel, check_channels, layout_of
 from ..engine.prediction import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
 from ..session import Registry
 from ._base import EngineWidget, TaskState
-from ._forms import MAX_SEED, MODEL_FILTER, ask_open, form, notify_info, scroll_body, spin, status_label
+from ._forms import (
+    MAX_SEED,
+    MODEL_FILTER,
+    ask_open,
+    form,
+    notify_info,
+    rule_range,
+    scroll_body,
+    spin,
+    status_label,
+)
 from ._inputs import (
     NO_MODEL,
     AxesChooser,
@@ -86,16 +96,18 @@ class PredictWidget(EngineWidget):
         lay.addWidget(box)
 
         box = QGroupBox("Sampling")
-        self.n_samples = spin(0, 10000, 0, 10, "Posterior samples per frame; the MMSE is their mean. "
+        self.n_samples = spin(*rule_range("n_samples", special=True, most=10000), 0, 10,
+                              "Posterior samples per frame; the MMSE is their mean. "
                               "auto: until the MMSE is within 0.05 dB of what 100 independent "
                               "samples (the paper's count) give, 8 to 100 per frame; a number "
                               "forces that many", special="auto")
         self.keep_samples = QCheckBox("Samples layer")
         self.keep_samples.setToolTip("Also add all samples as one layer with a slider over samples")
         self.keep_samples.setChecked(True)
-        self.tile = spin(0, 8192, 0, 64, "Tile size in pixels for large images (auto: untiled up "
+        self.tile = spin(*rule_range("tile_size", special=True, most=8192), 0, 64,
+                         "Tile size in pixels for large images (auto: untiled up "
                          "to 1024x1024, else 512)", special="auto")
-        self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same samples")
+        self.seed = spin(*rule_range("seed", most=MAX_SEED), 0, 1, "Same seed, same samples")
         self.device = device_chooser()
         box.setLayout(form([("Samples", self.n_samples), ("", self.keep_samples),
                             ("Tile size", self.tile), ("Seed", self.seed), ("Device", self.device)]))

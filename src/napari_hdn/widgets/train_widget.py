@@ -30,6 +30,7 @@ from ..engine.channels import (
     train_channels,
 )
 from ..engine.channels import verdict_warnings as verdict_warning
+from ..engine.config import MODEL_LIMITS
 from ..engine.presets import DEFAULT_PRESET, PRESETS
 from ..engine.priors import bundled_prior_for
 from ..engine.threads import default_job_threads
@@ -47,6 +48,7 @@ from ._forms import (
     form,
     notify_info,
     notify_warning,
+    rule_range,
     scroll_body,
     set_message,
     spin,
@@ -151,13 +153,16 @@ class TrainingWidget(EngineWidget):
         self.preset = combo([*PRESETS, CUSTOM], "\n".join(
             f"{name}: {p.description}" for name, p in PRESETS.items()))
         self.size_note = status_label()
-        self.patch = spin(8, 512, 64, 8, "Square training patches (pixels); at most the image size")
-        self.batch = spin(1, 512, 16, 1, "Patches per optimiser step")
-        self.steps = spin(1, 1_000_000, 2000, 100, "Optimiser steps (Resume: additional steps)")
-        self.val_fraction = dspin(0.0, 0.5, 0.1, 0.05, 2,
+        self.patch = spin(*rule_range("patch_size", most=512), 64, 8,
+                          "Square training patches (pixels); at most the image size")
+        self.batch = spin(*rule_range("batch_size", most=512), 16, 1, "Patches per optimiser step")
+        self.steps = spin(*rule_range("max_steps", most=1_000_000), 2000, 100,
+                          "Optimiser steps (Resume: additional steps)")
+        self.val_fraction = dspin(*rule_range("val_fraction", most=0.5), 0.1, 0.05, 2,
                                   "Fraction of the data held out to measure the validation loss")
         self.device = device_chooser()
-        self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same training on the same machine")
+        self.seed = spin(*rule_range("seed", most=MAX_SEED), 0, 1,
+                         "Same seed, same training on the same machine")
         self.init_combo = combo(
             [(START_PRIOR, "prior"), ("scratch", "scratch")],
             "Pretrained prior: start from the network that ships with napari-hdn, pretrained on "
@@ -171,14 +176,17 @@ class TrainingWidget(EngineWidget):
         lay.addWidget(set_box)
 
         self.advanced = Collapsible("Advanced")
-        self.levels = spin(1, 10, 4, 1, "Latent levels L (each halves the resolution; paper: 6)")
-        self.z_dim = spin(1, 512, 16, 1, "Latent channels per level (paper: 32)")
-        self.filters = spin(4, 1024, 32, 4, "Feature channels of every block (paper: 64)")
-        self.blocks = spin(1, 32, 2, 1, "Residual blocks per level (paper: 5)")
+        self.levels = spin(*MODEL_LIMITS["levels"], 4, 1,
+                           "Latent levels L (each halves the resolution; paper: 6)")
+        self.z_dim = spin(*MODEL_LIMITS["z_dim"], 16, 1, "Latent channels per level (paper: 32)")
+        self.filters = spin(*MODEL_LIMITS["filters"], 32, 4, "Feature channels of every block (paper: 64)")
+        self.blocks = spin(*MODEL_LIMITS["blocks"], 2, 1, "Residual blocks per level (paper: 5)")
         self.dropout = dspin(0.0, 0.9, 0.1, 0.05, 2, "Dropout in the residual blocks (paper: 0.2)")
         self.free_bits = dspin(0.0, 10.0, 1.0, 0.25, 2, "Free bits per level, nats (paper: 1.0)")
-        self.lr = dspin(1e-6, 1.0, 1e-3, 1e-4, 6, "Adamax learning rate (paper: 3e-4)")
-        self.steps_per_val = spin(0, 100000, 0, 10, "Steps between validations", special="auto")
+        self.lr = dspin(*rule_range("lr", least=1e-6, most=1.0), 1e-3, 1e-4, 6,
+                        "Adamax learning rate (paper: 3e-4)")
+        self.steps_per_val = spin(*rule_range("steps_per_epoch", special=True, most=100000), 0, 10,
+                                  "Steps between validations", special="auto")
         self.patience = spin(0, 10000, 30, 1, "Validations without improvement before stopping",
                              special="off")
         self.deactivated = QLineEdit()

@@ -30,6 +30,7 @@ import torch
 from ..device import resolve_device
 from ..errors import InputError, TrainingDivergedError, TrainingStopped
 from ..events import EventKind, EventTask, Reporter, StopFlag
+from ..options import bounds
 from ..threads import small_tensors
 from .base import LOG_2PI, NoiseModel
 from .diagnostics import (
@@ -375,10 +376,11 @@ def fit_noise_model(
     """
     if kind not in FIT_KINDS:
         raise InputError(f"unknown noise model kind {kind!r}: choose one of {', '.join(FIT_KINDS)}")
-    if kind == "gmm" and not (1 <= int(n_gaussians) <= 16 and 0 <= int(degree) <= 5):
+    (k_lo, k_hi), (d_lo, d_hi) = bounds("n_gaussians"), bounds("degree")
+    if kind == "gmm" and not (k_lo <= int(n_gaussians) <= k_hi and d_lo <= int(degree) <= d_hi):
         raise InputError(
-            f"n_gaussians must be 1..16 and degree 0..5, got {n_gaussians} and {degree} "
-            "(3 and 1 are the usual choice)"
+            f"n_gaussians must be {k_lo}..{k_hi} and degree {d_lo}..{d_hi}, got {n_gaussians} and "
+            f"{degree} (3 and 1 are the usual choice)"
         )
     if method not in ("binned", "minibatch"):
         raise InputError(f"unknown fitting method {method!r}: choose 'binned' or 'minibatch'")
