@@ -133,3 +133,49 @@ def test_stop_from_another_thread_during_rounds(tiny_model):
     flag.set()
     t.join(30)
     assert not t.is_alive() and 8 <= out["res"].n_samples < 100000
+
+
+# -- one definition of each name and bound (issue 33) ---------------------------------------------
+
+
+def test_event_names_are_str_enums_that_refuse_a_misspelling():
+    import dataclasses
+    import json
+
+    from napari_hdn.engine import EventKind, EventTask, ProgressEvent
+
+    ev = ProgressEvent("train", "step", step=3)
+    assert ev.kind is EventKind.STEP and ev.task is EventTask.TRAIN
+    assert ev.kind == "step" and f"{ev.task}/{ev.kind}" == "train/step"
+    assert json.loads(json.dumps(dataclasses.asdict(ev)))["kind"] == "step"
+    with pytest.raises(ValueError):
+        ProgressEvent("train", "stpe")
+
+
+def test_the_gmm_bounds_of_the_rules_are_what_the_model_and_the_fit_take():
+    from napari_hdn.engine import InputError
+    from napari_hdn.engine.noise import GMMNoiseModel, fit_noise_model
+    from napari_hdn.engine.options import bounds
+
+    (_, k_max), (d_min, d_max) = bounds("n_gaussians"), bounds("degree")
+    GMMNoiseModel(n_gaussians=k_max, degree=d_max, signal_range=(0.0, 1.0))
+    GMMNoiseModel(n_gaussians=1, degree=d_min, signal_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match=f"between 1 and {k_max}"):
+        GMMNoiseModel(n_gaussians=k_max + 1, signal_range=(0.0, 1.0))
+    s = np.linspace(0, 100, 2000, dtype=np.float32)
+    with pytest.raises(InputError, match=f"degree {d_min}..{d_max}"):
+        fit_noise_model(s, s, degree=d_max + 1)
+
+
+def test_training_config_takes_its_bounds_from_the_rules():
+    from pydantic import ValidationError
+
+    from napari_hdn.engine.options import bounds
+
+    for key in ("patch_size", "batch_size", "threads"):
+        lo, hi = bounds(key)
+        TrainingConfig(**{key: hi})
+        with pytest.raises(ValidationError):
+            TrainingConfig(**{key: hi + 1})
+        with pytest.raises(ValidationError):
+            TrainingConfig(**{key: lo - 1})

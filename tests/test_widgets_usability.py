@@ -303,19 +303,34 @@ def test_training_widget_takes_the_presets_whole(viewer, monkeypatch):
 # -- previews take every core while nothing else runs (issue 10) -----------------------------------
 
 
+def test_the_forms_offer_what_the_engine_takes(viewer):
+    """The spin boxes read the engine's option rules: the noise form offers every mixture size and
+    degree a GMM can have, and no form offers a value the engine refuses."""
+    from napari_hdn.engine.options import bounds
+
+    nw = dock(viewer, "Noise model")
+    assert (nw.n_gaussians.minimum(), nw.n_gaussians.maximum()) == bounds("n_gaussians")
+    assert (nw.degree.minimum(), nw.degree.maximum()) == bounds("degree")
+    tw = dock(viewer, "Training")
+    for box, key in ((tw.patch, "patch_size"), (tw.batch, "batch_size"), (tw.steps, "max_steps")):
+        lo, hi = bounds(key)
+        assert lo <= box.minimum() and box.maximum() <= hi, key
+
+
 def test_a_preview_takes_every_core_only_while_no_other_job_runs(qtbot, monkeypatch):
     import threading
 
     import torch
     from qtpy.QtCore import QObject
 
-    from napari_hdn.widgets._workers import EngineTask, default_cpu_threads, job_threads
+    from napari_hdn.engine.threads import default_job_threads
+    from napari_hdn.widgets._workers import EngineTask, job_threads
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     torch.set_num_threads(4)  # the widget_session fixture puts it back to 1 for the next test
     owner = QObject()
     long_job, preview = (EngineTask(owner, lambda ev: None, lambda out: None) for _ in range(2))
-    assert default_cpu_threads() == 3
+    assert default_job_threads() == 3
     assert job_threads(interactive=True) == 4 and job_threads() == 3
 
     release, seen = threading.Event(), {}

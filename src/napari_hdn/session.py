@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import enum
 import json
 import logging
 import os
@@ -36,6 +37,14 @@ log = logging.getLogger("napari_hdn")
 #: environment variable naming the folder for training runs (default: the user's data folder)
 RUNS_DIR_ENV = "NAPARI_HDN_RUNS_DIR"
 INTERRUPTED_NOTE = "interrupted.json"
+
+
+class Registry(enum.Enum):
+    """The session's registries of models, for :meth:`HDNSession.entries` and
+    :meth:`HDNSession.changed` (a chooser of one of them, say)."""
+
+    MODELS = "models"
+    NOISE_MODELS = "noise models"
 
 
 @dataclass(eq=False)
@@ -175,10 +184,20 @@ class HDNSession:
     def __init__(self) -> None:
         self.noise_models: dict[str, NoiseEntry] = {}
         self.models: dict[str, ModelEntry] = {}
-        #: torch threads for the widgets' jobs; None: all cores but one (see widgets/_workers)
+        #: torch threads for the widgets' jobs, the user's choice; None: automatic
+        #: (:func:`napari_hdn.engine.threads.job_threads`)
         self.cpu_threads: int | None = None
         self.runs: list[TrainingRun] = []
         self._cleanup_registered = False
+
+    def entries(self, registry: Registry) -> dict:
+        """The entries of ``registry`` by name (HDN models or noise models)."""
+        return {Registry.MODELS: self.models, Registry.NOISE_MODELS: self.noise_models}[registry]
+
+    def changed(self, registry: Registry):
+        """The signal emitted when an entry is added to ``registry`` (its name) or on clear."""
+        return {Registry.MODELS: self.models_changed,
+                Registry.NOISE_MODELS: self.noise_models_changed}[registry]
 
     # -- noise models ----------------------------------------------------------------------------
     def add_noise_model(self, model: NoiseModel, name: str, source: str = "", path=None,

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from ..engine.errors import HDNError
+from ..engine.events import FINAL_KINDS, EventTask
 
 #: 0 success, 1 a problem the user can fix (bad file, bad data, training diverged), 2 a usage
 #: error (bad option), 130 interrupted by Ctrl-C (what was finished is saved, and said so)
@@ -133,16 +134,16 @@ class Progress:
     """Progress bars (tqdm, on stderr) drawn from the engine's ProgressEvents, one per task.
 
     Use an instance as the ``callbacks=`` of an engine call, and as a context manager (or call
-    :meth:`close`). ``time_budget={"train": seconds}`` draws that task's bar in seconds rather than
+    :meth:`close`). ``time_budget={EventTask.TRAIN: seconds}`` draws that task's bar in seconds rather than
     steps, for runs stopped by a clock: its ETA is then the time the budget leaves. A training run
     with ``time_budget_s`` set is drawn so without being told.
     """
 
-    TASKS = {"train": ("training", "step"), "predict": ("sampling", "sample"),
-             "predict-chunks": ("predicting chunks", "chunk"),
-             "noise-fit": ("fitting noise model", "it"),
-             "n2v": ("Noise2Void training (until it levels off)", "step"),
-             "n2v-predict": ("Noise2Void prediction (pseudo-clean)", "frame")}
+    TASKS = {EventTask.TRAIN: ("training", "step"), EventTask.PREDICT: ("sampling", "sample"),
+             EventTask.PREDICT_CHUNKS: ("predicting chunks", "chunk"),
+             EventTask.NOISE_FIT: ("fitting noise model", "it"),
+             EventTask.N2V: ("Noise2Void training (until it levels off)", "step"),
+             EventTask.N2V_PREDICT: ("Noise2Void prediction (pseudo-clean)", "frame")}
     SHOWN = ("train_loss", "val_loss", "train_nll", "val_nll")
 
     def __init__(self, quiet: bool = False, time_budget: dict | None = None) -> None:
@@ -193,10 +194,10 @@ class Progress:
             bar.n = ev.step
         if post:
             bar.set_postfix(post, refresh=False)
-        if ev.kind in ("done", "stopped"):
+        if ev.kind in FINAL_KINDS:
             if not budget:
                 bar.total = ev.step or bar.total
-            if ev.task == "n2v" and metrics.get("stop_reason"):
+            if ev.task == EventTask.N2V and metrics.get("stop_reason"):
                 post["ended"] = str(metrics["stop_reason"]).replace("_", " ")
                 bar.set_postfix(post, refresh=False)
             bar.refresh()

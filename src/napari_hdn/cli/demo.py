@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine.events import EventTask
 from ..engine.training.presets import DEFAULT_PRESET
 from ._common import EXIT_OK, CLIError, Progress, check_numbers, check_outputs
 
@@ -35,7 +36,7 @@ def run(args) -> int:
     check_outputs([(out / n, n) for n in OUTPUTS], [], args.overwrite)
 
     # training stops on a clock: its bar counts seconds, so the ETA is the budget left
-    with Progress(args.quiet, time_budget={"train": args.minutes * 60}) as bar:
+    with Progress(args.quiet, time_budget={EventTask.TRAIN: args.minutes * 60}) as bar:
         run_demo(Path(args.out_dir), minutes=args.minutes, seed=args.seed, device=args.device,
                  quiet=args.quiet, callbacks=bar)
     return EXIT_OK

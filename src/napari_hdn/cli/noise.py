@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..engine.events import EventTask
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -83,12 +84,12 @@ def _n2v_options(args) -> dict:
 class _Phase:
     """Follows the progress events, so that Ctrl-C can say what it stops in each phase."""
 
-    TEXT = {"n2v": "stopping Noise2Void: the pseudo-clean image will be predicted with what it has "
+    TEXT = {EventTask.N2V: "stopping Noise2Void: the pseudo-clean image will be predicted with what it has "
                    "learnt and the noise model fitted (Ctrl-C during the fit ends the fit)",
-            "noise-fit": "stopping the fit: the best fit so far will be saved"}
+            EventTask.NOISE_FIT: "stopping the fit: the best fit so far will be saved"}
 
     def __init__(self, progress) -> None:
-        self.progress, self.task = progress, ""
+        self.progress, self.task = progress, None
 
     def __call__(self, ev) -> None:
         self.task = ev.task

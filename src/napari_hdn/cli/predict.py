@@ -159,8 +159,8 @@ def _run_tiff(args, out: Path) -> int:
     from ..engine.data.imageio import write_tiff as write_image
     from ..engine.data.layout import layout_of
     from ..engine.network.multichannel import check_channels
-    from ..engine.noise.diagnostics import cpu_threads
     from ..engine.prediction.sampling import check_some_level_active
+    from ..engine.threads import at_most
 
     model = load_model(args.model)
     image, declared, meta = read_tiff(args.noisy, "input", with_meta=True)
@@ -183,7 +183,7 @@ def _run_tiff(args, out: Path) -> int:
     if (off or args.suggest_levels) and not lay.has_channels:
         levels = check_levels(args, model, image, axes, off)
     stop = StopFlag()
-    threads = cpu_threads(args.threads) if args.threads else contextlib.nullcontext()
+    threads = at_most(args.threads) if args.threads else contextlib.nullcontext()
     with Progress(args.quiet) as bar, threads, \
             SigintStop(stop, "stopping: the frames finished so far are kept" if args.samples == "auto"
                        else "stopping: the samples drawn so far are kept"):

@@ -33,7 +33,7 @@ from .errors import (
     TrainingDivergedError,
     TrainingStopped,
 )
-from .events import ProgressEvent, StopFlag
+from .events import EventKind, EventTask, ProgressEvent, StopFlag
 from .network.ladder import LadderVAE
 from .network.loading import load_model
 from .network.model import HDNModel
@@ -53,6 +53,8 @@ __all__ = [
     "OFF_MODES",
     "LevelReport",
     "DeviceError",
+    "EventKind",
+    "EventTask",
     "GaussianNoiseModel",
     "HDNError",
     "HDNModel",

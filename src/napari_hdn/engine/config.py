@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .options import field_bounds
+
 LATENT_MODES: tuple[str, ...] = ("posterior", "prior-sample", "prior-mean", "zero")
 #: modes in which the image does not reach a level (what "switching a level off" means)
 OFF_MODES: tuple[str, ...] = LATENT_MODES[1:]
@@ -104,8 +106,8 @@ class ModelConfig(_Strict):
 class TrainingConfig(_Strict):
     """Settings of one training run (optimiser, schedule, patches, stopping)."""
 
-    patch_size: int = Field(64, ge=8, le=1024)
-    batch_size: int = Field(64, ge=1, le=4096)
+    patch_size: int = Field(64, **field_bounds("patch_size"))
+    batch_size: int = Field(64, **field_bounds("batch_size"))
     bn_chunk: int = Field(
         8, ge=1, description="BatchNorm statistics are computed per chunk of this many patches."
     )
@@ -117,18 +119,19 @@ class TrainingConfig(_Strict):
         "the fastest of 8/16/32/64 at 32 filters, and at 64 filters 8 ran as fast as 16 with 43% "
         "less memory; on GPUs the whole batch.",
     )
-    max_steps: int = Field(20000, ge=1)
+    max_steps: int = Field(20000, **field_bounds("max_steps"))
     time_budget_s: float | None = Field(
         None, gt=0.0, description="Stop after this many seconds of training (None: no time limit)."
     )
     steps_per_epoch: int | None = Field(
-        100, ge=1, description="Optimizer steps between validations (and checkpoints). A fixed "
+        100, **field_bounds("steps_per_epoch"),
+        description="Optimizer steps between validations (and checkpoints). A fixed "
         "count, not a pass over the data: on small data a pass is a few steps, which made the "
         "plateau and early-stopping patience fire after a few hundred steps. None: 100."
     )
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+    val_fraction: float = Field(0.1, **field_bounds("val_fraction"))
     val_patches: int = Field(64, ge=1, le=100000, description="Most validation patches per check.")
-    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (Adamax).")
+    lr: float = Field(3e-4, **field_bounds("lr"), description="Peak learning rate (Adamax).")
     warmup_steps: int = Field(
         0, ge=0, description="Steps over which the learning rate rises linearly to ``lr``."
     )
@@ -155,7 +158,7 @@ class TrainingConfig(_Strict):
     lr_patience: int = Field(10, ge=1, description="Epochs without improvement before lr halves.")
     lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
     early_stopping_patience: int | None = Field(30, ge=1)
-    grad_clip: float | None = Field(None, gt=0.0)
+    grad_clip: float | None = Field(None, **field_bounds("grad_clip"))
     max_bad_batches: int = Field(
         20, ge=1, description="Consecutive non-finite losses tolerated before training stops."
     )
@@ -169,7 +172,8 @@ class TrainingConfig(_Strict):
     seed: int | None = 0
     device: str = "auto"
     threads: int | None = Field(
-        None, ge=1, le=1024, description="CPU threads for training. None: start with torch's count "
+        None, **field_bounds("threads"),
+        description="CPU threads for training. None: start with torch's count "
         "(the cores) and adapt to a busy machine (fewer threads while another job competes for "
         "the cores; see engine/threads.py). A number fixes the count."
     )

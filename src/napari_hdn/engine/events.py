@@ -7,6 +7,7 @@ once per optimisation step, so a stop takes effect within one step.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -15,29 +16,69 @@ from dataclasses import dataclass, field
 from .errors import StopRequested
 
 
+class _Name(str, enum.Enum):
+    """A name that is also its plain string: equal to it, printed and JSON-encoded as it."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+
+class EventKind(_Name):
+    """What a :class:`ProgressEvent` reports."""
+
+    START = "start"
+    STEP = "step"
+    #: a validation was done (training)
+    EPOCH = "epoch"
+    DONE = "done"
+    STOPPED = "stopped"
+    #: finished frames passed along with the progress (the prediction widget's live layers)
+    FRAMES = "frames"
+
+
+#: the kinds that end a task
+FINAL_KINDS = frozenset({EventKind.DONE, EventKind.STOPPED})
+
+
+class EventTask(_Name):
+    """Which long-running task a :class:`ProgressEvent` comes from."""
+
+    TRAIN = "train"
+    NOISE_FIT = "noise-fit"
+    N2V = "n2v"
+    N2V_PREDICT = "n2v-predict"
+    PREDICT = "predict"
+    PREDICT_CHUNKS = "predict-chunks"
+
+
 @dataclass
 class ProgressEvent:
     """One report from a long-running task.
 
     Attributes
     ----------
-    task : str
-        What runs: ``"train"``, ``"noise-fit"``, ``"n2v"``, ``"predict"``...
-    kind : str
-        ``"start"``, ``"step"``, ``"epoch"`` (a validation was done), ``"done"``, ``"stopped"``.
+    task : EventTask
+        What runs (a ``str`` enum: ``ev.task == "train"`` holds as well).
+    kind : EventKind
+        What happened: start, step, epoch (a validation was done), done, stopped.
     step, total : int
         Progress so far and the planned total (optimizer steps, tiles, ...).
     metrics : dict
         Numbers such as ``train_loss``, ``val_loss``, ``kl_per_level`` (list), ``lr``.
     """
 
-    task: str
-    kind: str
+    task: EventTask
+    kind: EventKind
     step: int = 0
     total: int = 0
     epoch: int = 0
     metrics: dict = field(default_factory=dict)
     elapsed: float = 0.0
+
+    def __post_init__(self) -> None:
+        # a misspelt name fails here, where it is made, not in a comparison that is never true
+        self.task = EventTask(self.task)
+        self.kind = EventKind(self.kind)
 
 
 Callback = Callable[[ProgressEvent], None]
@@ -68,8 +109,8 @@ class StopFlag:
 class Reporter:
     """Small helper that stamps elapsed time and fans an event out to callbacks."""
 
-    def __init__(self, task: str, callbacks: Callback | list[Callback] | None = None) -> None:
-        self.task = task
+    def __init__(self, task: EventTask, callbacks: Callback | list[Callback] | None = None) -> None:
+        self.task = EventTask(task)
         if callbacks is None:
             callbacks = []
         elif callable(callbacks):
@@ -77,7 +118,7 @@ class Reporter:
         self.callbacks = list(callbacks)
         self.t0 = time.perf_counter()
 
-    def __call__(self, kind: str, **kwargs) -> None:
+    def __call__(self, kind: EventKind, **kwargs) -> None:
         if not self.callbacks:
             return
         ev = ProgressEvent(self.task, kind, elapsed=time.perf_counter() - self.t0, **kwargs)

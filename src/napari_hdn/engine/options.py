@@ -3,7 +3,9 @@
 :func:`check_options` checks values against :data:`RULES` and names the offending option the way
 the caller's user wrote it: ``--batch-size`` on the command line (``style="cli"``), ``batch_size=``
 in Python. The engine's functions call it with the API style; the command line calls it with its
-own style before any work starts, so both refuse exactly the same values.
+own style before any work starts, so both refuse exactly the same values. The classes that hold
+such values (:class:`~.noise.gmm.GMMNoiseModel`, :class:`~.config.TrainingConfig`) and the
+widgets' spin boxes take their bounds from here too (:func:`bounds`, :func:`field_bounds`).
 """
 
 from __future__ import annotations
@@ -59,15 +61,39 @@ RULES: dict[str, Rule] = {
     "grad_clip": Rule(float, "--grad-clip", 0.0, strict=True, maximum=MAX_VALUE),
     "val_fraction": Rule(float, "--val-fraction", 0.0, maximum=0.9, max_strict=True),
     "steps_per_epoch": Rule(int, "--steps-per-epoch", 1, maximum=10**9),
-    # noise-model fitting
-    "n_gaussians": Rule(int, "--gaussians", 1, maximum=20),
-    "degree": Rule(int, "--degree", 0, maximum=6),
+    # noise-model fitting (a GMM file holding more components or a higher degree is refused)
+    "n_gaussians": Rule(int, "--gaussians", 1, maximum=16),
+    "degree": Rule(int, "--degree", 0, maximum=5),
     "min_variance": Rule(float, "--min-variance", 0.0, strict=True, maximum=MAX_VALUE**2),
     "iterations": Rule(int, "--iterations", 1, maximum=10**7),
     "fit_val_fraction": Rule(float, "--val-fraction", 0.0, maximum=1.0, max_strict=True),
     "n2v_steps": Rule(int, "--n2v-steps", 1, maximum=10**9),
     "n2v_minutes": Rule(float, "--n2v-minutes", 0.0, strict=True, maximum=1e6),
 }
+
+
+def bounds(key: str) -> tuple[float | None, float | None]:
+    """The smallest and largest value of ``RULES[key]``: exact for a whole number (a strict bound
+    moved inwards by one), as the rule states it for a real number (a strict bound is then itself
+    refused: :attr:`Rule.strict`, :attr:`Rule.max_strict`)."""
+    rule = RULES[key]
+    lo, hi = rule.minimum, rule.maximum
+    if rule.kind is int:
+        if lo is not None:
+            lo = math.floor(lo) + 1 if rule.strict else math.ceil(lo)
+        if hi is not None:
+            hi = math.ceil(hi) - 1 if rule.max_strict else math.floor(hi)
+    return lo, hi
+
+
+def field_bounds(key: str) -> dict:
+    """``RULES[key]`` as the keywords of a pydantic ``Field`` (``ge``/``gt``, ``le``/``lt``)."""
+    rule, out = RULES[key], {}
+    if rule.minimum is not None:
+        out["gt" if rule.strict else "ge"] = rule.minimum
+    if rule.maximum is not None:
+        out["lt" if rule.max_strict else "le"] = rule.maximum
+    return out
 
 
 def _name(key: str, style: str) -> str:

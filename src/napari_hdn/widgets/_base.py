@@ -23,6 +23,7 @@ import time
 
 from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
+from ..engine.events import EventKind
 from ..session import get_session
 from ._forms import notify_error, notify_info, notify_warning, set_message, status_label
 from ._workers import EngineTask, Outcome, user_message
@@ -102,9 +103,9 @@ class EngineWidget(QWidget):
 
     def on_events(self, events) -> None:
         for ev in events:
-            if ev.kind == "start" and ev.total:
+            if ev.kind == EventKind.START and ev.total:
                 self.progress.setRange(0, max(1, ev.total))
-            if ev.kind in ("start", "step"):
+            if ev.kind in (EventKind.START, EventKind.STEP):
                 self.progress.setValue(min(ev.step, self.progress.maximum()))
 
     def blocker(self) -> str:

@@ -22,7 +22,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..engine.options import bounds, check_option
+
 MAX_SEED = 999_999
+#: the largest value a QSpinBox holds
+_INT_MAX = 2**31 - 1
 ERROR_STYLE = "color: #f77;"  # readable on napari's dark and light themes
 
 
@@ -63,6 +67,22 @@ def combo(items=(), tip: str = "", min_chars: int = 10) -> QComboBox:
     if tip:
         w.setToolTip(tip)
     return w
+
+
+def rule_range(key: str, *, special: bool = False, least=None, most=None) -> tuple:
+    """A spin box's (minimum, maximum) for the option ``key`` of the engine's option rules, so that
+    a form never offers what the engine refuses.
+
+    ``least``/``most`` narrow the range where a form offers less than the rule allows (each must
+    be a value the rule accepts); ``special`` puts 0 below the range, for a spin box's special value
+    ("auto", "no limit").
+    """
+    lo, hi = bounds(key)
+    lo = lo if least is None else check_option(key, least)
+    hi = hi if most is None else check_option(key, most)
+    if isinstance(lo, int) and isinstance(hi, int):
+        hi = min(hi, _INT_MAX)
+    return (0 if special else lo), hi
 
 
 def spin(lo: int, hi: int, value: int, step: int = 1, tip: str = "", special: str = "") -> QSpinBox:

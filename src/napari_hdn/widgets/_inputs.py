@@ -13,7 +13,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox
 
 from ..engine import InputError, available_devices
-from ..session import get_session
+from ..session import Registry, get_session
 from ._forms import narrow
 
 # -- layers ----------------------------------------------------------------------------------------
@@ -109,23 +109,21 @@ class LayerChooser(QComboBox):
 
 
 class SessionChooser(QComboBox):
-    """A combo box of the session's HDN models (``kind="models"``) or noise models; each item's
+    """A combo box of one of the session's registries (HDN models or noise models); each item's
     tooltip is the entry's full description (names are short and may be cut off)."""
 
-    def __init__(self, kind: str, parent=None) -> None:
+    def __init__(self, registry: Registry, parent=None) -> None:
         super().__init__(parent)
         narrow(self)
-        self.kind = kind
-        session = get_session()
-        signal = session.models_changed if kind == "models" else session.noise_models_changed
+        self.registry = registry
+        signal = get_session().changed(self.registry)
         signal.connect(self._on_changed)
         self.destroyed.connect(lambda *_, s=signal, f=self._on_changed: _disconnect(s, f))
         self.currentIndexChanged.connect(self._tip)
         self._on_changed("")
 
     def _entries(self) -> dict:
-        s = get_session()
-        return s.models if self.kind == "models" else s.noise_models
+        return get_session().entries(self.registry)
 
     def _on_changed(self, added: str) -> None:
         try:

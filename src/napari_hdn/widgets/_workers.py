@@ -13,7 +13,6 @@ errors into notifications there (:func:`user_message`).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import traceback
 import weakref
@@ -24,6 +23,7 @@ from typing import Any
 from qtpy.QtCore import QObject, QTimer
 
 from ..engine import HDNError, ProgressEvent, StopFlag, StopRequested
+from ..engine import threads as thread_policy
 
 log = logging.getLogger("napari_hdn")
 
@@ -68,39 +68,13 @@ def user_message(exc: BaseException, what: str) -> tuple[str, bool]:
     return f"{what} failed unexpectedly: {type(exc).__name__}: {exc} (details in the log)", False
 
 
-def default_cpu_threads() -> int:
-    """Torch threads for widget jobs: all cores but one (at least 1), at most torch's default.
-
-    The GUI thread (and, under Xvfb or on machines without a GPU, OpenGL rendering) needs a core:
-    with every core busy in OpenMP, a preview measured 16x slower on a 2-core machine when one other
-    process was running (OpenMP threads wait for each other at every operation).
-    """
-    import torch
-
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
-
-
 def job_threads(interactive: bool = False) -> int:
-    """Torch threads for the next widget job: the user's setting (Training > Advanced), else auto.
-
-    Auto gives long jobs (training, prediction, the levels' description) all cores but one. A short
-    job the user waits on (``interactive``, e.g. the artefact preview) gets every core when no
-    other job of the widgets is running: the GUI thread idles while the user waits. On a 2-core
-    machine a level-2 toggle of a 256x256 preview measured 0.26 s with 2 threads against 0.33 s
-    with 1, and 2 threads were no slower than 1 when another process kept both cores busy.
-    With another job running it keeps to all cores but one, so the two never wait on each other's
-    OpenMP threads.
-    """
+    """Torch threads for the next widget job (:func:`napari_hdn.engine.threads.job_threads`), from
+    the user's setting (Training > Advanced) and whether another widget job is running."""
     from ..session import get_session
 
-    n = get_session().cpu_threads
-    if n:
-        return n
-    if interactive and not any(task.running for task in list(_TASKS)):
-        import torch
-
-        return max(1, torch.get_num_threads())
-    return default_cpu_threads()
+    return thread_policy.job_threads(get_session().cpu_threads, interactive=interactive,
+                                     alone=not any(task.running for task in list(_TASKS)))
 
 
 def _stoppable_worker_class():
@@ -169,18 +143,13 @@ class EngineTask(QObject):
         self.threads = threads
 
         def run() -> Outcome:
-            import torch
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)  # per worker thread (OpenMP); restored below
             try:
-                return Outcome(value=job(report, flag), stopped=flag.is_set())
+                with thread_policy.using(threads):  # this worker thread's OpenMP threads
+                    return Outcome(value=job(report, flag), stopped=flag.is_set())
             except StopRequested:
                 return Outcome(stopped=True)
             except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread as a notification
                 return Outcome(error=exc, details=traceback.format_exc())
-            finally:
-                torch.set_num_threads(before)
 
         run.__name__ = name
         worker = create_worker(run, _start_thread=False, _worker_class=_stoppable_worker_class())

@@ -29,8 +29,9 @@ from ..engine.network.multichannel import MultiChannelModel
 from ..engine.prediction.levels import MAX_GROWTH, STRUCTURE_LIMIT
 from ..engine.prediction.levels import mean_log_likelihood as _mean_log_likelihood
 from ..engine.prediction.sampling import inference_model
+from ..session import Registry
 from ._base import EngineWidget, TaskState
-from ._forms import MAX_SEED, combo, form, scroll_body, set_message, spin, status_label
+from ._forms import MAX_SEED, combo, form, rule_range, scroll_body, set_message, spin, status_label
 from ._inputs import NO_MODEL, LayerChooser, SessionChooser, check_model_fits, chosen_model_and_image
 from ._layers import (
     add_or_replace_image,
@@ -169,7 +170,7 @@ class ArtefactWidget(EngineWidget):
 
         lay = scroll_body(self)
         box = QGroupBox("Input")
-        self.model_combo = SessionChooser("models")
+        self.model_combo = SessionChooser(Registry.MODELS)
         self.layer_combo = LayerChooser(napari_viewer)
         box.setLayout(form([("Model", self.model_combo), ("Image layer", self.layer_combo)]))
         lay.addWidget(box)
@@ -209,15 +210,17 @@ class ArtefactWidget(EngineWidget):
                            "2^levels)")
         self.crop_x = spin(0, 99999, 0, 16, "Left column of the crop (rounded down to a multiple "
                            "of 2^levels)")
-        self.crop_size = spin(16, 4096, 128, 16, "Crop side in pixels")
+        self.crop_size = spin(*rule_range("crop", most=4096), 128, 16, "Crop side in pixels")
         crop_row.addWidget(self.crop_y)
         crop_row.addWidget(self.crop_x)
         self.preview_side = spin(0, 2048, 0, 32, "Largest preview side in pixels (auto: from the "
                                  "model's size, aiming at about a second per update on a CPU)",
                                  special="auto")
-        self.preview_samples = spin(1, 64, 1, 1, "Samples averaged in the preview (each adds one "
+        self.preview_samples = spin(*rule_range("n_samples", most=64), 1, 1,
+                                    "Samples averaged in the preview (each adds one "
                                     "top-down pass)")
-        self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same samples: only the level settings "
+        self.seed = spin(*rule_range("seed", most=MAX_SEED), 0, 1,
+                         "Same seed, same samples: only the level settings "
                          "change between previews")
         self.live = QCheckBox("Update on every change")
         self.live.setChecked(True)
@@ -243,7 +246,8 @@ class ArtefactWidget(EngineWidget):
                        "pretrained prior (the presets' default) the prediction-time setting scored "
                        "0.3-1.0 dB higher on the artefact benchmark: compare both before keeping "
                        "the tuned model.")
-        self.tune_steps = spin(10, 100000, 300, 50, "Training steps of the fine-tuning (about a "
+        self.tune_steps = spin(*rule_range("max_steps", least=10, most=100000), 300, 50,
+                               "Training steps of the fine-tuning (about a "
                                "second each for the fast CPU preset on a laptop CPU)")
         self.tune_btn = QPushButton("Fine-tune")
         self.tune_btn.setToolTip("Train this model on, on the image layer, with the levels that are "
@@ -254,7 +258,8 @@ class ArtefactWidget(EngineWidget):
         lay.addWidget(box)
 
         box = QGroupBox("Apply to the whole layer")
-        self.apply_samples = spin(1, 10000, 50, 10, "Posterior samples averaged for the MMSE")
+        self.apply_samples = spin(*rule_range("n_samples", most=10000), 50, 10,
+                                  "Posterior samples averaged for the MMSE")
         inner = form([("Samples", self.apply_samples)])
         box.setLayout(inner)
         lay.addWidget(box)

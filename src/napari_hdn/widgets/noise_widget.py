@@ -7,7 +7,7 @@ import html
 import numpy as np
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QPushButton, QSizePolicy, QStackedWidget, QWidget
 
-from ..engine import GaussianNoiseModel, InputError, PoissonGaussianNoiseModel
+from ..engine import EventKind, EventTask, GaussianNoiseModel, InputError, PoissonGaussianNoiseModel
 from ..engine.data.layout import layout_of
 from ..engine.noise import (
     bootstrap_pairs,
@@ -18,6 +18,7 @@ from ..engine.noise import (
     split_pairs,
 )
 from ..engine.noise.channels import ChannelNoiseModels
+from ..session import Registry
 from ._base import EngineWidget, TaskState
 from ._forms import (
     MAX_SEED,
@@ -29,6 +30,7 @@ from ._forms import (
     form,
     notify_info,
     notify_warning,
+    rule_range,
     scroll_body,
     spin,
     status_label,
@@ -143,8 +145,9 @@ class NoiseModelWidget(EngineWidget):
         self.clean_noisy_layer = LayerChooser(napari_viewer, prefer=_plain_2d)
         self.n2v_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" not in ly.name)
         self.n2v_axes = AxesChooser(self.n2v_layer)  # with C: a noise model per channel
-        self.n2v_steps = spin(0, 100000, 0, 100, "At most this many Noise2Void training steps "
-                              "(auto: until its validation loss levels off, at most 4000; "
+        self.n2v_steps = spin(*rule_range("n2v_steps", special=True, most=100000), 0, 100,
+                              "At most this many Noise2Void training steps (auto: until its "
+                              "validation loss levels off, at most 4000; "
                               "the same on a busy machine, only slower). A run cut short by a "
                               "limit makes the verdict suspicious", special="auto (until converged)")
         self.n2v_budget = spin(0, 36000, 0, 10, "Stop Noise2Void training after this many "
@@ -153,11 +156,14 @@ class NoiseModelWidget(EngineWidget):
                                special="no limit")
         self.pseudo_noisy_layer = LayerChooser(napari_viewer, prefer=lambda ly: "truth" not in ly.name)
         self.pseudo_layer = LayerChooser(napari_viewer, prefer=lambda ly: "MMSE" in ly.name)
-        self.sigma = dspin(1e-6, 1e9, 10.0, 1.0, 4, "Standard deviation of the noise, in the "
-                           "image's intensity units")
-        self.gain = dspin(1e-6, 1e6, 1.0, 0.1, 4, "Intensity units per photon (ADU/e-)")
-        self.read_noise = dspin(0.0, 1e6, 2.0, 0.5, 4, "Camera read noise std (intensity units)")
-        self.offset = dspin(-1e9, 1e9, 100.0, 10.0, 3, "Camera offset (intensity of zero photons)")
+        self.sigma = dspin(*rule_range("sigma", least=1e-6, most=1e9), 10.0, 1.0, 4,
+                           "Standard deviation of the noise, in the image's intensity units")
+        self.gain = dspin(*rule_range("gain", least=1e-6, most=1e6), 1.0, 0.1, 4,
+                          "Intensity units per photon (ADU/e-)")
+        self.read_noise = dspin(*rule_range("read_noise", most=1e6), 2.0, 0.5, 4,
+                                "Camera read noise std (intensity units)")
+        self.offset = dspin(*rule_range("offset", least=-1e9, most=1e9), 100.0, 10.0, 3,
+                            "Camera offset (intensity of zero photons)")
         for rows in ([("Stack (N, Y, X)", self.calib_layer)],
                      [("Clean", self.clean_layer), ("Noisy", self.clean_noisy_layer)],
                      [("Noisy", self.n2v_layer), ("Axes", self.n2v_axes),
@@ -178,11 +184,13 @@ class NoiseModelWidget(EngineWidget):
                           "GMM: a mixture of Gaussians whose parameters vary smoothly with the "
                           "signal (compact, smooth); histogram: the empirical distribution per "
                           "signal bin (needs more data)")
-        self.n_gaussians = spin(1, 10, 3, 1, "Gaussians in the mixture")
-        self.degree = spin(1, 5, 1, 1, "Polynomial degree of the parameters in the signal")
-        self.val_fraction = dspin(0.01, 0.5, 0.1, 0.05, 2, "Pairs held out for the held-out "
-                                  "likelihood and the diagnostics")
-        self.fit_seed = spin(0, MAX_SEED, 0, 1, "Seeds the held-out split (and Noise2Void)")
+        self.n_gaussians = spin(*rule_range("n_gaussians"), 3, 1, "Gaussians in the mixture")
+        self.degree = spin(*rule_range("degree"), 1, 1,
+                           "Polynomial degree of the parameters in the signal")
+        self.val_fraction = dspin(*rule_range("fit_val_fraction", least=0.01, most=0.5), 0.1, 0.05,
+                                  2, "Pairs held out for the held-out likelihood and the diagnostics")
+        self.fit_seed = spin(*rule_range("seed", most=MAX_SEED), 0, 1,
+                             "Seeds the held-out split (and Noise2Void)")
         self.fit_box.setLayout(form([("Kind", self.kind), ("Gaussians", self.n_gaussians),
                                      ("Degree", self.degree), ("Held-out fraction", self.val_fraction),
                                      ("Seed", self.fit_seed)]))
@@ -192,7 +200,7 @@ class NoiseModelWidget(EngineWidget):
         self.add_run_row(lay, "Fit", idle_text="Choose a source, then Fit.")
 
         box = QGroupBox("Result")
-        self.model_combo = SessionChooser("noise")
+        self.model_combo = SessionChooser(Registry.NOISE_MODELS)
         self.save_btn = QPushButton("Save…")
         self.load_btn = QPushButton("Load…")
         self.verdict = status_label()
@@ -434,7 +442,7 @@ class NoiseModelWidget(EngineWidget):
     # -- worker events (GUI thread) ----------------------------------------------------------------
     def on_events(self, events) -> None:
         for ev in events:
-            if ev.task == "n2v" and ev.kind == "stopped" and self.state == TaskState.STOPPING:
+            if ev.task == EventTask.N2V and ev.kind == EventKind.STOPPED and self.state == TaskState.STOPPING:
                 # the stop ended Noise2Void only: the pseudo-clean image and the fit come next,
                 # and Stop can end the fit
                 self.set_state(TaskState.RUNNING)
@@ -446,14 +454,14 @@ class NoiseModelWidget(EngineWidget):
             self.progress.setValue(min(last.step, last.total))
         m = last.metrics
         ch = f"channel {m['channel'] + 1} of {m['channels']}: " if m.get("channels") else ""
-        if last.task == "n2v":
+        if last.task == EventTask.N2V:
             text = (f"Noise2Void (pseudo-clean image): step {last.step} (until its validation "
                     f"loss levels off, at most {last.total})")
             if m.get("val_loss") is not None:
                 self._n2v_val = m["val_loss"]
             if getattr(self, "_n2v_val", None) is not None:
                 text += f", val loss {self._n2v_val:.4g}"
-        elif last.task == "n2v-predict":
+        elif last.task == EventTask.N2V_PREDICT:
             text = f"Noise2Void: predicting the pseudo-clean image, frame {last.step} / {last.total}"
         else:
             text = f"Fitting: iteration {last.step} / {last.total}"

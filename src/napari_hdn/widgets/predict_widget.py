@@ -13,12 +13,23 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QPushButton
 
-from ..engine import InputError, ProgressEvent, predict_in_rounds, resolve_device
+from ..engine import EventKind, EventTask, InputError, ProgressEvent, predict_in_rounds, resolve_device
 from ..engine.data.layout import layout_of
 from ..engine.network.multichannel import MultiChannelModel, check_channels
 from ..engine.prediction.sampling import AUTO_SAMPLES, DEFAULT_SAMPLING, _auto_floor
+from ..session import Registry
 from ._base import EngineWidget, TaskState
-from ._forms import MAX_SEED, MODEL_FILTER, ask_open, form, notify_info, scroll_body, spin, status_label
+from ._forms import (
+    MAX_SEED,
+    MODEL_FILTER,
+    ask_open,
+    form,
+    notify_info,
+    rule_range,
+    scroll_body,
+    spin,
+    status_label,
+)
 from ._inputs import (
     NO_MODEL,
     AxesChooser,
@@ -68,7 +79,7 @@ class PredictWidget(EngineWidget):
 
         lay = scroll_body(self)
         box = QGroupBox("Input")
-        self.model_combo = SessionChooser("models")
+        self.model_combo = SessionChooser(Registry.MODELS)
         self.model_load = QPushButton("Load…")
         self.model_load.setToolTip("Load a model file (.hdn); File > Open does the same")
         row = QHBoxLayout()
@@ -86,16 +97,18 @@ class PredictWidget(EngineWidget):
         lay.addWidget(box)
 
         box = QGroupBox("Sampling")
-        self.n_samples = spin(0, 10000, 0, 10, "Posterior samples per frame; the MMSE is their mean. "
+        self.n_samples = spin(*rule_range("n_samples", special=True, most=10000), 0, 10,
+                              "Posterior samples per frame; the MMSE is their mean. "
                               "auto: until the MMSE is within 0.05 dB of what 100 independent "
                               "samples (the paper's count) give, 8 to 100 per frame; a number "
                               "forces that many", special="auto")
         self.keep_samples = QCheckBox("Samples layer")
         self.keep_samples.setToolTip("Also add all samples as one layer with a slider over samples")
         self.keep_samples.setChecked(True)
-        self.tile = spin(0, 8192, 0, 64, "Tile size in pixels for large images (auto: untiled up "
+        self.tile = spin(*rule_range("tile_size", special=True, most=8192), 0, 64,
+                         "Tile size in pixels for large images (auto: untiled up "
                          "to 1024x1024, else 512)", special="auto")
-        self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same samples")
+        self.seed = spin(*rule_range("seed", most=MAX_SEED), 0, 1, "Same seed, same samples")
         self.device = device_chooser()
         box.setLayout(form([("Samples", self.n_samples), ("", self.keep_samples),
                             ("Tile size", self.tile), ("Seed", self.seed), ("Device", self.device)]))
@@ -178,7 +191,7 @@ class PredictWidget(EngineWidget):
             def on_frames(first, stop, mmse, variance, counts, samples):
                 # finished frames go to the GUI thread with the progress events (copies: the
                 # engine's arrays are its own)
-                extra["report"](ProgressEvent("predict", "frames", step=stop, metrics={
+                extra["report"](ProgressEvent(EventTask.PREDICT, EventKind.FRAMES, step=stop, metrics={
                     "first": first, "mmse": np.array(mmse), "variance": np.array(variance),
                     "samples": None if samples is None else np.array(samples),
                     "shape": shape}))
@@ -242,14 +255,14 @@ class PredictWidget(EngineWidget):
         self.show_status("Computing…")
 
     def on_events(self, events) -> None:
-        frames = [ev for ev in events if ev.kind == "frames"]
-        super().on_events([ev for ev in events if ev.kind != "frames"])
+        frames = [ev for ev in events if ev.kind == EventKind.FRAMES]
+        super().on_events([ev for ev in events if ev.kind != EventKind.FRAMES])
         if frames:
             self._show_frames(frames)
         if self.meta.get("lazy"):
             self.show_status(f"Sampling… {self.progress.value()} / {self.progress.maximum()} chunks")
             return
-        last = next((ev for ev in reversed(events) if ev.kind in ("start", "step")), None)
+        last = next((ev for ev in reversed(events) if ev.kind in (EventKind.START, EventKind.STEP)), None)
         if last is not None:
             self.show_status(progress_text(last.metrics or {}, self.progress.value(),
                                            self.progress.maximum()))

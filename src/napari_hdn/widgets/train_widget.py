@@ -11,14 +11,26 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
-from ..engine import DeviceError, InputError, ModelConfig, Trainer, TrainingConfig, resolve_device
+from ..engine import (
+    DeviceError,
+    EventKind,
+    EventTask,
+    InputError,
+    ModelConfig,
+    Trainer,
+    TrainingConfig,
+    resolve_device,
+)
+from ..engine.config import MODEL_LIMITS
 from ..engine.data.layout import layout_of
 from ..engine.network.multichannel import MultiChannelModel, check_channels
 from ..engine.noise.channels import ChannelNoiseModels, per_channel_noise
 from ..engine.noise.channels import verdict_warnings as verdict_warning
+from ..engine.threads import default_job_threads
 from ..engine.training.channels import train_channels
 from ..engine.training.presets import DEFAULT_PRESET, PRESETS
 from ..engine.training.priors import bundled_prior_for
+from ..session import Registry
 from ._base import EngineWidget, TaskState
 from ._forms import (
     MAX_SEED,
@@ -32,6 +44,7 @@ from ._forms import (
     form,
     notify_info,
     notify_warning,
+    rule_range,
     scroll_body,
     set_message,
     spin,
@@ -49,7 +62,6 @@ from ._inputs import (
     lazy_layer_data,
 )
 from ._plot import TrainingPlot
-from ._workers import default_cpu_threads
 
 CUSTOM = "custom"
 START_PRIOR = "pretrained prior"
@@ -118,7 +130,7 @@ class TrainingWidget(EngineWidget):
         data_box = QGroupBox("Data")
         self.layer_combo = LayerChooser(napari_viewer)
         self.axes_combo = AxesChooser(self.layer_combo)
-        self.noise_combo = SessionChooser("noise")
+        self.noise_combo = SessionChooser(Registry.NOISE_MODELS)
         self.noise_load = QPushButton("Load…")
         self.noise_load.setToolTip("Load a noise model file (.hdnoise)")
         nm_row = QHBoxLayout()
@@ -137,13 +149,16 @@ class TrainingWidget(EngineWidget):
         self.preset = combo([*PRESETS, CUSTOM], "\n".join(
             f"{name}: {p.description}" for name, p in PRESETS.items()))
         self.size_note = status_label()
-        self.patch = spin(8, 512, 64, 8, "Square training patches (pixels); at most the image size")
-        self.batch = spin(1, 512, 16, 1, "Patches per optimiser step")
-        self.steps = spin(1, 1_000_000, 2000, 100, "Optimiser steps (Resume: additional steps)")
-        self.val_fraction = dspin(0.0, 0.5, 0.1, 0.05, 2,
+        self.patch = spin(*rule_range("patch_size", most=512), 64, 8,
+                          "Square training patches (pixels); at most the image size")
+        self.batch = spin(*rule_range("batch_size", most=512), 16, 1, "Patches per optimiser step")
+        self.steps = spin(*rule_range("max_steps", most=1_000_000), 2000, 100,
+                          "Optimiser steps (Resume: additional steps)")
+        self.val_fraction = dspin(*rule_range("val_fraction", most=0.5), 0.1, 0.05, 2,
                                   "Fraction of the data held out to measure the validation loss")
         self.device = device_chooser()
-        self.seed = spin(0, MAX_SEED, 0, 1, "Same seed, same training on the same machine")
+        self.seed = spin(*rule_range("seed", most=MAX_SEED), 0, 1,
+                         "Same seed, same training on the same machine")
         self.init_combo = combo(
             [(START_PRIOR, "prior"), ("scratch", "scratch")],
             "Pretrained prior: start from the network that ships with napari-hdn, pretrained on "
@@ -157,14 +172,17 @@ class TrainingWidget(EngineWidget):
         lay.addWidget(set_box)
 
         self.advanced = Collapsible("Advanced")
-        self.levels = spin(1, 10, 4, 1, "Latent levels L (each halves the resolution; paper: 6)")
-        self.z_dim = spin(1, 512, 16, 1, "Latent channels per level (paper: 32)")
-        self.filters = spin(4, 1024, 32, 4, "Feature channels of every block (paper: 64)")
-        self.blocks = spin(1, 32, 2, 1, "Residual blocks per level (paper: 5)")
+        self.levels = spin(*MODEL_LIMITS["levels"], 4, 1,
+                           "Latent levels L (each halves the resolution; paper: 6)")
+        self.z_dim = spin(*MODEL_LIMITS["z_dim"], 16, 1, "Latent channels per level (paper: 32)")
+        self.filters = spin(*MODEL_LIMITS["filters"], 32, 4, "Feature channels of every block (paper: 64)")
+        self.blocks = spin(*MODEL_LIMITS["blocks"], 2, 1, "Residual blocks per level (paper: 5)")
         self.dropout = dspin(0.0, 0.9, 0.1, 0.05, 2, "Dropout in the residual blocks (paper: 0.2)")
         self.free_bits = dspin(0.0, 10.0, 1.0, 0.25, 2, "Free bits per level, nats (paper: 1.0)")
-        self.lr = dspin(1e-6, 1.0, 1e-3, 1e-4, 6, "Adamax learning rate (paper: 3e-4)")
-        self.steps_per_val = spin(0, 100000, 0, 10, "Steps between validations", special="auto")
+        self.lr = dspin(*rule_range("lr", least=1e-6, most=1.0), 1e-3, 1e-4, 6,
+                        "Adamax learning rate (paper: 3e-4)")
+        self.steps_per_val = spin(*rule_range("steps_per_epoch", special=True, most=100000), 0, 10,
+                                  "Steps between validations", special="auto")
         self.patience = spin(0, 10000, 30, 1, "Validations without improvement before stopping",
                              special="off")
         self.deactivated = QLineEdit()
@@ -177,7 +195,7 @@ class TrainingWidget(EngineWidget):
                             "Torch threads for training, prediction and previews in napari (auto: "
                             "all cores but one, so the viewer stays responsive; an artefact "
                             "preview takes every core while nothing else runs)",
-                            special=f"auto ({default_cpu_threads()})")
+                            special=f"auto ({default_job_threads()})")
         self.threads.valueChanged.connect(self._on_threads)
         self.advanced.content.setLayout(form([
             ("Levels", self.levels), ("Latent channels", self.z_dim), ("Filters", self.filters),
@@ -200,7 +218,7 @@ class TrainingWidget(EngineWidget):
         lay.addWidget(self.plot)
 
         model_box = QGroupBox("Trained model")
-        self.model_combo = SessionChooser("models")
+        self.model_combo = SessionChooser(Registry.MODELS)
         self.resume_btn = QPushButton("Resume")
         self.resume_btn.setToolTip("Continue training the chosen model for 'Steps' more steps")
         self.save_btn = QPushButton("Save…")
@@ -547,15 +565,15 @@ class TrainingWidget(EngineWidget):
     def on_events(self, events) -> None:
         last = None
         for ev in events:
-            if ev.task != "train":
+            if ev.task != EventTask.TRAIN:
                 continue
-            if ev.kind == "step":
+            if ev.kind == EventKind.STEP:
                 self.plot.add_step(ev.step, ev.metrics)
                 last = ev
-            elif ev.kind == "epoch":
+            elif ev.kind == EventKind.EPOCH:
                 self.plot.add_epoch(ev.step, ev.metrics)
                 last = ev
-            elif ev.kind == "start":
+            elif ev.kind == EventKind.START:
                 done, total = self._overall(ev)
                 if ev.metrics.get("channel"):  # the next channel: its own curves
                     self.plot.reset()

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..threads import small_tensors
 from .base import NoiseModel
 
 #: below this many pairs the verdict calls the fit unreliable
@@ -45,25 +45,6 @@ MAX_STD_TOLERANCE = 0.25
 NLL_TOLERANCE = 0.05
 #: the variance floor is "dominating" where it is more than this fraction of the model variance
 FLOOR_FRACTION = 0.5
-
-
-@contextmanager
-def cpu_threads(n: int, device: torch.device | str = "cpu"):
-    """Limit torch's CPU threads for a block (restored after).
-
-    Noise-model fitting and diagnostics evaluate small tensors (a few ten thousand elements): one
-    thread is about as fast as several there, and it avoids the large slowdowns of spinning
-    OpenMP threads when other processes keep the cores busy.
-    """
-    old = torch.get_num_threads()
-    limit = torch.device(device).type == "cpu" and old > n
-    if limit:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if limit:
-            torch.set_num_threads(old)
 
 
 def _t(a, device=None) -> torch.Tensor:
@@ -387,7 +368,7 @@ def diagnostics_figure(model: NoiseModel, signal=None, observation=None,
     matplotlib.figure.Figure
         Not attached to pyplot: embed it in a Qt canvas or save it with :func:`save_figure`.
     """
-    with cpu_threads(1):
+    with small_tensors():
         return _figure(model, signal, observation, histogram, levels, figsize)
 
 

@@ -29,11 +29,12 @@ import torch
 
 from ..device import resolve_device
 from ..errors import InputError, TrainingDivergedError, TrainingStopped
-from ..events import Reporter, StopFlag
+from ..events import EventKind, EventTask, Reporter, StopFlag
+from ..options import bounds
+from ..threads import small_tensors
 from .base import LOG_2PI, NoiseModel
 from .diagnostics import (
     binned_statistics,
-    cpu_threads,
     fit_verdict,
     heldout_nll,
     noise_model_problem,
@@ -175,7 +176,7 @@ def _fit_gmm(train: NoisePairs, held: NoisePairs | None, *, n_gaussians, degree,
 
     best = evaluate()
     best_theta = theta.detach().clone()
-    report("start", step=0, total=iterations, metrics={"val_nll": best})
+    report(EventKind.START, step=0, total=iterations, metrics={"val_nll": best})
     if method == "binned":
         step_fn, eval_every = _BinnedLBFGS(model, theta, cs, cr, w), 10
     else:
@@ -206,7 +207,7 @@ def _fit_gmm(train: NoisePairs, held: NoisePairs | None, *, n_gaussians, degree,
                 metrics["val_nll"] = val
                 if math.isfinite(val) and val <= best:
                     best, best_theta = val, theta.detach().clone()
-            report("step", step=step, total=iterations, metrics=metrics)
+            report(EventKind.STEP, step=step, total=iterations, metrics=metrics)
             if converged:
                 break
     except TrainingStopped:
@@ -375,10 +376,11 @@ def fit_noise_model(
     """
     if kind not in FIT_KINDS:
         raise InputError(f"unknown noise model kind {kind!r}: choose one of {', '.join(FIT_KINDS)}")
-    if kind == "gmm" and not (1 <= int(n_gaussians) <= 16 and 0 <= int(degree) <= 5):
+    (k_lo, k_hi), (d_lo, d_hi) = bounds("n_gaussians"), bounds("degree")
+    if kind == "gmm" and not (k_lo <= int(n_gaussians) <= k_hi and d_lo <= int(degree) <= d_hi):
         raise InputError(
-            f"n_gaussians must be 1..16 and degree 0..5, got {n_gaussians} and {degree} "
-            "(3 and 1 are the usual choice)"
+            f"n_gaussians must be {k_lo}..{k_hi} and degree {d_lo}..{d_hi}, got {n_gaussians} and "
+            f"{degree} (3 and 1 are the usual choice)"
         )
     if method not in ("binned", "minibatch"):
         raise InputError(f"unknown fitting method {method!r}: choose 'binned' or 'minibatch'")
@@ -396,7 +398,7 @@ def fit_noise_model(
             raise InputError("give the noisy observation next to the signal (or a NoisePairs)")
         pairs = check_pairs(signal, observation)
     dev = resolve_device(device)
-    report = Reporter("noise-fit", callbacks)
+    report = Reporter(EventTask.NOISE_FIT, callbacks)
     t0 = time.perf_counter()
     train, held = split_pairs(pairs, val_fraction, seed)
     settings: dict = {"kind": kind, "val_fraction": val_fraction, "seed": int(seed)}
@@ -404,8 +406,7 @@ def fit_noise_model(
     if kind == "histogram" or compare_histogram:
         hist = HistogramNoiseModel.from_pairs(train.signal, train.observation, signal_bins, offset_bins)
         _check_fitted(hist, train)  # before a GMM is fitted: it is compared with this one
-    # small tensors (binned cells, mini-batches, diagnostics): one CPU thread is about as fast
-    with cpu_threads(1, dev):
+    with small_tensors(dev):  # binned cells, mini-batches, diagnostics
         return _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag,
                     n_gaussians=n_gaussians, degree=degree, min_variance=min_variance, method=method,
                     iterations=int(iterations), batch_size=int(batch_size), lr=float(lr), seed=seed)
@@ -463,7 +464,7 @@ def _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag, *, n_gau
             raise TrainingDivergedError("noise-model fitting produced NaN parameters; check the data")
         _check_fitted(model, train)
     else:
-        report("start", step=0, total=1)
+        report(EventKind.START, step=0, total=1)
         model = hist
         settings.update(stopped=False, signal_bins=hist.n_signal_bins, offset_bins=hist.n_offset_bins)
     stopped = bool(settings.get("stopped"))
@@ -473,7 +474,7 @@ def _fit(train, held, kind, dev, report, t0, settings, hist, stop_flag, *, n_gau
     settings["seconds"] = round(time.perf_counter() - t0, 3)
     info["fit"] = settings
     model.info = info
-    report("stopped" if stopped else "done", step=settings.get("iterations", 1),
+    report(EventKind.STOPPED if stopped else EventKind.DONE, step=settings.get("iterations", 1),
            total=settings.get("iterations_planned", 1),
            metrics={"heldout_nll": info.get("heldout_nll")})
     return model

@@ -34,8 +34,14 @@ import math
 
 import torch
 
-from ..options import MAX_VALUE
-from .base import EXTRAPOLATION_MODES, LOG_2PI, NoiseModel, VarianceLaw, register_noise_model
+from ..options import MAX_VALUE, bounds
+from .base import (
+    EXTRAPOLATION_MODES,
+    LOG_2PI,
+    NoiseModel,
+    VarianceLaw,
+    register_noise_model,
+)
 
 
 def _poly(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -113,10 +119,10 @@ class GMMNoiseModel(NoiseModel):
             raise ValueError(f"signal_range must lie within +-{MAX_VALUE:g} (what float32 can "
                              f"square), got {signal_range}")
         n_gaussians, degree = int(n_gaussians), int(degree)
-        if not 1 <= n_gaussians <= 16:
-            raise ValueError(f"n_gaussians must be between 1 and 16, got {n_gaussians}")
-        if not 0 <= degree <= 5:
-            raise ValueError(f"degree must be between 0 and 5, got {degree}")
+        for name, v in (("n_gaussians", n_gaussians), ("degree", degree)):
+            least, most = bounds(name)
+            if not least <= v <= most:
+                raise ValueError(f"{name} must be between {least} and {most}, got {v}")
         min_variance, scale = float(min_variance), float(scale)
         if not (0 < min_variance <= MAX_VALUE**2):
             raise ValueError(f"min_variance must be a positive number of at most "

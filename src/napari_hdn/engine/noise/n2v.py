@@ -27,7 +27,7 @@ from torch import nn
 from ..data.arrays import PatchSampler, augment_batch, to_frames
 from ..device import resolve_device
 from ..errors import InputError, TrainingStopped
-from ..events import Reporter, StopFlag
+from ..events import EventKind, EventTask, Reporter, StopFlag
 from ..files.safeio import read_file, write_file
 
 N2V_FILE_FORMAT = "napari-hdn-n2v"
@@ -205,14 +205,14 @@ class N2VDenoiser:
         is_list = arr is None
         dev = resolve_device(device)
         net = self.net.to(dev)
-        report = Reporter("n2v-predict", callbacks)
+        report = Reporter(EventTask.N2V_PREDICT, callbacks)
         try:
             out = []
-            report("start", step=0, total=len(frames))
+            report(EventKind.START, step=0, total=len(frames))
             for k, f in enumerate(frames):
                 out.append(self._predict_frame(net, f, tile_size, tile_overlap, dev))
-                report("step", step=k + 1, total=len(frames))
-            report("done", step=len(frames), total=len(frames))
+                report(EventKind.STEP, step=k + 1, total=len(frames))
+            report(EventKind.DONE, step=len(frames), total=len(frames))
         finally:
             self.net.cpu()
         if is_list:
@@ -371,12 +371,12 @@ def train_n2v(
     val_batch = PatchSampler(norm, patch, val_gen).sample(cfg.val_patches)
     val = _masked_batch(val_batch, cfg, val_gen)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    report = Reporter("n2v", callbacks)
+    report = Reporter(EventTask.N2V, callbacks)
     rule = _Plateau(cfg)
     t0 = time.perf_counter()
     best = _val_loss(net, val, dev)
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    report("start", step=0, total=cfg.max_steps, metrics={"val_loss": best})
+    report(EventKind.START, step=0, total=cfg.max_steps, metrics={"val_loss": best})
     step, reason = 0, "max_steps"
     threads_before = torch.get_num_threads()
     governor = ThreadGovernor(threads_before) if dev.type == "cpu" else None
@@ -421,7 +421,7 @@ def train_n2v(
                     best_state = {k: t.detach().clone() for k, t in net.state_dict().items()}
                 rule.update(v)
                 t_last = time.perf_counter()  # evaluations are not steps
-            report("step", step=step, total=cfg.max_steps, metrics=metrics)
+            report(EventKind.STEP, step=step, total=cfg.max_steps, metrics=metrics)
             if rule.done:
                 reason = "converged"
                 break
@@ -440,6 +440,6 @@ def train_n2v(
             "converged": reason == "converged", "stop_reason": reason, "lr_drops": rule.drops,
             "max_steps": cfg.max_steps, "time_budget_s": cfg.time_budget_s,
             "other_load": None if busy is None or busy.load is None else round(busy.load, 2)}
-    report("stopped" if stopped else "done", step=step, total=cfg.max_steps,
+    report(EventKind.STOPPED if stopped else EventKind.DONE, step=step, total=cfg.max_steps,
            metrics={"val_loss": best, "stop_reason": reason})
     return N2VDenoiser(net, mean, std, cfg, info)

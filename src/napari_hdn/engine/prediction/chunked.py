@@ -37,7 +37,7 @@ import numpy as np
 
 from ..data.arrays import as_float_array, check_axes
 from ..errors import HDNError, HDNWarning, InputError, OptionError, OutputError, StopRequested
-from ..events import Callback, Reporter, StopFlag
+from ..events import Callback, EventKind, EventTask, Reporter, StopFlag
 from ..options import check_options
 
 #: output chunk side (pixels) and margin read around it, the defaults of every entry point
@@ -773,9 +773,9 @@ def _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite, sche
     out = str(Path(out).resolve())
     pending = [idx for idx in np.ndindex(*spec.grid) if not done[idx]]
     total = int(np.prod(spec.grid))
-    report = Reporter("predict-chunks", callbacks)
+    report = Reporter(EventTask.PREDICT_CHUNKS, callbacks)
     before = total - len(pending)
-    report("start", step=before, total=total)
+    report(EventKind.START, step=before, total=total)
     stop_flag = stop_flag or StopFlag()
     stopped = False
     if scheduler is None and workers is None:
@@ -783,7 +783,7 @@ def _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite, sche
     else:
         stopped = _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag,
                                scheduler, workers)
-    report("stopped" if stopped else "done", step=total if not stopped else None, total=total)
+    report(EventKind.STOPPED if stopped else EventKind.DONE, step=total if not stopped else None, total=total)
     import zarr
 
     g = zarr.open_group(out, mode="r")
@@ -825,7 +825,7 @@ def _run_here(x, ref, spec, pending, out, report, before, total, stop_flag) -> b
         except StopRequested:
             return True
         done += 1
-        report("step", step=done, total=total)
+        report(EventKind.STEP, step=done, total=total)
     return False
 
 
@@ -862,7 +862,7 @@ def _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag, s
                 return True
             fut.result()  # a chunk that failed raises here, with the worker's message
             done += 1
-            report("step", step=done, total=total)
+            report(EventKind.STEP, step=done, total=total)
         return False
     finally:
         if own:

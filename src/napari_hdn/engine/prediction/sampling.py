@@ -22,7 +22,7 @@ from ..data.arrays import as_float_array, check_axes, image_array
 from ..data.frames import check_saturation
 from ..device import resolve_device
 from ..errors import HDNWarning, InputError, StopRequested
-from ..events import Callback, Reporter, StopFlag
+from ..events import Callback, EventKind, EventTask, Reporter, StopFlag
 from ..heap import keep_heap
 from ..network.fastpath import fuse_for_inference
 from ..network.ladder import pad_to_multiple
@@ -777,7 +777,7 @@ def predict(
         plans.append(_tile_plan(H, W, tile_size, tile_overlap, m))
     tiles = len(plans[0][0]) * len(plans[0][1])
     group = _frames_per_pass(net, plans[0], fixed, rule, batch_size, dev, N, sampling)
-    progress = _Progress(Reporter("predict", callbacks), N * tiles * len(views), fixed,
+    progress = _Progress(Reporter(EventTask.PREDICT, callbacks), N * tiles * len(views), fixed,
                          per_frame=tiles * len(views))
     progress.start()
     n_keep = (fixed if rule is None else _auto_floor(rule, sampling)) if return_samples else 0
@@ -842,11 +842,11 @@ def predict(
                 raise StopRequested("stopped before the first frame was finished")
             done_frames = whole * per_slice
             shape_done = (whole, *shape[1:])
-        progress.report("stopped", step=progress.step, total=progress.total,
+        progress.report(EventKind.STOPPED, step=progress.step, total=progress.total,
                         metrics=progress.metrics())
     else:
         shape_done = shape
-        progress.report("done", step=progress.total, total=progress.total,
+        progress.report(EventKind.DONE, step=progress.total, total=progress.total,
                         metrics=progress.metrics())
     k = done_frames if stopped else N
     tile, ys, xs = plans[-1][2], plans[-1][0], plans[-1][1]
@@ -881,7 +881,7 @@ def _predict_channels(model, image, layout, n_samples, *, callbacks, seed, retur
     The frames are predicted in chunks, every channel of a chunk before the next chunk, so that a
     stop (``keep_finished``) keeps the frames finished in every channel."""
     arr = np.asarray(image)
-    report = Reporter("predict", callbacks)
+    report = Reporter(EventTask.PREDICT, callbacks)
     n = layout.channels
     views = [np.asarray(layout.channel_view(arr, c)) for c in range(n)]
     H, W = views[0].shape[-2:]
@@ -900,7 +900,7 @@ def _predict_channels(model, image, layout, n_samples, *, callbacks, seed, retur
     counts = np.zeros((n, N))
     t0 = time.perf_counter()
     report.t0 = t0
-    report("start", step=0, total=N, metrics={"unit": "frame", "frames": N, "channels": n})
+    report(EventKind.START, step=0, total=N, metrics={"unit": "frame", "frames": N, "channels": n})
     done, stopped, first = 0, False, None
     sub_axes = "SYX"
     try:
@@ -909,7 +909,7 @@ def _predict_channels(model, image, layout, n_samples, *, callbacks, seed, retur
             for c in range(n):
 
                 def relay(ev, _f0=f0, _k=f1 - f0, _c=c):
-                    if ev.kind != "step" or not ev.total:
+                    if ev.kind != EventKind.STEP or not ev.total:
                         return
                     step = _f0 + _k * (_c + ev.step / ev.total) / n  # frames, all channels
                     el = time.perf_counter() - t0
@@ -918,7 +918,7 @@ def _predict_channels(model, image, layout, n_samples, *, callbacks, seed, retur
                                    unit="frame")
                     if step > 0:
                         metrics["eta_s"] = el * (N - step) / step
-                    report("step", step=int(step), total=N, metrics=metrics)
+                    report(EventKind.STEP, step=int(step), total=N, metrics=metrics)
 
                 r = predict(model.models[c], flat[c][f0:f1], n_samples, axes=sub_axes,
                             seed=channel_seed(seed, c), return_samples=return_samples,
@@ -944,7 +944,7 @@ def _predict_channels(model, image, layout, n_samples, *, callbacks, seed, retur
         raise StopRequested("stopped before the first frame was finished")
     k = whole * per_slice
     shape_done = (whole, *frame_shape[1:]) if stopped else frame_shape
-    report("stopped" if stopped else "done", step=k, total=N)
+    report(EventKind.STOPPED if stopped else EventKind.DONE, step=k, total=N)
 
     def put(arrs, lead=()):
         return layout.stack([a[..., :k, :, :].reshape(*lead, *shape_done) for a in arrs],
@@ -1068,7 +1068,7 @@ class _Progress:
 
     def start(self) -> None:
         self.report.t0 = time.perf_counter()
-        self.report("start", step=0, total=self.total, metrics=self.metrics())
+        self.report(EventKind.START, step=0, total=self.total, metrics=self.metrics())
 
     def eta(self) -> float | None:
         now = time.perf_counter() - self.report.t0
@@ -1094,14 +1094,14 @@ class _Progress:
     def drawn(self, n: int) -> None:
         self.samples += n
         if self.fixed:
-            self.report("step", step=self.step, total=self.total, metrics=self.metrics())
+            self.report(EventKind.STEP, step=self.step, total=self.total, metrics=self.metrics())
 
     def finished(self, n: int, counts) -> None:
         self.units_done += n
         self.counts.extend(int(c) for c in counts)
         self.t_last = time.perf_counter() - self.report.t0
         if not self.fixed:
-            self.report("step", step=self.step, total=self.total, metrics=self.metrics())
+            self.report(EventKind.STEP, step=self.step, total=self.total, metrics=self.metrics())
 
 
 def _round_sizes(n_samples: int, first: int = 8):
@@ -1154,27 +1154,27 @@ def _predict_in_rounds(model, image, n_samples, *, stop_flag, callbacks, return_
         res.info["n_requested"] = "auto"
         return res
     n_samples = fixed
-    report = Reporter("predict", callbacks)
+    report = Reporter(EventTask.PREDICT, callbacks)
     device = kwargs.pop("device", None)
     model = inference_model(model, device)  # one copy (if any) for all rounds
     done, mean, m2, kept, last = 0, None, None, None, None
     units = 1  # frames x tiles: the engine counts one step per sample and tile
     stopped = False
-    report("start", step=0, total=n_samples)
+    report(EventKind.START, step=0, total=n_samples)
     for k in _round_sizes(int(n_samples)):
         base = done
 
         def relay(ev, _base=base, _k=k):
             nonlocal units
-            if ev.kind == "start" and ev.total:
+            if ev.kind == EventKind.START and ev.total:
                 units = max(1, ev.total // _k)
-            elif ev.kind == "step":
+            elif ev.kind == EventKind.STEP:
                 step = _base + ev.step / units
                 el = time.perf_counter() - report.t0
                 metrics = {"frames": ev.metrics.get("frames"), "samples_drawn": int(step)}
                 if step > 0:
                     metrics["eta_s"] = el * (n_samples - step) / step
-                report("step", step=int(step), total=n_samples, metrics=metrics)
+                report(EventKind.STEP, step=int(step), total=n_samples, metrics=metrics)
 
         try:
             res = predict(model, image, k, stop_flag=stop_flag, callbacks=relay,
@@ -1198,7 +1198,7 @@ def _predict_in_rounds(model, image, n_samples, *, stop_flag, callbacks, return_
             kept[done : done + k] = res.samples
         done += k
         last = res
-    report("stopped" if stopped else "done", step=done, total=n_samples)
+    report(EventKind.STOPPED if stopped else EventKind.DONE, step=done, total=n_samples)
     return Prediction(
         mmse=mean.astype(np.float32),
         variance=(m2 / done).astype(np.float32),

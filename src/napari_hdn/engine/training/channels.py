@@ -12,7 +12,7 @@ import numpy as np
 from ..data.frames import frames_of
 from ..data.layout import Layout, layout_of
 from ..errors import InputError, StopRequested, SuspiciousNoiseModelWarning
-from ..events import Reporter, StopFlag
+from ..events import EventTask, Reporter, StopFlag
 from ..network.loading import load_model
 from ..network.multichannel import MultiChannelModel
 from ..noise.channels import ChannelNoiseModels, load_noise_model, per_channel_noise, verdict_warnings
@@ -23,7 +23,7 @@ NOISE_FILE = "noise-models.hdnoise"
 
 
 def _relay(callbacks, channel: int, channels: int):
-    report = Reporter("train", callbacks)
+    report = Reporter(EventTask.TRAIN, callbacks)
 
     def relay(ev):
         ev.metrics = {**(ev.metrics or {}), "channel": channel, "channels": channels}

@@ -37,7 +37,7 @@ from ..errors import (
     SuspiciousNoiseModelWarning,
     TrainingDivergedError,
 )
-from ..events import Callback, Reporter, StopFlag
+from ..events import Callback, EventKind, EventTask, Reporter, StopFlag
 from ..heap import keep_heap
 from ..network.model import HDNModel, read_model_file
 from ..noise.base import NoiseModel, NoiseModelRangeWarning
@@ -303,7 +303,7 @@ class Trainer:
                              steps_given=training_config is not None or "max_steps" in over,
                              budget_given=training_config is not None or "time_budget_s" in over)
         self.stop_flag = stop_flag or StopFlag()
-        self.report = Reporter("train", callbacks)
+        self.report = Reporter(EventTask.TRAIN, callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = resolve_device(self.tcfg.device)
         frames = training_frames(images, axes, name="training images")
@@ -676,7 +676,7 @@ class Trainer:
 
     def _run(self, governor: ThreadGovernor | None) -> HDNModel:
         cfg = self.tcfg
-        self.report("start", step=self.step, total=cfg.max_steps, epoch=self.epoch,
+        self.report(EventKind.START, step=self.step, total=cfg.max_steps, epoch=self.epoch,
                     metrics={"noise_range": self.noise_range, "time_budget_s": cfg.time_budget_s,
                              "noise_warning": self.noise_warning})
         bad = 0
@@ -723,7 +723,7 @@ class Trainer:
                 metrics["busy"] = said + (
                     "; with a time budget this run trains fewer steps than it would alone"
                     if budget is not None else "; the steps trained are the same, only later")
-            self.report("step", step=self.step, total=cfg.max_steps, epoch=self.epoch,
+            self.report(EventKind.STEP, step=self.step, total=cfg.max_steps, epoch=self.epoch,
                         metrics=metrics)
             out_of_time = budget is not None and self._agree(self.train_seconds >= budget)
             if self.step % self.steps_per_epoch == 0 or self.step == cfg.max_steps or out_of_time:
@@ -770,7 +770,7 @@ class Trainer:
             # average, which is what was validated), not the live ones
             self._save_checkpoint("best", self.best_state)
         self._save_checkpoint("last")
-        self.report("epoch", step=self.step, total=self.tcfg.max_steps, epoch=self.epoch, metrics=rec)
+        self.report(EventKind.EPOCH, step=self.step, total=self.tcfg.max_steps, epoch=self.epoch, metrics=rec)
         pat = self.tcfg.early_stopping_patience
         return pat is not None and self.epochs_since_best >= pat
 
@@ -782,7 +782,7 @@ class Trainer:
         self._update_info()
         self.model.info["stopped_early"] = stopped
         self.report(
-            "stopped" if stopped else "done",
+            EventKind.STOPPED if stopped else EventKind.DONE,
             step=self.step,
             total=self.tcfg.max_steps,
             epoch=self.epoch,
