@@ -113,9 +113,8 @@ class TrainingConfig(_Strict):
         None,
         ge=1,
         description="Patches per forward/backward pass; gradients are accumulated over the batch. "
-        "None: on CPU 512 / filters (16 at 32 filters, 8 at 64; whole BatchNorm chunks): 16 was "
-        "the fastest of 8/16/32/64 at 32 filters, and at 64 filters 8 ran as fast as 16 with 43% "
-        "less memory; on GPUs the whole batch.",
+        "None: on CPU 512 / filters in whole BatchNorm chunks (the fastest pass size there), on "
+        "GPUs the whole batch.",
     )
     max_steps: int = Field(20000, ge=1)
     time_budget_s: float | None = Field(

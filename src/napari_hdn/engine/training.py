@@ -47,11 +47,8 @@ from .priors import initial_weights
 from .threads import BusyMonitor, ThreadGovernor
 
 OPTIM_PREFIX = "optim."
-# patch-channels per forward/backward pass on CPU (patches x filters): 16 patches at 32 filters, 8
-# at 64. Of 8/16/32/64 patches, 16 was fastest at the small configuration (32 filters; 8 took 1.12x
-# the time); at the paper configuration (64 filters) 8 and 16 ran at the same speed with the heap
-# kept (engine/heap.py) and 8 needs 43% less memory (benchmarks/step_speed.py, 2026-11-28).
-# BatchNorm statistics stay per bn_chunk either way.
+# patch-channels (patches x filters) per CPU pass: the fastest, leanest pass size measured (see
+# docs/lab-notes.md)
 CPU_MICRO_BATCH_CHANNELS = 512
 
 

@@ -71,9 +71,8 @@ def user_message(exc: BaseException, what: str) -> tuple[str, bool]:
 def default_cpu_threads() -> int:
     """Torch threads for widget jobs: all cores but one (at least 1), at most torch's default.
 
-    The GUI thread (and, under Xvfb or on machines without a GPU, OpenGL rendering) needs a core:
-    with every core busy in OpenMP, a preview measured 16x slower on a 2-core machine when one other
-    process was running (OpenMP threads wait for each other at every operation).
+    The GUI thread (and, without a GPU, OpenGL rendering) needs a core: OpenMP threads that wait
+    for each other at every operation slow everything down when all cores are taken.
     """
     import torch
 
@@ -85,11 +84,8 @@ def job_threads(interactive: bool = False) -> int:
 
     Auto gives long jobs (training, prediction, the levels' description) all cores but one. A short
     job the user waits on (``interactive``, e.g. the artefact preview) gets every core when no
-    other job of the widgets is running: the GUI thread idles while the user waits. On a 2-core
-    machine a level-2 toggle of a 256x256 preview measured 0.26 s with 2 threads against 0.33 s
-    with 1, and 2 threads were no slower than 1 when another process kept both cores busy.
-    With another job running it keeps to all cores but one, so the two never wait on each other's
-    OpenMP threads.
+    other job of the widgets is running: the GUI thread idles while the user waits. With another
+    job running it keeps to all cores but one, so the two never wait on each other's OpenMP threads.
     """
     from ..session import get_session
 
