@@ -14,7 +14,6 @@ from .errors import (
     StopRequested,
     SuspiciousNoiseModelWarning,
     TrainingDivergedError,
-    TrainingStopped,
 )
 from .events import ProgressEvent, StopFlag
 from .ladder import LadderVAE
@@ -58,7 +57,6 @@ __all__ = [
     "Trainer",
     "TrainingConfig",
     "TrainingDivergedError",
-    "TrainingStopped",
     "available_devices",
     "describe_levels",
     "fine_tune",
