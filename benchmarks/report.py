@@ -227,8 +227,8 @@ def _speed_lines(sp: dict) -> list[str]:
     p = sp["prediction"]
     out += ["", f"- {p['n_samples']}-sample MMSE of a {p['size']}x{p['size']} image ({p['config']} config): "
             f"{p['reuse_s']:.1f} s by `predict` (the bottom-up pass computed once, samples batched "
-            f"without autograd), {p['recompute_s']:.1f} s with a full forward pass per sample (the reference's "
-            f"way): **{p['speedup']:.2f}x**"]
+            f"without autograd), {p['recompute_s']:.1f} s with a full forward pass per sample (the "
+            f"reference's way): **{p['speedup']:.2f}x**"]
     t = sp["tiled"]
     out.append(f"- Tiled prediction of a {t['size']}x{t['size']} image (tiles {t['tile']}, "
                f"{t['n_samples']} sample, {t['tiles']} tiles): peak resident memory "

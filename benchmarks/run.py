@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import baselines, metrics
+from napari_hdn.engine.metrics import psnr, ssim
+
+from . import baselines
+from .calibration import calibration
 from .datasets import NAMES, Dataset, make_datasets
 from .report import CROP
 from .time_to_quality import in_fresh_process
@@ -112,7 +115,7 @@ def hdn_curve(noisy, clean, noise_model, budgets_min, seed: int, prof: dict, str
             if tta:
                 extra["orientations"] = 8
             if last and not tta:
-                cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, clean)]
+                cal = [calibration(r.samples, r.mmse, g) for r, g in zip(res, clean)]
                 extra.update(std_error_corr=_mean_or_none([c["std_error_corr"] for c in cal]),
                              coverage95=float(np.mean([c["coverage95"] for c in cal])))
             variance = res[0].variance if (last and levels is None and not tta) else None
@@ -134,7 +137,7 @@ def _mean_or_none(values):
 
 
 def score(pred: np.ndarray, gt: np.ndarray) -> dict:
-    return {"psnr": metrics.psnr(pred, gt), "ssim": metrics.ssim(pred, gt)}
+    return {"psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}
 
 
 def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
