@@ -155,42 +155,6 @@ def test_prior_gain_top_down_rate_scale_splits_the_optimiser():
         assert enc["lr"] == pytest.approx(peak) and dec["lr"] == pytest.approx(0.25 * peak)
 
 
-def test_prior_images_more_photographs_drop_the_duplicate_cap_the_size_and_add_scales(tmp_path):
-    """``--photos more``: chelsea (the same photograph as cat) is left out, the extra photographs come
-    in, none is longer than MAX_SIDE, and every scale adds a copy of each photograph."""
-    from benchmarks.pretrain_prior import EXTRA, MAX_SIDE, NATURAL, clean_images, photo_names
-
-    rng = np.random.default_rng(0)
-    shapes = {name: (300, 200) for name in NATURAL + EXTRA}
-    shapes["retina"] = (1411, 1411)
-    npz = tmp_path / "clean.npz"
-    np.savez(npz, **{k: rng.random(v, dtype=np.float32) for k, v in shapes.items()})
-    base = clean_images(1, str(npz))
-    assert len(base) == len(NATURAL) + 1 and base[NATURAL.index("retina")].shape == (1411, 1411)
-    assert base[-1].shape == (256, 256)  # the phantom
-    names = photo_names("more")
-    assert "chelsea" not in names and set(EXTRA) <= set(names) and len(names) == len(NATURAL) + 3
-    more = clean_images(0, str(npz), photos="more", scales=(1.0, 0.5))
-    assert len(more) == 2 * len(names)
-    assert more[names.index("retina")].shape == (MAX_SIDE, MAX_SIDE)
-    assert more[len(names) + names.index("retina")].shape == (MAX_SIDE // 2, MAX_SIDE // 2)
-    assert more[len(names)].shape == (150, 100) and more[0].shape == (300, 200)
-    with pytest.raises(ValueError, match="photos"):
-        photo_names("all")
-
-
-def test_a_prior_that_went_on_from_another_records_both_recipes(tiny_model, tmp_path):
-    from benchmarks.pretrain_prior import continued
-
-    tiny_model.info["prior"] = {"steps": 7, "photos": "first"}
-    tiny_model.save(tmp_path / "first.hdn")
-    second = continued({"steps": 3}, str(tmp_path / "first.hdn"))
-    assert second["total_steps"] == 10 and second["continued_from"]["photos"] == "first"
-    tiny_model.info["prior"] = second
-    tiny_model.save(tmp_path / "second.hdn")
-    assert continued({"steps": 5}, str(tmp_path / "second.hdn"))["total_steps"] == 15
-
-
 def test_cooldown_recipe_gives_each_mark_its_own_run_from_one_long_run():
     """A schedule that depends on the run's length gets, for every earlier mark, a branch of the
     long run resumed with that length: it ends at the mark, cooled down over its own last part."""
