@@ -49,7 +49,7 @@ def dataset(name: str):
 
 
 def scores(images, ds) -> dict:
-    from .metrics import psnr, ssim
+    from napari_hdn.engine.metrics import psnr, ssim
 
     axis = ds.extra["axis"]
     return {

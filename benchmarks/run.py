@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import baselines, metrics
+from napari_hdn.engine.metrics import psnr, ssim
+
+from . import baselines
+from .calibration import calibration
 from .datasets import NAMES, Dataset, make_datasets
 from .report import CROP
 from .time_to_quality import in_fresh_process
@@ -112,7 +115,7 @@ def hdn_curve(noisy, clean, noise_model, budgets_min, seed: int, prof: dict, str
             if tta:
                 extra["orientations"] = 8
             if last and not tta:
-                cal = [metrics.calibration(r.samples, r.mmse, g) for r, g in zip(res, clean)]
+                cal = [calibration(r.samples, r.mmse, g) for r, g in zip(res, clean)]
                 extra.update(std_error_corr=_mean_or_none([c["std_error_corr"] for c in cal]),
                              coverage95=float(np.mean([c["coverage95"] for c in cal])))
             variance = res[0].variance if (last and levels is None and not tta) else None
@@ -134,7 +137,7 @@ def _mean_or_none(values):
 
 
 def score(pred: np.ndarray, gt: np.ndarray) -> dict:
-    return {"psnr": metrics.psnr(pred, gt), "ssim": metrics.ssim(pred, gt)}
+    return {"psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}
 
 
 def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
@@ -217,38 +220,40 @@ def evaluate_dataset(ds: Dataset, prof: dict, seed: int, log) -> dict:
 
 def speed_section(quick: bool, log) -> dict:
     from napari_hdn import bench
+    from napari_hdn.engine.training.presets import PRESETS
 
-    from . import learned
+    from . import learned, speed
 
     dev = "cpu"
+    small = PRESETS["fast CPU"].model
     out: dict = {}
     conv = bench._run(bench.task_conv, dev, 3 if quick else 5)
     out["conv2d_gflops"] = conv["conv2d_gflops"]
     log(f"  conv2d 3x3 64ch fwd+bwd: {conv['conv2d_gflops']:.1f} GFLOP/s")
-    cfgs = [("small", bench.SMALL)] + ([] if quick else [("paper", bench.PAPER)])
+    names = bench.TIMED_PRESETS[:1] if quick else bench.TIMED_PRESETS
     out["training"] = {}
-    for name, arch in cfgs:
-        for mode in ("sequential", "ghost"):
-            r = bench._run(bench.task_train, dev, arch, 64, 64, mode, 2 if name == "paper" else 3)
-            r["fraction_of_conv2d"] = r["train_gflops"] / conv["conv2d_gflops"]
-            out["training"][f"{name}/{mode}"] = r
-            log(f"  train {name}/{mode}: {r['steps_per_s']:.3f} steps/s, "
-                f"{100 * r['fraction_of_conv2d']:.0f}% of conv2d, peak {r['peak_memory_mb']:.0f} MB")
+    for name in names:
+        preset = PRESETS[name]
+        r = bench._run(bench.task_train, dev, preset.model, preset.training, 2 if name == "paper" else 3)
+        r["fraction_of_conv2d"] = r["train_gflops"] / conv["conv2d_gflops"]
+        out["training"][name] = r
+        log(f"  train {name}: {r['steps_per_s']:.3f} steps/s, "
+            f"{100 * r['fraction_of_conv2d']:.0f}% of conv2d, peak {r['peak_memory_mb']:.0f} MB")
     size = 128 if quick else 512
     n = 20 if quick else 100
-    reuse = bench._run(bench.task_predict, dev, bench.SMALL, size, n, True)
-    recompute = bench._run(bench.task_predict, dev, bench.SMALL, size, n, False)
-    out["prediction"] = {"size": size, "n_samples": n, "config": "small", "reuse_s": reuse["seconds"],
+    reuse = bench._run(bench.task_predict, dev, small, size, n)
+    recompute = bench._run(speed.task_reference_predict, dev, small, size, n)
+    out["prediction"] = {"size": size, "n_samples": n, "config": "fast CPU", "reuse_s": reuse["seconds"],
                          "recompute_s": recompute["seconds"],
                          "speedup": recompute["seconds"] / reuse["seconds"],
                          "peak_memory_mb": reuse["peak_memory_mb"]}
     log(f"  predict {n} samples {size}x{size}: {reuse['seconds']:.1f} s vs {recompute['seconds']:.1f} s "
         f"recomputed ({out['prediction']['speedup']:.2f}x)")
     big = 1024 if quick else 4096
-    tm = bench._run(bench.task_tiled_memory, dev, bench.SMALL, big, 512, 1)
+    tm = bench._run(speed.task_tiled_memory, dev, small, big, 512, 1)
     out["tiled"] = {"size": big, "tile": 512, "n_samples": 1, **tm}
     log(f"  tiled {big}x{big}, 1 sample: peak {tm['peak_memory_mb']:.0f} MB, {tm['seconds']:.0f} s")
-    lat = bench._run(bench.task_toggle_latency, dev, bench.SMALL, 256, 4, 5)
+    lat = bench._run(speed.task_toggle_latency, dev, small, 256, 4, 5)
     out["toggle_preview"] = {"crop": 256, "n_samples": 4, "config": "small", **lat}
     log(f"  toggle preview 256x256, 4 samples: {lat['median_seconds']:.2f} s")
     fit = learned.gmm_fit_speed(10_000_000 if not quick else 1_000_000)

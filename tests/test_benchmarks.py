@@ -5,16 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import metrics
+from benchmarks.calibration import calibration
 from benchmarks.datasets import make_datasets
 from benchmarks.run import rewrite_report, run
 
 
-def test_metrics_by_hand():
+def test_scores_by_hand():
+    from napari_hdn.engine.metrics import psnr
+
     gt = np.array([[0.0, 10.0], [10.0, 0.0]])
-    assert metrics.psnr(gt + 1.0, gt) == 20.0  # range 10, mse 1
+    assert psnr(gt + 1.0, gt) == 20.0  # range 10, mse 1
     samples = np.stack([gt + d for d in np.linspace(-1, 1, 41)])
-    cal = metrics.calibration(samples, samples.mean(0), gt)
+    cal = calibration(samples, samples.mean(0), gt)
     assert cal["coverage95"] == 1.0
 
 
@@ -98,113 +100,31 @@ def test_reusing_noise2void_needs_a_run_of_the_same_profile_and_seed(tmp_path):
         run("smoke", out_dir=tmp_path, docs=False, log=lambda *a: None, reuse_n2v=str(earlier))
 
 
-def test_recipe_grid_variants_are_valid_configurations():
-    from benchmarks.recipe_grid import VARIANTS, _settings
-    from napari_hdn.engine import ModelConfig, TrainingConfig
-    from napari_hdn.engine.training.presets import get_preset
-
-    preset = get_preset("fast CPU")
-    for name, (dataset, noise, arch, training, marks) in VARIANTS.items():
-        a, t = _settings(name)
-        assert dataset in ("fluo100", "natural25") and noise in ("gmm", "true")
-        assert list(marks) == sorted(marks)
-        ModelConfig(**a), TrainingConfig(**t)  # accepted as they are
-        assert a == {**preset.model, **arch}
-        assert t == {**preset.training, "val_fraction": 0.0, **training}
-
-
-def test_prior_gain_variants_read_noise_and_training_overrides():
-    from benchmarks.prior_gain import parse_variant
-
-    assert parse_variant("natural25:prior:5e-3") == ("natural25", "prior", 5e-3, "gmm", {})
-    assert parse_variant("fluo20:scratch:1e-2:true") == ("fluo20", "scratch", 1e-2, "true", {})
-    name, start, lr, noise, over = parse_variant(
-        "natural25:prior:5e-3:patch_size=96:batch_size=8:lr_schedule=cooldown")
-    assert (noise, over) == ("gmm", {"patch_size": 96, "batch_size": 8, "lr_schedule": "cooldown"})
-    assert parse_variant("natural25:prior:5e-3:init=/p/a.hdn")[4] == {"init": "/p/a.hdn"}  # own prior
-    for bad in ("natural25:pretrained:5e-3", "natural25:prior:5e-3:exact", "natural25:prior:fast",
-                "natural25:scratch:5e-3:init=/p/a.hdn"):
-        with pytest.raises(ValueError):
-            parse_variant(bad)
-
-
-def test_prior_gain_top_down_rate_scale_splits_the_optimiser():
-    """``top_down_lr_scale``: the encoder at the run's rate, the top-down path and output layer at
-    the scaled one, through the warm-up and after it, every parameter in exactly one group."""
-    from benchmarks.prior_gain import parse_variant, split_rates
-    from napari_hdn.engine import GaussianNoiseModel, ModelConfig, Trainer, TrainingConfig
-
-    assert parse_variant("natural25:prior:5e-3:top_down_lr_scale=0.3")[4] == {"top_down_lr_scale": 0.3}
-    rng = np.random.default_rng(0)
-    tr = Trainer(rng.normal(100, 10, (2, 48, 48)).astype(np.float32), GaussianNoiseModel(10.0),
-                 axes="SYX", model_config=ModelConfig(levels=2, z_dim=4, filters=8, blocks=1),
-                 training_config=TrainingConfig(patch_size=32, batch_size=4, device="cpu", lr=1e-3,
-                                                warmup_steps=4, val_fraction=0.0, max_steps=6))
-    split_rates(tr, 0.25)
-    enc, dec = tr.optimizer.param_groups
-    ids = [id(q) for g in (enc, dec) for q in g["params"]]
-    assert sorted(ids) == sorted(id(q) for q in tr.model.ladder.parameters())
-    assert any(n.startswith("final") for n, q in tr.model.ladder.named_parameters()
-               if any(q is d for d in dec["params"]))
-    for step in range(6):
-        tr.step = step
-        tr._warmup_lr()
-        peak = 1e-3 * min(step + 1, 5) / 5 if step < 4 else 1e-3
-        assert enc["lr"] == pytest.approx(peak) and dec["lr"] == pytest.approx(0.25 * peak)
-
-
-def test_prior_images_more_photographs_drop_the_duplicate_cap_the_size_and_add_scales(tmp_path):
-    """``--photos more``: chelsea (the same photograph as cat) is left out, the extra photographs come
-    in, none is longer than MAX_SIDE, and every scale adds a copy of each photograph."""
-    from benchmarks.pretrain_prior import EXTRA, MAX_SIDE, NATURAL, clean_images, photo_names
-
-    rng = np.random.default_rng(0)
-    shapes = {name: (300, 200) for name in NATURAL + EXTRA}
-    shapes["retina"] = (1411, 1411)
-    npz = tmp_path / "clean.npz"
-    np.savez(npz, **{k: rng.random(v, dtype=np.float32) for k, v in shapes.items()})
-    base = clean_images(1, str(npz))
-    assert len(base) == len(NATURAL) + 1 and base[NATURAL.index("retina")].shape == (1411, 1411)
-    assert base[-1].shape == (256, 256)  # the phantom
-    names = photo_names("more")
-    assert "chelsea" not in names and set(EXTRA) <= set(names) and len(names) == len(NATURAL) + 3
-    more = clean_images(0, str(npz), photos="more", scales=(1.0, 0.5))
-    assert len(more) == 2 * len(names)
-    assert more[names.index("retina")].shape == (MAX_SIDE, MAX_SIDE)
-    assert more[len(names) + names.index("retina")].shape == (MAX_SIDE // 2, MAX_SIDE // 2)
-    assert more[len(names)].shape == (150, 100) and more[0].shape == (300, 200)
-    with pytest.raises(ValueError, match="photos"):
-        photo_names("all")
-
-
-def test_a_prior_that_went_on_from_another_records_both_recipes(tiny_model, tmp_path):
-    from benchmarks.pretrain_prior import continued
-
-    tiny_model.info["prior"] = {"steps": 7, "photos": "first"}
-    tiny_model.save(tmp_path / "first.hdn")
-    second = continued({"steps": 3}, str(tmp_path / "first.hdn"))
-    assert second["total_steps"] == 10 and second["continued_from"]["photos"] == "first"
-    tiny_model.info["prior"] = second
-    tiny_model.save(tmp_path / "second.hdn")
-    assert continued({"steps": 5}, str(tmp_path / "second.hdn"))["total_steps"] == 15
-
-
-def test_cooldown_recipe_gives_each_mark_its_own_run_from_one_long_run():
-    """A schedule that depends on the run's length gets, for every earlier mark, a branch of the
-    long run resumed with that length: it ends at the mark, cooled down over its own last part."""
+def test_snapshots_at_step_marks_come_from_one_run():
     from benchmarks.time_to_quality import train_with_snapshots
     from napari_hdn.engine import GaussianNoiseModel
 
     rng = np.random.default_rng(0)
     images = [rng.normal(100.0, 10.0, (64, 64)).astype(np.float32) for _ in range(2)]
     arch = dict(levels=2, z_dim=2, filters=8, blocks=1, dropout=0.0)
-    training = dict(lr=1e-3, warmup_steps=2, lr_schedule="cooldown", cooldown_fraction=0.5,
-                    lr_final_fraction=0.1, patch_size=32, batch_size=4)
+    training = dict(lr=1e-3, warmup_steps=2, patch_size=32, batch_size=4)
     snaps = train_with_snapshots(images, GaussianNoiseModel(10.0), arch, training,
                                  marks_steps=[8, 12], log=lambda *a: None)
     assert [s["steps"] for s in snaps] == [8, 12]
-    assert [s["model"].info["steps"] for s in snaps] == [8, 12]
-    # each was trained as a run of its own length (so its rate cooled down over its own end)
-    for s, m in zip(snaps, (8, 12)):
-        assert s["model"].info["training_config"]["max_steps"] == m
-        assert s["model"].info["training_config"]["lr_schedule"] == "cooldown"
+    first, last = (s["model"].ladder.state_dict() for s in snaps)
+    assert any(not np.array_equal(first[k].numpy(), last[k].numpy()) for k in first)  # a snapshot
+    assert all(s["seconds_per_step"] > 0 for s in snaps)
+
+
+def test_speed_tasks_of_the_benchmark_run_report_figures():
+    from _helpers import TINY
+
+    from benchmarks import speed
+
+    arch = dict(TINY)
+    q = speed.task_reference_predict("cpu", arch, 32, 2)
+    assert q["seconds"] > 0 and q["peak_memory_mb"] > 0
+    lat = speed.task_toggle_latency("cpu", arch, 32, 2, 2)
+    assert lat["median_seconds"] > 0
+    tm = speed.task_tiled_memory("cpu", arch, 64, 32, 1)
+    assert tm["tiles"] > 1

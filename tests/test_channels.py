@@ -82,7 +82,7 @@ def test_one_hdn_per_channel_predicts_in_the_input_layout(tmp_path):
                                           axes="YXC")
     np.testing.assert_allclose(np.moveaxis(rounds.mmse, -1, 0), res.mmse, rtol=1e-5, atol=1e-4)
     model.save(tmp_path / "two.hdn")
-    again = napari_hdn.load(tmp_path / "two.hdn")
+    again = napari_hdn.load_model(tmp_path / "two.hdn")
     assert isinstance(again, MultiChannelModel) and again.info["axes"] == "CYX"
     np.testing.assert_array_equal(again.predict(noisy, n_samples=4, axes="CYX").mmse, res.mmse)
 
@@ -210,7 +210,7 @@ def test_cli_rgb_image_trains_and_predicts_as_rgb(tmp_path, capsys):
                  "--batch-size", "8", "--max-steps", "2", "--val-fraction", "0", "--threads", "1",
                  "--init", "scratch", "--quiet"]) == 0
     assert "3 channels, axes YXC" in capsys.readouterr().out
-    assert napari_hdn.load(model).info["channel_names"] == ["R", "G", "B"]
+    assert napari_hdn.load_model(model).info["channel_names"] == ["R", "G", "B"]
     out = tmp_path / "pred"
     assert main(["predict", str(model), str(src), "--out-dir", str(out), "--samples", "2",
                  "--quiet"]) == 0

@@ -16,7 +16,6 @@ from napari_hdn.engine import (
     StopFlag,
     StopRequested,
     TrainingConfig,
-    TrainingStopped,
     predict,
     predict_in_rounds,
     train,
@@ -28,13 +27,12 @@ def _noisy(shape=(40, 52), seed=0):
     return smooth_image(shape, seed) + rng.normal(0, 10, shape).astype(np.float32)
 
 
-def test_stop_flag_raises_the_neutral_exception_under_both_names():
+def test_stop_flag_raises_the_neutral_exception():
     flag = StopFlag()
     flag.check()  # not set: nothing happens
     flag.set()
     with pytest.raises(StopRequested):
         flag.check()
-    assert TrainingStopped is StopRequested  # old code catching TrainingStopped still works
 
 
 def test_train_takes_the_trainer_keyword_names():
@@ -42,14 +40,9 @@ def test_train_takes_the_trainer_keyword_names():
     kw = dict(max_steps=2, steps_per_epoch=2, seed=0, device="cpu", patch_size=32, batch_size=4)
     tcfg = TrainingConfig(**kw)
     a = train(img, GaussianNoiseModel(10.0), model_config=ModelConfig(**TINY), training_config=tcfg)
-    b = train(img, GaussianNoiseModel(10.0), config=ModelConfig(**TINY), training=tcfg)
-    assert a.config == b.config == ModelConfig(**TINY)
-    assert a.info["steps"] == b.info["steps"] == 2
-    for k, v in a.ladder.state_dict().items():
-        torch.testing.assert_close(v, b.ladder.state_dict()[k])
-    with pytest.raises(TypeError, match="not both"):
-        train(img, GaussianNoiseModel(10.0), model_config=ModelConfig(**TINY),
-              config=ModelConfig(**TINY))
+    assert a.config == ModelConfig(**TINY) and a.info["steps"] == 2
+    with pytest.raises(TypeError, match="unknown training option 'config'"):
+        train(img, GaussianNoiseModel(10.0), config=ModelConfig(**TINY))
 
 
 def test_latent_mode_alias_is_gone():

@@ -199,7 +199,7 @@ def test_planar_rgb_trains_one_hdn_per_colour(inputs, tmp_path, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "3 channels, axes CYX" in cap.out
-    assert napari_hdn.load(tmp_path / "m.hdn").channels == 3
+    assert napari_hdn.load_model(tmp_path / "m.hdn").channels == 3
 
 
 def test_tiff_layouts_are_read_with_their_axes(inputs):
@@ -284,8 +284,8 @@ API_ROWS = [
      r"is a path \('noisy.tif'\), not an array"),
     ("predict-none", lambda: napari_hdn.predict(_model(), None, 1), InputError, "image is None"),
     ("to-frames-none", lambda: napari_hdn.to_frames(None), InputError, "image is None"),
-    ("load-fifo", lambda d: napari_hdn.load(d / "fifo.hdn"), ModelFileError, "is a FIFO"),
-    ("load-loop", lambda d: napari_hdn.load(d / "loop.hdn"), ModelFileError, "symbolic link loop"),
+    ("load-fifo", lambda d: napari_hdn.load_model(d / "fifo.hdn"), ModelFileError, "is a FIFO"),
+    ("load-loop", lambda d: napari_hdn.load_model(d / "loop.hdn"), ModelFileError, "symbolic link loop"),
     ("load-noise-fifo", lambda d: napari_hdn.load_noise_model(d / "fifo.hdnoise"), ModelFileError,
      "is a FIFO"),
     ("read-file-not-a-path", lambda: __import__("napari_hdn.engine.files.safeio", fromlist=["x"]).read_file(

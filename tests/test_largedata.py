@@ -108,6 +108,26 @@ def test_ome_zarr_and_lazy_tiff_inputs(tiny_model, tmp_path):
     np.testing.assert_array_equal(lazy.array[5:40, 7:50].compute(), img[5:40, 7:50])
 
 
+def _count_model_loads() -> None:
+    """In a worker: count the model files it reads from now on (wraps the engine's loader)."""
+    from napari_hdn.engine.network import loading as engine_model
+
+    real = engine_model.load_model
+
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return real(*args, **kwargs)
+
+    counted.calls = 0
+    engine_model.load_model = counted
+
+
+def _model_loads() -> int:
+    from napari_hdn.engine.network import loading as engine_model
+
+    return engine_model.load_model.calls
+
+
 def test_cli_zarr_in_process_and_local_cluster(model_file, tmp_path, capsys):
     img = _stack(frames=2, shape=(64, 64))
     src = tmp_path / "in.zarr"
@@ -125,9 +145,10 @@ def test_cli_zarr_in_process_and_local_cluster(model_file, tmp_path, capsys):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
+        client.run(_count_model_loads)
         res = L.predict_to_zarr(model_file, src, tmp_path / "b.zarr", axes="TYX",
                                 scheduler=cluster.scheduler_address, **KW)  # as --scheduler ADDRESS
-        loads = client.run(lambda: L.LOADS["count"])
+        loads = client.run(_model_loads)
         with pytest.raises(InputError, match="save it first"):
             L.predict_to_zarr(L.ModelRef(model_file).get(), src, tmp_path / "c.zarr", axes="TYX",
                               scheduler=client, **KW)

@@ -185,30 +185,44 @@ def test_warmup_raises_the_rate_linearly_then_hands_over():
     assert lrs == pytest.approx([peak * 0.25, peak * 0.5, peak * 0.75, peak, peak, peak])
 
 
-def test_cosine_schedule_anneals_to_the_final_fraction_over_the_run():
-    import math
+def _with_saved_settings(path, **fields):
+    """Rewrite the checkpoint ``path`` as if an earlier version had saved ``fields`` with it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    ck = json.loads(meta["checkpoint"])
+    ck["training_config"].update(fields)
+    meta["checkpoint"] = json.dumps(ck)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_checkpoints_with_settings_of_earlier_versions_resume(tmp_path):
+    """Settings this version no longer has are dropped on resume; one under which the old run
+    trained otherwise (a learning-rate schedule other than the plateau one) is named in a
+    warning, and the run goes on."""
+    import warnings
 
     _, noisy = _data()
-    lrs = []
-    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=7, warmup_steps=2,
-                     lr_schedule="cosine", lr_final_fraction=0.1,
-                     callbacks=lambda e: e.kind == "step" and lrs.append(e.metrics["lr"]))
-    peak = FAST["lr"]
-    cos = [peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))) for p in (0, 0.2, 0.4, 0.6, 0.8)]
-    assert lrs == pytest.approx([peak / 3, peak * 2 / 3, *cos])
-
-
-def test_cooldown_schedule_holds_the_rate_then_lowers_it_linearly_at_the_end():
-    _, noisy = _data()
-    lrs = []
-    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **FAST, max_steps=10, warmup_steps=2,
-                     lr_schedule="cooldown", cooldown_fraction=0.5, lr_final_fraction=0.1,
-                     callbacks=lambda e: e.kind == "step" and lrs.append(e.metrics["lr"]))
-    peak = FAST["lr"]
-    # progress (step - 2) / 8 after the warm-up; the last half of it goes from 1 to 0.1 of the peak
-    held = [peak] * 5
-    assert lrs == pytest.approx([peak / 3, peak * 2 / 3, *held, peak * 0.775, peak * 0.55,
-                                 peak * 0.325])
+    napari_hdn.train(noisy, GaussianNoiseModel(20.0), **EXACT, max_steps=4, steps_per_epoch=2,
+                     checkpoint_dir=tmp_path / "a")
+    ck = tmp_path / "a" / "last.hdn"
+    _with_saved_settings(ck, channels_last=True, lr_schedule="plateau", lr_final_fraction=0.02,
+                         cooldown_fraction=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", napari_hdn.HDNWarning)
+        again = napari_hdn.train(noisy, None, max_steps=6, resume=ck)
+    assert again.info["steps"] == 6
+    assert "channels_last" not in again.info["training_config"]
+    _with_saved_settings(ck, lr_schedule="cooldown")
+    with pytest.warns(napari_hdn.HDNWarning, match=r"lr_schedule 'cooldown', which this version "
+                      r"does not have: .* with lr_schedule 'plateau'"):
+        again = napari_hdn.train(noisy, None, max_steps=6, resume=ck)
+    assert again.info["steps"] == 6
 
 
 def test_ema_weights_are_validated_returned_and_resumed_exactly(tmp_path):

@@ -6,12 +6,11 @@ The headless API (no Qt needed)::
     >>> nm = napari_hdn.GaussianNoiseModel(sigma=25.0)
     >>> model = napari_hdn.train(noisy, nm, levels=3, max_steps=2000)
     >>> result = model.predict(noisy, n_samples=100)   # result.mmse, result.variance, result.samples
-    >>> model.save("model.hdn"); model = napari_hdn.load("model.hdn")
+    >>> model.save("model.hdn"); model = napari_hdn.load_model("model.hdn")
 """
 
 from .engine import *  # noqa: F403
 from .engine import __all__ as _engine_all
-from .engine import load_model as load
 
 try:
     from importlib.metadata import version as _version
@@ -20,4 +19,4 @@ try:
 except Exception:  # pragma: no cover - not installed
     __version__ = "0.0.0"
 
-__all__ = [*_engine_all, "load", "__version__"]
+__all__ = [*_engine_all, "__version__"]

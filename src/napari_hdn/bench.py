@@ -1,16 +1,18 @@
-"""Speed and memory benchmark of the engine (``napari-hdn bench``; also ``benchmarks/speed.py``).
+"""``napari-hdn bench``: how fast training and prediction run on this machine.
 
-Every figure is measured in this run on this machine, each in a fresh subprocess so that peak
-memory is per task. Reported:
+It times the code a user runs, not a copy of it: :meth:`Trainer.train_step
+<napari_hdn.engine.training.Trainer.train_step>` with a preset's architecture and training settings
+(patch sampling, augmentation, micro-batches, Adamax, the weight average), and
+:func:`~napari_hdn.engine.predict` of a 100-sample MMSE. Every figure is measured in this run, each
+task in a fresh subprocess so that peak memory is per task. Reported:
 
 - the machine's conv2d throughput (3x3, 64 -> 64 channels, batch 64 at 64x64, forward+backward),
-- training optimiser steps/s at the paper configuration (L=6, z=32, F=64, B=5, batch 64, patch 64)
-  and at a small CPU configuration, each with one pass and per-chunk ("ghost") BatchNorm statistics
-  versus the reference's 8 sequential forward/backward passes of 8, and the fraction of the conv2d
-  throughput the training step achieves (convolution FLOPs of a step / step time / conv2d FLOP/s),
-- 100-sample MMSE time with the bottom-up pass computed once and samples batched versus one full
-  forward pass per sample (as the reference does),
+- training steps/s of the "fast CPU" preset and (without ``--quick``) the "paper" one, and the
+  fraction of the conv2d throughput a step achieves (convolution FLOPs / step time / conv2d FLOP/s),
+- the time of a 100-sample MMSE with each of those architectures,
 - peak resident memory (CPU) or peak allocated memory (CUDA) of each task.
+
+The weights are untrained (a step or a sample costs the same whatever the weights).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ import time
 
 from .engine.training.presets import PRESETS
 
-#: the architectures timed: the presets' (engine/presets.py)
-PAPER = PRESETS["paper"].model
-SMALL = PRESETS["fast CPU"].model
+#: the presets timed (engine/presets.py); --quick times the first only
+TIMED_PRESETS = ("fast CPU", "paper")
 
 
 def _peak_memory_mb(device) -> float:
@@ -107,45 +108,45 @@ def task_conv(device_name: str, repeats: int) -> dict:
             "peak_memory_mb": _peak_memory_mb(dev)}
 
 
-def task_train(device_name: str, arch: dict, batch: int, patch: int, mode: str, repeats: int,
-               channels_last: bool = False) -> dict:
-    """Time optimiser steps; mode 'ghost' (one pass) or 'sequential' (8 passes of batch/8)."""
-    import torch
+def task_train(device_name: str, arch: dict, training: dict, repeats: int) -> dict:
+    """Time :meth:`Trainer.train_step` for the architecture ``arch`` with the training settings
+    ``training`` (a preset's), on random frames, from untrained weights."""
+    import warnings
 
-    from .engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation, resolve_device
+    import numpy as np
+
+    from .engine import GaussianNoiseModel, ModelConfig, Trainer, TrainingConfig, resolve_device
 
     dev = resolve_device(device_name)
-    torch.manual_seed(0)
-    model = HDNModel(ModelConfig(**arch), GaussianNoiseModel(0.5), Normalisation(0.0, 1.0)).to(dev)
-    chunk = 8
-    model.ladder.set_bn_chunk(chunk)
-    if channels_last:
-        model.ladder.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adamax(model.ladder.parameters(), lr=3e-4)
-    x = torch.randn(batch, 1, patch, patch, device=dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    fwd_flops = conv_flops_per_forward(model, x)
-    model.ladder.train()
+    patch = int(training.get("patch_size", TrainingConfig().patch_size))
+    side = max(4 * patch, 128)
+    frames = np.random.default_rng(0).normal(size=(4, side, side)).astype(np.float32)
+    tcfg = TrainingConfig(**{**training, "init": "scratch", "device": str(dev), "seed": 0,
+                             "val_fraction": 0.0, "time_budget_s": None})
+    with warnings.catch_warnings():  # random frames: the noise-model checks have things to say
+        warnings.simplefilter("ignore")
+        trainer = Trainer(frames, GaussianNoiseModel(1.0), axes="SYX",
+                          model_config=ModelConfig(**arch), training_config=tcfg)
+    x = trainer.sampler.sample(tcfg.batch_size).to(dev)
+    fwd_flops = conv_flops_per_forward(trainer.model, x)
+    trainer.model.ladder.train()
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        if mode == "ghost":
-            loss, _, _ = model.loss(x)
-            loss.backward()
-        else:
-            for xb in x.split(chunk):
-                loss, _, _ = model.loss(xb)
-                (loss * xb.shape[0] / batch).backward()
-        opt.step()
+        trainer.train_step()
+        trainer.step += 1  # as Trainer.run counts them (the warm-up reads it)
 
     step()  # warm-up (allocator, kernels)
     t = _median_time(step, repeats, dev)
     return {"steps_per_s": 1.0 / t, "step_seconds": t, "train_gflops": 3 * fwd_flops / t / 1e9,
-            "conv_gflop_per_step": 3 * fwd_flops / 1e9, "peak_memory_mb": _peak_memory_mb(dev)}
+            "conv_gflop_per_step": 3 * fwd_flops / 1e9, "batch_size": tcfg.batch_size,
+            "patch_size": patch, "peak_memory_mb": _peak_memory_mb(dev)}
 
 
-def task_predict(device_name: str, arch: dict, size: int, n_samples: int, reuse: bool) -> dict:
+def task_predict(device_name: str, arch: dict, size: int, n_samples: int) -> dict:
+    """Time :func:`~napari_hdn.engine.predict` of an ``n_samples`` MMSE of a ``size`` x ``size``
+    image with untrained weights of the architecture ``arch``."""
+    import warnings
+
     import numpy as np
     import torch
 
@@ -158,17 +159,9 @@ def task_predict(device_name: str, arch: dict, size: int, n_samples: int, reuse:
     img = np.random.default_rng(0).normal(size=(size, size)).astype(np.float32)
     _sync(dev)
     t = time.perf_counter()
-    if reuse:
-        sampler = model.sampler(img)
-        sampler.sample(n_samples)
-    else:
-        # the reference's way: one full forward pass (encoder, both heads, KL) per sample, with
-        # autograd recording as in its prediction code, accumulating the mean on the fly
-        x = torch.from_numpy(img)[None, None].to(dev)
-        total = torch.zeros_like(x)
-        for _ in range(n_samples):
-            s, _ = model.ladder(x)
-            total += s.detach()
+    with warnings.catch_warnings():  # random pixels: the noise model's range check has a say
+        warnings.simplefilter("ignore")
+        model.predict(img, n_samples=n_samples, seed=0, device=str(dev))
     _sync(dev)
     return {"seconds": time.perf_counter() - t, "peak_memory_mb": _peak_memory_mb(dev)}
 
@@ -199,83 +192,29 @@ def run_speed_benchmark(quick: bool = False, device: str = "auto", json_out: str
     results["conv2d"] = conv
     echo(f"conv2d 3x3 64ch fwd+bwd (batch 64, 64x64): {conv['conv2d_gflops']:.1f} GFLOP/s")
 
-    configs = [("small", SMALL, 64, 64)]
-    if not quick:
-        configs.append(("paper", PAPER, 64, 64))
+    names = TIMED_PRESETS[:1] if quick else TIMED_PRESETS
+    width = max(len(n) for n in names)
     results["training"] = {}
-    for name, arch, batch, patch in configs:
-        for mode in ("ghost", "sequential"):
-            r = _run(task_train, str(dev), arch, batch, patch, mode, 2 if name == "paper" else reps)
-            r["fraction_of_conv2d"] = r["train_gflops"] / conv["conv2d_gflops"]
-            results["training"][f"{name}/{mode}"] = r
-            echo(f"train {name:5s} {mode:10s}: {r['steps_per_s']:.3f} steps/s "
-                 f"({r['step_seconds']:.2f} s/step, {r['train_gflops']:.1f} GFLOP/s = "
-                 f"{100 * r['fraction_of_conv2d']:.0f}% of conv2d), peak {r['peak_memory_mb']:.0f} MB")
-        g, s = results["training"][f"{name}/ghost"], results["training"][f"{name}/sequential"]
-        echo(f"  one pass with ghost BatchNorm vs 8 sequential passes: "
-             f"{g['steps_per_s'] / s['steps_per_s']:.2f}x")
+    for name in names:
+        preset = PRESETS[name]
+        r = _run(task_train, str(dev), preset.model, preset.training,
+                 2 if name == "paper" else reps)
+        r["fraction_of_conv2d"] = r["train_gflops"] / conv["conv2d_gflops"]
+        results["training"][name] = r
+        echo(f"train {name:{width}s} (batch {r['batch_size']}, patch {r['patch_size']}): "
+             f"{r['steps_per_s']:.3f} steps/s ({r['step_seconds']:.2f} s/step, "
+             f"{r['train_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_conv2d']:.0f}% of conv2d), "
+             f"peak {r['peak_memory_mb']:.0f} MB")
 
     results["prediction"] = {}
-    pred_cfgs = [("small", SMALL, 128 if quick else 256)]
-    if not quick:
-        pred_cfgs.append(("paper", PAPER, 128))
     n = 100
-    for name, arch, size in pred_cfgs:
-        reuse = _run(task_predict, str(dev), arch, size, n, True)
-        recompute = _run(task_predict, str(dev), arch, size, n, False)
-        ratio = recompute["seconds"] / reuse["seconds"]
-        results["prediction"][name] = {"size": size, "n_samples": n, "reuse": reuse,
-                                       "recompute": recompute, "speedup": ratio}
-        echo(f"predict {name:5s} {n} samples {size}x{size}: {reuse['seconds']:.1f} s (bottom-up once, "
-             f"batched, no autograd) vs {recompute['seconds']:.1f} s (a full forward pass per sample) "
-             f"= {ratio:.1f}x; peak {reuse['peak_memory_mb']:.0f} vs "
-             f"{recompute['peak_memory_mb']:.0f} MB")
+    for name in names:
+        size = 128 if quick or name == "paper" else 256
+        r = _run(task_predict, str(dev), PRESETS[name].model, size, n)
+        results["prediction"][name] = {"size": size, "n_samples": n, **r}
+        echo(f"predict {name:{width}s} {n} samples {size}x{size}: {r['seconds']:.1f} s, "
+             f"peak {r['peak_memory_mb']:.0f} MB")
     if json_out:
         with open(json_out, "w") as f:
             json.dump(results, f, indent=2)
     return results
-
-
-def task_tiled_memory(device_name: str, arch: dict, size: int, tile: int, n_samples: int) -> dict:
-    """Peak memory and time of tiled prediction of a ``size`` x ``size`` image."""
-    import numpy as np
-    import torch
-
-    from .engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation, resolve_device
-
-    dev = resolve_device(device_name)
-    torch.manual_seed(0)
-    model = HDNModel(ModelConfig(**arch), GaussianNoiseModel(0.5), Normalisation(0.0, 1.0)).to(dev)
-    img = np.random.default_rng(0).normal(size=(size, size)).astype(np.float32)
-    base = _peak_memory_mb(dev)
-    t = time.perf_counter()
-    res = model.predict(img, n_samples=n_samples, tile_size=tile)
-    _sync(dev)
-    return {"seconds": time.perf_counter() - t, "peak_memory_mb": _peak_memory_mb(dev),
-            "memory_before_mb": base, "image_mb": img.nbytes / 2**20, "tiles": res.info["tiles"]}
-
-
-def task_toggle_latency(device_name: str, arch: dict, crop: int, n_samples: int, repeats: int) -> dict:
-    """Time to redraw a preview after one latent-level toggle (bottom-up pass cached)."""
-    import numpy as np
-    import torch
-
-    from .engine import GaussianNoiseModel, HDNModel, ModelConfig, Normalisation, resolve_device
-
-    dev = resolve_device(device_name)
-    torch.manual_seed(0)
-    model = HDNModel(ModelConfig(**arch), GaussianNoiseModel(0.5), Normalisation(0.0, 1.0)).to(dev)
-    img = np.random.default_rng(0).normal(size=(crop, crop)).astype(np.float32)
-    t = time.perf_counter()
-    sampler = model.sampler(img)
-    cache_s = time.perf_counter() - t
-    L = arch["levels"]
-    modes = [["posterior"] * L, ["prior-mean"] + ["posterior"] * (L - 1)]
-    sampler.sample(n_samples, modes[0])
-    times = []
-    for k in range(repeats):
-        t = time.perf_counter()
-        sampler.sample(n_samples, modes[(k + 1) % 2])
-        _sync(dev)
-        times.append(time.perf_counter() - t)
-    return {"median_seconds": statistics.median(times), "bottom_up_cache_seconds": cache_s}

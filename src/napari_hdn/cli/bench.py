@@ -7,9 +7,10 @@ from ._common import EXIT_OK
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="training and prediction speed benchmark",
-                       description="Print training steps/s, achieved fraction of the machine's "
-                       "conv2d throughput, and 100-sample prediction time (bottom-up reused vs "
-                       "recomputed).")
+                       description="Time the training step and a 100-sample prediction of the "
+                       "presets' networks on this machine: training steps/s, the fraction of the "
+                       "machine's conv2d throughput a step achieves, prediction time and peak "
+                       "memory.")
     b.add_argument("--quick", action="store_true", help="small configuration only (about a minute)")
     b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     b.add_argument("--json", metavar="FILE", help="also write the figures as JSON")

@@ -31,7 +31,6 @@ from .errors import (
     StopRequested,
     SuspiciousNoiseModelWarning,
     TrainingDivergedError,
-    TrainingStopped,
 )
 from .events import EventKind, EventTask, ProgressEvent, StopFlag
 from .network.ladder import LadderVAE
@@ -78,7 +77,6 @@ __all__ = [
     "Trainer",
     "TrainingConfig",
     "TrainingDivergedError",
-    "TrainingStopped",
     "available_devices",
     "describe_levels",
     "fine_tune",

@@ -115,9 +115,8 @@ class TrainingConfig(_Strict):
         None,
         ge=1,
         description="Patches per forward/backward pass; gradients are accumulated over the batch. "
-        "None: on CPU 512 / filters (16 at 32 filters, 8 at 64; whole BatchNorm chunks): 16 was "
-        "the fastest of 8/16/32/64 at 32 filters, and at 64 filters 8 ran as fast as 16 with 43% "
-        "less memory; on GPUs the whole batch.",
+        "None: on CPU 512 / filters in whole BatchNorm chunks (the fastest pass size there), on "
+        "GPUs the whole batch.",
     )
     max_steps: int = Field(20000, **field_bounds("max_steps"))
     time_budget_s: float | None = Field(
@@ -139,21 +138,6 @@ class TrainingConfig(_Strict):
         None, ge=0.0, lt=1.0, description="Exponential moving average of the weights (and BatchNorm "
         "statistics) with this decay, used for validation, checkpoints and the returned model; None "
         "uses the raw weights."
-    )
-    lr_schedule: Literal["plateau", "cosine", "cooldown"] = Field(
-        "plateau", description="After the warm-up: 'plateau' halves the rate when the validation "
-        "loss stalls (the reference's schedule, for long runs); 'cosine' anneals it to "
-        "``lr_final_fraction * lr`` along a half cosine over the run; 'cooldown' holds ``lr`` and "
-        "lowers it linearly to ``lr_final_fraction * lr`` over the last ``cooldown_fraction`` of "
-        "the run. A run's length is ``max_steps`` or ``time_budget_s``, whichever ends it first."
-    )
-    lr_final_fraction: float = Field(
-        0.02, ge=0.0, le=1.0, description="Last rate of the cosine and cool-down schedules, as a "
-        "fraction of ``lr``."
-    )
-    cooldown_fraction: float = Field(
-        0.25, gt=0.0, le=1.0, description="Part of the run (steps or time budget) over which the "
-        "'cooldown' schedule lowers the rate."
     )
     lr_patience: int = Field(10, ge=1, description="Epochs without improvement before lr halves.")
     lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
@@ -177,7 +161,6 @@ class TrainingConfig(_Strict):
         "(the cores) and adapt to a busy machine (fewer threads while another job competes for "
         "the cores; see engine/threads.py). A number fixes the count."
     )
-    channels_last: bool = False
 
     @field_validator("device")
     @classmethod

@@ -48,7 +48,3 @@ class TrainingDivergedError(HDNError):
 class StopRequested(HDNError):  # noqa: N818 - it is a signal, not a failure
     """Raised inside long work (training, prediction, noise-model fitting) when a cooperative stop
     was requested through a :class:`~napari_hdn.engine.StopFlag`."""
-
-
-#: The former name, from when only training could be stopped; the same class.
-TrainingStopped = StopRequested

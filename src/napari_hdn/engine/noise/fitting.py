@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..errors import InputError, TrainingDivergedError, TrainingStopped
+from ..errors import InputError, StopRequested, TrainingDivergedError
 from ..events import EventKind, EventTask, Reporter, StopFlag
 from ..options import bounds
 from ..threads import small_tensors
@@ -210,7 +210,7 @@ def _fit_gmm(train: NoisePairs, held: NoisePairs | None, *, n_gaussians, degree,
             report(EventKind.STEP, step=step, total=iterations, metrics=metrics)
             if converged:
                 break
-    except TrainingStopped:
+    except StopRequested:
         stopped = True
     with torch.no_grad():
         model.theta.copy_(best_theta)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..data.arrays import PatchSampler, augment_batch, to_frames
 from ..device import resolve_device
-from ..errors import InputError, TrainingStopped
+from ..errors import InputError, StopRequested
 from ..events import EventKind, EventTask, Reporter, StopFlag
 from ..files.safeio import read_file, write_file
 
@@ -425,7 +425,7 @@ def train_n2v(
             if rule.done:
                 reason = "converged"
                 break
-    except TrainingStopped:
+    except StopRequested:
         step, reason = step - 1, "stopped"
     finally:
         torch.set_num_threads(threads_before)

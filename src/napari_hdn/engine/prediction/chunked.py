@@ -68,8 +68,6 @@ def _need(module: str):
 
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
-#: how many times this process loaded a model file (tests check "once per worker")
-LOADS = {"count": 0}
 
 
 _MALLOC_TUNED = []
@@ -153,7 +151,6 @@ class ModelRef:
                     model = load_model(self.path)
                     if self.channel is not None:
                         model = model.channel(self.channel)
-                    LOADS["count"] += 1
                 hit = _CACHE[key] = inference_model(model, device)
             return hit
 

@@ -27,15 +27,9 @@ flagged ``"signal"``, and switching it off deserves a warning. The growth test r
 structured noise sits mostly in the finest levels, while an image's energy grows towards coarse
 scales, so a level that removes far more than the one below it is taking the image's content.
 
-These choices were measured (issue 9, ``benchmarks/artefacts.py``: three structured-noise sets of 3
-images, models trained from scratch and from the bundled prior, the true change of the error for
-each image and step). With the gradient at pixel scale (the first rule), level 1 read as signal on
-scan-line images where switching it off gained, and level 3's removal of the image's layout read as
-an artefact where it cost up to 1.5 noise variances. At the level's scale 34 of 36 steps of
-levels 1 and 2 were told right; no image gained from switching off level 3 of 4 after levels 1
-and 2, yet level 3 still scored under the limit on some images (0.19-0.24), hence the cap. On
-scan lines, level 2 removed 2.2-3.4 times level 1's energy wherever switching it off cost 2.4-6 dB,
-and 1.1-1.6 times wherever it gained (stripes: 0.4-0.75 where it gained), hence the growth limit.
+The limits and the cap were chosen against the true change of the error on structured-noise
+images (``benchmarks/artefacts.py``; the figures are in docs/artefact-removal.md and
+docs/lab-notes.md).
 """
 
 from __future__ import annotations

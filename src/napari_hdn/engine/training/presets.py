@@ -33,16 +33,10 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "fast CPU",
             "small model that restores well within minutes on a laptop CPU",
-            # one residual block per level: a CPU step costs about 0.66x of two blocks and the
-            # MMSE PSNR per step is no worse, so a time budget buys ~1.5x the steps; lr 5e-3 after a
-            # 100-step warm-up, held (no annealing); the weights it returns are their moving
-            # average (decay 0.995): at a held high rate the raw weights wander by up to 1 dB, and
-            # the average, like a cool-down, keeps the good ones wherever a run stops. Chosen by
-            # MMSE PSNR against steps on the core benchmark's data (docs/engine.md, "Choosing the
-            # training recipe")
+            # the best MMSE PSNR per CPU minute of the recipes tried (docs/engine.md, "Choosing the
+            # training recipe"); the weight average keeps the good weights of a high, held rate
             model=dict(levels=4, z_dim=32, filters=32, blocks=1, dropout=0.1),
-            # it starts from the bundled prior (engine/priors.py): the same network pretrained on
-            # other images; on the core benchmark that was worth 0.8-3.9 dB at equal steps
+            # starts from the bundled prior (engine/priors.py): more PSNR for the same steps
             training=dict(patch_size=64, batch_size=16, lr=5e-3, warmup_steps=100, max_steps=2000,
                           ema_decay=0.995, init="prior"),
         ),

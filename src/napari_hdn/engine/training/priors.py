@@ -4,7 +4,7 @@ HDN learns the images' signal prior (the top-down path and the decoder) from the
 With a few images and minutes of CPU that prior is starved: the network spends its first thousand
 steps learning what edges and blobs look like. napari-hdn ships a *prior*: the fast preset's
 network pretrained on images that no benchmark scores (scikit-image's other bundled photographs
-and generated fluorescence phantoms; ``python -m benchmarks.pretrain_prior`` makes it and the file's
+and generated fluorescence phantoms; ``python scripts/build_prior.py`` makes it and the file's
 ``info["prior"]`` records how). A run that starts from it takes only the weights: the noise
 model and the normalisation are the new data's own, and every weight goes on training.
 

@@ -47,11 +47,8 @@ from ..threads import BusyMonitor, ThreadGovernor
 from .priors import initial_weights
 
 OPTIM_PREFIX = "optim."
-# patch-channels per forward/backward pass on CPU (patches x filters): 16 patches at 32 filters, 8
-# at 64. Of 8/16/32/64 patches, 16 was fastest at the small configuration (32 filters; 8 took 1.12x
-# the time); at the paper configuration (64 filters) 8 and 16 ran at the same speed with the heap
-# kept (engine/heap.py) and 8 needs 43% less memory (benchmarks/step_speed.py, 2026-11-28).
-# BatchNorm statistics stay per bn_chunk either way.
+# patch-channels (patches x filters) per CPU pass: the fastest, leanest pass size measured (see
+# docs/lab-notes.md)
 CPU_MICRO_BATCH_CHANNELS = 512
 
 
@@ -140,14 +137,39 @@ def checkpoint_state(path) -> dict:
     return ck if isinstance(ck, dict) else {}
 
 
+#: training settings that earlier versions wrote into checkpoints, each with the value under which
+#: a run trained as it does now (None: any value, the field changed nothing but speed)
+RETIRED_TRAINING_FIELDS: dict[str, object] = {
+    "channels_last": None, "lr_schedule": "plateau", "lr_final_fraction": None,
+    "cooldown_fraction": None,
+}
+
+
+def saved_training_config(saved: dict, source=None) -> TrainingConfig:
+    """The :class:`TrainingConfig` of the settings a checkpoint saved. Fields of earlier versions
+    are dropped; where one made that run train otherwise, a warning names it (when ``source``, the
+    checkpoint's path, is given)."""
+    if not isinstance(saved, dict):
+        return validated(TrainingConfig, saved)
+    current = {k: v for k, v in saved.items() if k not in RETIRED_TRAINING_FIELDS}
+    for name, same in RETIRED_TRAINING_FIELDS.items():
+        if source is not None and same is not None and saved.get(name, same) != same:
+            warnings.warn(
+                f"{source} was trained with {name} {saved[name]!r}, which this version does not "
+                f"have: the run goes on from the checkpoint's learning rate with {name} {same!r}",
+                HDNWarning, stacklevel=4)
+    return validated(TrainingConfig, current)
+
+
 def resumed_training_config(ck: dict, training_config: TrainingConfig | None = None,
-                            overrides: dict | None = None) -> TrainingConfig:
+                            overrides: dict | None = None, source=None) -> TrainingConfig:
     """The settings a resumed run trains with: ``training_config`` when given, else those of the
-    checkpoint (its state ``ck``), else the defaults; ``overrides`` on top."""
+    checkpoint (its state ``ck``; ``source``: its path, named in warnings), else the defaults;
+    ``overrides`` on top."""
     base = training_config
     if base is None:
         saved = (ck or {}).get("training_config")
-        base = validated(TrainingConfig, saved) if saved else None
+        base = saved_training_config(saved, source) if saved else None
     base = base or TrainingConfig()
     if overrides:
         base = validated(TrainingConfig, {**base.model_dump(), **overrides})
@@ -296,7 +318,7 @@ class Trainer:
         resumed = read_model_file(resume) if resume is not None else None
         ck = resumed[1].get("checkpoint", {}) if resumed is not None else {}
         ck = ck if isinstance(ck, dict) else {}
-        self.tcfg = resumed_training_config(ck, training_config, training_overrides)
+        self.tcfg = resumed_training_config(ck, training_config, training_overrides, resume)
         if resumed is not None:  # before the data are read: a run that would train nothing
             over = training_overrides or {}
             check_steps_left(ck, self.tcfg, resume,
@@ -377,8 +399,6 @@ class Trainer:
             warnings.warn(self.noise_warning, SuspiciousNoiseModelWarning, stacklevel=3)
         self.model.to(self.device)
         self.model.ladder.set_bn_chunk(self.tcfg.bn_chunk)
-        if self.tcfg.channels_last:
-            self.model.ladder.to(memory_format=torch.channels_last)
         self.gen = torch.Generator()
         self.gen.manual_seed(self.tcfg.seed if self.tcfg.seed is not None else int(time.time_ns()))
         norm = self.model.normalisation
@@ -563,10 +583,7 @@ class Trainer:
         x = self.sampler.sample(self._patches_per_step())
         if self.tcfg.augment:
             x = augment_batch(x, self.gen)
-        x = x.to(self.device, non_blocking=True)
-        if self.tcfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.to(self.device, non_blocking=True)
 
     def _micro_batch(self) -> int:
         mb = self.tcfg.micro_batch
@@ -627,34 +644,17 @@ class Trainer:
 
     def _warmup_lr(self) -> None:
         """Set the rate of the coming step: a linear warm-up to the peak over ``warmup_steps``;
-        afterwards the plateau scheduler owns the rate, or the cosine or cool-down schedule sets
-        it from the run's progress."""
+        afterwards the plateau scheduler owns the rate."""
         cfg = self.tcfg
         w = cfg.warmup_steps
         if self.step < w:
             lr = cfg.lr * (self.step + 1) / (w + 1)
-        elif cfg.lr_schedule == "cosine":
-            lr = cfg.lr * _cosine_factor(self._progress(), cfg.lr_final_fraction)
-        elif cfg.lr_schedule == "cooldown":
-            lr = cfg.lr * _cooldown_factor(self._progress(), cfg.cooldown_fraction,
-                                           cfg.lr_final_fraction)
+        elif self.step == w and w > 0:
+            lr = cfg.lr
         else:
-            if self.step == w and w > 0:
-                for g in self.optimizer.param_groups:
-                    g["lr"] = cfg.lr
             return
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-
-    def _progress(self) -> float:
-        """Fraction of the run after the warm-up that is done, by steps or by the time budget,
-        whichever limit comes first."""
-        cfg = self.tcfg
-        w = cfg.warmup_steps
-        p = (self.step - w) / max(1, cfg.max_steps - w)
-        if cfg.time_budget_s is not None:
-            p = max(p, self.train_seconds / cfg.time_budget_s)
-        return min(1.0, max(0.0, p))
 
     def run(self) -> HDNModel:
         """Train until max_steps, early stopping or a stop request; return the best model."""
@@ -743,7 +743,7 @@ class Trainer:
             val_loss, kl = self.validate()
         else:
             val_loss, kl = train_loss, []
-        if self.step > self.tcfg.warmup_steps and self.tcfg.lr_schedule == "plateau":
+        if self.step > self.tcfg.warmup_steps:
             self.scheduler.step(val_loss)
         improved = val_loss < self.best_loss
         if improved:
@@ -790,17 +790,6 @@ class Trainer:
         )
 
 
-def _cosine_factor(progress: float, final: float) -> float:
-    """Half-cosine from 1 at ``progress`` 0 to ``final`` at 1."""
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _cooldown_factor(progress: float, fraction: float, final: float) -> float:
-    """1 until the last ``fraction`` of the run, then linearly down to ``final`` at its end."""
-    q = (progress - (1.0 - fraction)) / fraction
-    return 1.0 - (1.0 - final) * min(1.0, max(0.0, q))
-
-
 def train(
     images,
     noise_model: NoiseModel | None = None,
@@ -812,8 +801,6 @@ def train(
     callbacks: Callback | list[Callback] | None = None,
     resume: str | os.PathLike | None = None,
     stop_flag: StopFlag | None = None,
-    config: ModelConfig | None = None,
-    training: TrainingConfig | None = None,
     **options,
 ) -> HDNModel:
     """Train a Hierarchical DivNoising model on noisy images (no clean data needed).
@@ -832,8 +819,7 @@ def train(
         Axes of ``images`` when ambiguous (e.g. ``"TYX"``, ``"ZYX"``, ``"CYX"``); an array of
         shape (Y, X, 3) is taken as RGB.
     model_config, training_config : ModelConfig, TrainingConfig, optional
-        Full configurations (the names :class:`Trainer` uses; ``config=`` and ``training=`` are
-        accepted too); individual fields can also be given as keyword ``options``
+        Full configurations; individual fields can also be given as keyword ``options``
         (e.g. ``levels=3, max_steps=500, patch_size=64, device="cpu", seed=0``).
     checkpoint_dir, callbacks, resume, stop_flag
         See :class:`Trainer`.
@@ -850,12 +836,7 @@ def train(
     >>> result.mmse.shape == noisy.shape
     True
     """
-    for new, old, name in ((model_config, config, "model_config"),
-                           (training_config, training, "training_config")):
-        if new is not None and old is not None:
-            raise OptionError(f"give {name}= or its older name, not both")
-    config = model_config if model_config is not None else config
-    training = training_config if training_config is not None else training
+    config, training = model_config, training_config
     m_over, t_over = _split_overrides(options)
     if m_over:
         config = validated(ModelConfig, {**(config or ModelConfig()).model_dump(), **m_over})
@@ -943,7 +924,7 @@ def fine_tune(
         set(model.config.deactivated_levels) | set(new))})
     saved = model.info.get("training_config") or {}
     base = {k: v for k, v in saved.items() if k in TrainingConfig.model_fields}
-    tc = {**base, "lr": FINE_TUNE_LR, "warmup_steps": min(20, steps), "lr_schedule": "plateau",
+    tc = {**base, "lr": FINE_TUNE_LR, "warmup_steps": min(20, steps),
           "max_steps": int(steps), "time_budget_s": None, **options}
     start = HDNModel(cfg, model.noise_model, model.normalisation, model.ladder, model.info)
     trainer = Trainer(images, None, axes=axes, training_config=validated(TrainingConfig, tc),

@@ -1,23 +1,31 @@
-"""Make the bundled prior (src/napari_hdn/priors/fast-cpu.hdn): the fast preset pretrained on images
-that no benchmark of this project scores.
+"""Build the prior that ships with napari-hdn, ``src/napari_hdn/priors/fast-cpu.hdn``.
 
-Images: photographs bundled with scikit-image (and, with ``--photos more``, with scikit-learn and
-matplotlib) other than those the benchmarks use (camera, astronaut and coins score natural25; cell,
-hubble_deep_field and immunohistochemistry score the fluorescence sets), each in grey and scaled to
-0..1 (0.5 / 99.9 percentiles), optionally at more than one scale (``--scales``), plus generated
-fluorescence phantoms (``napari_hdn.synthetic``, seeds 5000 and up; the benchmarks and the demo use
-seeds below 1100). Each clean image is shown at several photon levels (peak 20, 50, 100 and 300
-photons over a 5 % background) with Poisson noise and Gaussian read noise (std 3, offset 100), and
-the preset's network is trained on all of them with the matching Poisson-Gaussian noise model. A
-run that starts from the prior takes only the weights (engine/priors.py).
+What it builds: the "fast CPU" preset's network (engine/presets.py) trained on noisy images that
+no benchmark of this project scores, saved as an ordinary model file whose ``info["prior"]``
+records the recipe. A run with ``init="prior"`` takes only its weights (engine/priors.py).
 
-    python -m benchmarks.pretrain_prior --device cuda --seconds 300 --out fast-cpu.hdn
-    python -m benchmarks.pretrain_prior --save-clean clean.npz      # for a machine without the images
+From which images: the photographs bundled with scikit-image other than those the benchmarks
+score (brick, cat, chelsea, clock, coffee, grass, gravel, moon, page, rocket, text, retina; with
+``--photos more`` also scikit-learn's and matplotlib's sample photographs), in grey and scaled to
+0..1 (0.5 / 99.9 percentiles), plus ``--phantoms`` generated fluorescence phantoms
+(``napari_hdn.synthetic``, seeds 5000 and up; the benchmarks and the demo use seeds below 1100).
+Each is shown at peaks of 20, 50, 100 and 300 photons over a 5 % background with Poisson noise and
+Gaussian read noise (std 3, offset 100), and the network is trained with that Poisson-Gaussian
+noise model.
 
-The shipped file was made on an H200 with ``--device cuda --seconds 300 --batch 64 --phantoms 48``
-(6039 steps); its ``info["prior"]`` records the recipe. A third prior (``--photos more --scales
-1,0.5``, 9214 steps, docs/engine.md "The third prior") fine-tunes better on the core benchmark but
-worse on scan-line artefacts, and is not shipped.
+How long: ``--seconds`` of training (default 300) plus a few seconds to make the images. The
+shipped file is 300 s on one H200 GPU (6039 steps of batch 64); on a CPU the same budget gives
+far fewer steps, so give it hours there.
+
+The command, from the repository root (the shipped file's settings; then copy the file over
+``src/napari_hdn/priors/fast-cpu.hdn`` and run the tests, which check the prior's architecture)::
+
+    python scripts/build_prior.py --device cuda --seconds 300 --batch 64 --phantoms 48 --out fast-cpu.hdn
+    python scripts/build_prior.py --save-clean clean.npz   # the photographs, for a machine without them
+    python scripts/build_prior.py --clean-npz clean.npz --device cuda --out fast-cpu.hdn
+
+How the recipe was chosen, and the priors tried and not shipped: docs/engine.md, "Starting from the
+bundled prior".
 """
 
 from __future__ import annotations
@@ -29,8 +37,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from .datasets import _unit
 
 #: scikit-image photographs used for the prior (none of them is scored by the benchmarks)
 NATURAL = ("brick", "cat", "chelsea", "clock", "coffee", "grass", "gravel", "moon", "page",
@@ -47,6 +53,14 @@ SCORED = ("camera", "astronaut", "coins", "cell", "hubble_deep_field", "immunohi
 PEAKS = (20.0, 50.0, 100.0, 300.0)
 PHANTOM_SEED0 = 5000
 GAIN, READ_NOISE, OFFSET, BACKGROUND = 1.0, 3.0, 100.0, 0.05
+
+
+def unit_range(img: np.ndarray) -> np.ndarray:
+    """``img`` scaled to 0..1 between its 0.5 and 99.9 percentiles (the scaling the benchmarks'
+    own images get), clipped."""
+    img = img.astype(np.float64)
+    lo, hi = np.percentile(img, [0.5, 99.9])
+    return np.clip((img - lo) / (hi - lo), 0, 1)
 
 
 def _photograph(name: str) -> np.ndarray:
@@ -80,7 +94,7 @@ def natural_images(names=NATURAL + EXTRA) -> dict[str, np.ndarray]:
         im = _photograph(name)
         if im.ndim == 3:
             im = color.rgb2gray(im[..., :3])
-        out[name] = _unit(np.asarray(im, np.float64)).astype(np.float32)
+        out[name] = unit_range(np.asarray(im, np.float64)).astype(np.float32)
     return out
 
 
@@ -112,7 +126,7 @@ def clean_images(phantoms: int, clean_npz: str | None = None, photos: str = "bas
                    for im in natural]
     natural = [im if s == 1 else rescale(im, s, anti_aliasing=True).astype(np.float32)
                for s in scales for im in natural]
-    return natural + [_unit(fluorescence_ground_truth((256, 256), seed=PHANTOM_SEED0 + k, peak=1.0))
+    return natural + [unit_range(fluorescence_ground_truth((256, 256), seed=PHANTOM_SEED0 + k, peak=1.0))
                       for k in range(phantoms)]
 
 
@@ -172,7 +186,7 @@ def continued(this: dict, init: str) -> dict:
 def recipe(steps: int, seconds: float, batch: int, phantoms: int, device: str, seed: int,
            photos: str = "base", scales: tuple[float, ...] = (1.0,)) -> dict:
     return {
-        "made_by": "benchmarks/pretrain_prior.py",
+        "made_by": "scripts/build_prior.py",
         "images": {"photographs": list(photo_names(photos)),
                    "max_side": MAX_SIDE if photos == "more" else None,
                    "scales": list(scales), "phantoms": phantoms,

@@ -1,22 +1,10 @@
-"""Scores: PSNR and SSIM against ground truth, and calibration of HDN's uncertainty."""
+"""Calibration of HDN's uncertainty against the ground truth (PSNR and SSIM are
+:mod:`napari_hdn.engine.metrics`, the one definition the product, the demo and the benchmarks
+share)."""
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def psnr(x: np.ndarray, gt: np.ndarray) -> float:
-    """PSNR in dB, data range = max - min of the ground truth (as in the paper)."""
-    rng = float(gt.max() - gt.min())
-    mse = float(np.mean((x.astype(np.float64) - gt) ** 2))
-    return float(10 * np.log10(rng**2 / mse))
-
-
-def ssim(x: np.ndarray, gt: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(x.astype(np.float64), gt.astype(np.float64),
-                                       data_range=float(gt.max() - gt.min())))
 
 
 def calibration(samples: np.ndarray, mmse: np.ndarray, gt: np.ndarray) -> dict:

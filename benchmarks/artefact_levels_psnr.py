@@ -4,7 +4,7 @@ Trains the "fast CPU" preset (engine/presets.py) with batch 8 and 300 steps (as 
 scripts/make_screenshots.py) on the striped sample with a GMM noise model fitted on the calibration
 sample, then predicts with each level setting and prints the PSNR against the ground truth::
 
-    python scripts/artefact_levels_psnr.py          # ~5 min on 2 CPU cores
+    python -m benchmarks.artefact_levels_psnr       # ~5 min on 2 CPU cores
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ preview layer, through the real widget (worker thread, cached bottom-up pass, la
 
 Run headless with a virtual display::
 
-    xvfb-run -a python scripts/preview_latency.py --preset "fast CPU" --preset paper
+    xvfb-run -a python -m benchmarks.preview_latency --preset "fast CPU" --preset paper
 
 Models get the architecture of the presets (engine/presets.py) (weights untrained: the cost of a
 pass does not depend on the weights). Prints, per preset and crop, the median latency over
