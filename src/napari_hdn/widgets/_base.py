@@ -1,5 +1,5 @@
-"""The job lifecycle every widget shares: one engine job at a time, its state, Run/Stop, progress,
-status line, and what the user sees when something goes wrong.
+"""The job lifecycle every widget shares: one main engine job at a time, its state, Run/Stop,
+progress, status line, and what the user sees when something goes wrong.
 
 A widget subclasses :class:`EngineWidget`, builds its form, calls :meth:`EngineWidget.add_run_row`
 and implements:
@@ -11,9 +11,10 @@ and implements:
 - optionally ``on_start(meta)``, ``on_events(events)``, ``blocker()`` (why Run cannot start yet,
   shown before the click) and ``error_hint(exc)``.
 
-A widget that also runs jobs beside its main one (the artefact widget's preview) registers each
-kind with :meth:`EngineWidget.add_task` and starts it with :meth:`EngineWidget.start_task`: it
-runs in a worker of its own, through the same input checks and error path.
+A widget that also runs other kinds of job beside its main one (the artefact widget's preview and
+suggestion) registers each with :meth:`EngineWidget.add_task` (its own prepare and result handler)
+and starts it with :meth:`EngineWidget.start_task`: it runs in a worker of its own, one at a time
+per kind, through the same input checks and error path; the base keeps what it was started with.
 
 Errors never escape: a mistake in the inputs or a failure in the worker is shown as a notification
 and, in full, in the widget's status line.
@@ -56,10 +57,10 @@ class SideTask:
     prepare: Callable[[], tuple]
     on_result: Callable[[Outcome, Any], None]
     on_start: Callable[[Any], None] | None
-    task: EngineTask
     interactive: bool
     latest_wins: bool
-    meta: Any = None
+    task: EngineTask | None = None
+    meta: Any = None  # what the last start's prepare returned with the job
     unasked: bool = False  # the running job was not asked for: its failure says nothing
     pending: bool = False  # asked for while running: starts again when it ends
 
@@ -178,7 +179,7 @@ class EngineWidget(QWidget):
         follows each start. ``interactive``: a short job the user waits on. ``latest_wins``: a start
         while one runs queues one more, which prepares anew with the newest inputs.
         """
-        side = SideTask(what, prepare, on_result, on_start, None, interactive, latest_wins)
+        side = SideTask(what, prepare, on_result, on_start, interactive, latest_wins)
         side.task = EngineTask(self, lambda events: None,
                                lambda out: self._side_finished(side, out), poll_ms=poll_ms)
         self.side_tasks[what] = side
@@ -217,10 +218,6 @@ class EngineWidget(QWidget):
         side.pending = False
         if side.task.running:
             side.task.stop()
-
-    def task_running(self, what: str) -> bool:
-        side = self.side_tasks.get(what)
-        return side is not None and side.task.running
 
     def _side_finished(self, side: SideTask, out: Outcome) -> None:
         if not out.ok:

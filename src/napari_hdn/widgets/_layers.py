@@ -1,5 +1,6 @@
 """Output layers: names that say what a layer is first, axis labels, placement over the input;
-and where the view of a layer is (the frame shown, the centre and the size on screen).
+where the view of a layer is (the frame shown, the centre and the size on screen); and layers that
+go with the layer they were made from.
 
 Names read ``"HDN <what> · <input layer> · <settings>"`` (e.g. ``"HDN MMSE · striped fluorescence ·
 L1 prior-mean"``): the layer list cuts long names at the end, so what the layer is comes first.
@@ -217,3 +218,33 @@ def view_of(viewer, layer, shape):
     centre = np.asarray(layer.world_to_data(point), float)[-2:]
     corners = np.asarray(layer.corner_pixels)[:, -2:]
     return frame, centre, tuple(corners[1] + 1 - corners[0])
+
+
+def follow_removals(widget, viewer, slot) -> None:
+    """Call ``slot(event)`` when a layer is removed from ``viewer``, for as long as ``widget``
+    lives."""
+    removed = viewer.layers.events.removed
+    removed.connect(slot)
+    widget.destroyed.connect(lambda *_: _disconnect(removed, slot))
+
+
+def remove_layer_soon(viewer, name: str) -> None:
+    """Remove the layer ``name`` (if there) once the layer list has finished its current change."""
+    from qtpy.QtCore import QTimer
+
+    QTimer.singleShot(0, lambda: _remove_layer(viewer, name))
+
+
+def _remove_layer(viewer, name: str) -> None:
+    try:
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+    except (RuntimeError, KeyError, ValueError):  # the viewer is closing
+        pass
+
+
+def _disconnect(emitter, slot) -> None:
+    try:
+        emitter.disconnect(slot)
+    except Exception:  # noqa: BLE001 - already gone
+        pass

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QGroupBox, QPushButton
 
 from ..engine import InputError, describe_levels, fine_tune, predict_in_rounds
@@ -26,7 +25,7 @@ from ..engine.level_preview import (
     crop_key,
     preview_levels,
 )
-from ._artefact_forms import VERDICT_TEXT, LevelTable, PreviewSettings, row
+from ._artefact_forms import VERDICT_TEXT, LevelTable, PreviewSettings, fine_tune_box, row
 from ._base import EngineWidget, TaskState
 from ._forms import form, scroll_body, set_message, spin
 from ._inputs import NO_MODEL, LayerChooser, SessionChooser, check_model_fits, chosen_model_and_image
@@ -34,9 +33,11 @@ from ._layers import (
     add_or_replace_image,
     add_result_layers,
     axis_labels,
+    follow_removals,
     input_limits,
     levels_text,
     output_name,
+    remove_layer_soon,
     view_of,
 )
 
@@ -127,19 +128,11 @@ class ArtefactWidget(EngineWidget):
         self.layer_combo = LayerChooser(napari_viewer)
         box.setLayout(form([("Model", self.model_combo), ("Image layer", self.layer_combo)]))
         lay.addWidget(box)
-        self.levels = LevelTable(lambda: self._changed(levels=True))
+        self.levels = LevelTable(lambda: self._changed(levels=True), SUGGEST_SAMPLES)
         lay.addWidget(self.levels)
-        self.cost_summary, self.warning = self.levels.summary, self.levels.warning
-        self.suggest_btn = QPushButton("Suggest")
-        self.suggest_btn.setToolTip(
-            "Switch off the bottom 1, 2, ... levels in turn on the preview crop (prior-mean, "
-            f"{SUGGEST_SAMPLES} samples each) and judge what each removes: an artefact is "
-            "independent of the image, real detail is strongest where the image has structure. "
-            "Selects the deepest run of bottom levels whose removal looks like an artefact.")
-        self.reset_btn = QPushButton("All on")
-        self.reset_btn.setToolTip("Set every level back to 'posterior'")
-        lay.addLayout(row(self.suggest_btn, self.reset_btn, stretch=True))
-
+        lv = self.levels
+        self.cost_summary, self.warning = lv.summary, lv.warning
+        self.suggest_btn, self.reset_btn = lv.suggest_btn, lv.reset_btn
         self.preview_settings = PreviewSettings()
         lay.addWidget(self.preview_settings)
         p = self.preview_settings  # its fields, as the widget's own
@@ -149,23 +142,8 @@ class ArtefactWidget(EngineWidget):
         self.preview_btn = QPushButton("Preview")
         lay.addLayout(row(self.preview_btn))
 
-        box = QGroupBox("Fine-tune with the levels off withheld")
-        box.setToolTip("The paper's recipe for line artefacts is a model trained with the bottom "
-                       "levels withheld from the image. Fine-tuning starts from this model: a few "
-                       "hundred steps instead of a new training. The tuned model is added to the "
-                       "models, and the preview shows it next to the prediction-time setting. "
-                       "It paid off for models trained from scratch; for models started from the "
-                       "pretrained prior (the presets' default) the prediction-time setting scored "
-                       "0.3-1.0 dB higher on the artefact benchmark: compare both before keeping "
-                       "the tuned model.")
-        self.tune_steps = spin(10, 100000, 300, 50, "Training steps of the fine-tuning (about a "
-                               "second each for the fast CPU preset on a laptop CPU)")
-        self.tune_btn = QPushButton("Fine-tune")
-        self.tune_btn.setToolTip("Train this model on, on the image layer, with the levels that are "
-                                 "off withheld (Stop keeps the best model so far)")
-        box.setLayout(form([("Steps", self.tune_steps), ("", self.tune_btn)]))
+        box, self.tune_steps, self.tune_btn = fine_tune_box()
         lay.addWidget(box)
-
         box = QGroupBox("Apply to the whole layer")
         self.apply_samples = spin(1, 10000, 50, 10, "Posterior samples averaged for the MMSE")
         box.setLayout(form([("Samples", self.apply_samples)]))
@@ -185,9 +163,7 @@ class ArtefactWidget(EngineWidget):
         self.reset_btn.clicked.connect(self.reset_levels)
         self.suggest_btn.clicked.connect(lambda: self.suggest())
         self.tune_btn.clicked.connect(lambda: self.fine_tune())
-        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
-        self.destroyed.connect(lambda *_, ev=napari_viewer.layers.events.removed,
-                               f=self._on_layer_removed: _disconnect(ev, f))
+        follow_removals(self, napari_viewer, self._on_layer_removed)
         self._rebuild_levels()
         self.set_state(TaskState.IDLE)
 
@@ -335,9 +311,7 @@ class ArtefactWidget(EngineWidget):
         job = self.side_tasks["Preview"].meta
         if self.preview_task.running and job.layer == name:
             self.stop_task("Preview")
-        orphan = output_name(name, "preview")
-        # after the layer list has finished this removal
-        QTimer.singleShot(0, lambda v=self.viewer, o=orphan: _remove_layer(v, o))
+        remove_layer_soon(self.viewer, output_name(name, "preview"))
         if job is not None and job.layer == name:
             set_message(self.status, f"'{name}' was removed: its preview was discarded. Choose an "
                         "image layer to preview again.")
@@ -349,8 +323,6 @@ class ArtefactWidget(EngineWidget):
         With ``select=False`` (run by itself the first time a level is switched off) only the
         verdicts beside the levels and the warning are updated; the levels stay as they are.
         """
-        if self.suggest_task.running:
-            return False
         self._select = select
         return self.start_task("Suggest", unasked=not select)
 
@@ -487,17 +459,3 @@ class ArtefactWidget(EngineWidget):
         self.suggest_btn.setEnabled(has and not self.suggest_task.running)
         self.tune_btn.setEnabled(has and not self.busy and not self.blocker())
 
-
-def _remove_layer(viewer, name: str) -> None:
-    try:
-        if name in viewer.layers:
-            viewer.layers.remove(name)
-    except (RuntimeError, KeyError, ValueError):  # the viewer is closing
-        pass
-
-
-def _disconnect(emitter, slot) -> None:
-    try:
-        emitter.disconnect(slot)
-    except Exception:  # noqa: BLE001 - already gone
-        pass
