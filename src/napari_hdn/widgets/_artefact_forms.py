@@ -1,7 +1,7 @@
-"""The artefact widget's forms: the preview settings, and the table of latent levels (one mode
-choice per level, beside it what switching that level costs on the preview crop and what Suggest
-made of it, below it the cost of the whole setting and a warning when a level that is off carries
-image detail)."""
+"""The artefact widget's forms: the preview settings, the fine-tuning group, and the table of
+latent levels (one mode choice per level, beside it what switching that level costs on the preview
+crop and what Suggest made of it, below it the cost of the whole setting and a warning when a level
+that is off carries image detail). Qt only: the figures come from the engine."""
 
 from __future__ import annotations
 
