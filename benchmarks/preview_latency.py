@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_hdn.engine import GaussianNoiseModel, HDNModel, Normalisation
+    from napari_hdn.engine.level_preview import auto_preview_side
     from napari_hdn.engine.training.presets import get_preset
     from napari_hdn.session import get_session
     from napari_hdn.widgets._workers import job_threads
-    from napari_hdn.widgets.artefact_widget import auto_preview_side
 
     get_session().cpu_threads = args.threads
     presets = args.preset or ["fast CPU", "paper"]
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                         app.processEvents()
                         time.sleep(0.002)
                     if forget:
-                        for sampler in aw._samplers.values():
+                        for sampler in aw.cache.samplers.values():
                             sampler._states.drop(forget)
                     n0 = aw.previews_done
                     aw.mode_boxes[level].setCurrentText("prior-mean" if k % 2 == 0 else "posterior")

@@ -211,7 +211,7 @@ def test_a_finished_or_stopped_run_is_not_kept(viewer, qtbot, notes):
 
 
 def test_level_costs_are_shown_next_to_the_choice(viewer, qtbot, notes):
-    from napari_hdn.widgets.artefact_widget import _mean_log_likelihood
+    from napari_hdn.engine.prediction.levels import mean_log_likelihood as _mean_log_likelihood
 
     viewer.open_sample(PLUGIN, "striped-fluorescence")
     layer = viewer.layers["striped fluorescence"]
@@ -262,7 +262,7 @@ def test_level_costs_are_shown_next_to_the_choice(viewer, qtbot, notes):
 @pytest.mark.parametrize("m", [4, 16, 64])
 @pytest.mark.parametrize("n", [64, 128, 256])
 def test_preview_window_is_centred_and_aligned(m, n):
-    from napari_hdn.widgets.artefact_widget import MIN_PREVIEW_SIDE, centred_region
+    from napari_hdn.engine.level_preview import MIN_PREVIEW_SIDE, centred_region
 
     H = W = 1000
     for cy, cx in [(300.0, 417.5), (501.0, 333.0), (256.0, 700.25)]:

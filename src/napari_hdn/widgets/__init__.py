@@ -5,12 +5,14 @@
 - :class:`PredictWidget`: posterior samples, MMSE and variance layers.
 - :class:`ArtefactWidget`: per-level latent control with a live preview, and Apply.
 
-Each is an :class:`~napari_hdn.widgets._base.EngineWidget` (one background job at a time: state,
-Run/Stop, progress, status, errors). Shared parts live in their own modules, and no widget imports
+Each is an :class:`~napari_hdn.widgets._base.EngineWidget` (one main background job at a time:
+state, Run/Stop, progress, status, errors; other kinds of job, such as the artefact preview, run
+beside it through the same lifecycle). Shared parts live in their own modules, and no widget imports
 another: ``_base`` (the job lifecycle), ``_workers`` (worker threads), ``_inputs`` (choosers and
-input checks), ``_layers`` (output layers), ``_forms`` (form helpers, dialogs), ``_plot``
-(matplotlib canvases). They share one :class:`~napari_hdn.session.HDNSession` (see
-:func:`get_session`), so the output of one widget is the input of the next without file dialogs.
+input checks), ``_layers`` (output layers, the view), ``_forms`` (form helpers, dialogs), ``_plot``
+(matplotlib canvases), ``_artefact_forms`` (the artefact widget's level table and settings).
+They share one :class:`~napari_hdn.session.HDNSession` (see :func:`get_session`), so the output
+of one widget is the input of the next without file dialogs.
 """
 
 from ..session import HDNSession, get_session

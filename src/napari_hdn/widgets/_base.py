@@ -1,5 +1,5 @@
-"""The job lifecycle every widget shares: one engine job at a time, its state, Run/Stop, progress,
-status line, and what the user sees when something goes wrong.
+"""The job lifecycle every widget shares: one main engine job at a time, its state, Run/Stop,
+progress, status line, and what the user sees when something goes wrong.
 
 A widget subclasses :class:`EngineWidget`, builds its form, calls :meth:`EngineWidget.add_run_row`
 and implements:
@@ -11,6 +11,11 @@ and implements:
 - optionally ``on_start(meta)``, ``on_events(events)``, ``blocker()`` (why Run cannot start yet,
   shown before the click) and ``error_hint(exc)``.
 
+A widget that also runs other kinds of job beside its main one (the artefact widget's preview and
+suggestion) registers each with :meth:`EngineWidget.add_task` (its own prepare and result handler)
+and starts it with :meth:`EngineWidget.start_task`: it runs in a worker of its own, one at a time
+per kind, through the same input checks and error path; the base keeps what it was started with.
+
 Errors never escape: a mistake in the inputs or a failure in the worker is shown as a notification
 and, in full, in the widget's status line.
 """
@@ -20,6 +25,9 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
@@ -42,6 +50,22 @@ class TaskState(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass
+class SideTask:
+    """A kind of job that runs beside the widget's main one (see :meth:`EngineWidget.add_task`)."""
+
+    what: str
+    prepare: Callable[[], tuple]
+    on_result: Callable[[Outcome, Any], None]
+    on_start: Callable[[Any], None] | None
+    interactive: bool
+    latest_wins: bool
+    task: EngineTask | None = None
+    meta: Any = None  # what the last start's prepare returned with the job
+    unasked: bool = False  # the running job was not asked for: its failure says nothing
+    pending: bool = False  # asked for while running: starts again when it ends
+
+
 class EngineWidget(QWidget):
     """Base of the widgets that run engine jobs in the background (see the module docstring)."""
 
@@ -56,7 +80,8 @@ class EngineWidget(QWidget):
         self.session = get_session()
         self.state = TaskState.IDLE
         self.task = EngineTask(self, self._deliver, self._finished, poll_ms=poll_ms)
-        self.meta: dict = {}
+        self.meta: Any = {}
+        self.side_tasks: dict[str, SideTask] = {}
         self.t0 = 0.0
         self.busy_note = ""  # what the engine said of other work on the machine, this job
         self._what = self.what
@@ -95,7 +120,7 @@ class EngineWidget(QWidget):
     def on_result(self, out: Outcome) -> TaskState:
         raise NotImplementedError
 
-    def on_start(self, meta: dict) -> None:
+    def on_start(self, meta) -> None:
         total = int(meta.get("total", 0))
         self.progress.setRange(0, total)
         self.progress.setValue(0)
@@ -145,6 +170,68 @@ class EngineWidget(QWidget):
             self.set_state(TaskState.STOPPING)
             self.show_status(self.stopping_text)
 
+    # -- jobs beside the main one ------------------------------------------------------------------
+    def add_task(self, what: str, prepare, on_result, *, on_start=None, interactive=False,
+                 latest_wins=False, poll_ms: int = 200) -> EngineTask:
+        """Register a kind of job that runs beside the main one, in a worker of its own.
+
+        ``prepare()`` -> ``(job, meta)`` as for the main job; ``on_result(outcome, meta)`` gets what
+        the job returned (a value, or None when stopped; a failure is shown here); ``on_start(meta)``
+        follows each start. ``interactive``: a short job the user waits on. ``latest_wins``: a start
+        while one runs queues one more, which prepares anew with the newest inputs.
+        """
+        side = SideTask(what, prepare, on_result, on_start, interactive, latest_wins)
+        side.task = EngineTask(self, lambda events: None,
+                               lambda out: self._side_finished(side, out), poll_ms=poll_ms)
+        self.side_tasks[what] = side
+        return side.task
+
+    def start_task(self, what: str, *, quiet: bool = False, unasked: bool = False) -> bool:
+        """Start the job ``what`` (see :meth:`add_task`). Returns True if it started or was queued.
+
+        ``quiet``: inputs that are not ready say nothing (a start that follows a setting change);
+        ``unasked``: work the user did not ask for, of which nothing is said, not even a failure.
+        """
+        side = self.side_tasks[what]
+        if side.task.running:
+            side.pending = side.pending or side.latest_wins
+            return side.latest_wins
+        if quiet or unasked:
+            try:
+                prep = side.prepare()
+            except Exception:  # noqa: BLE001 - inputs not ready, and nobody asked to be told
+                return False
+        else:
+            prep = self.guard(what, side.prepare)
+        if prep is None:
+            return False
+        job, side.meta = prep
+        side.unasked = unasked
+        if side.on_start is not None:
+            side.on_start(side.meta)
+        side.task.start(job, name=f"napari-hdn {what.lower()}", interactive=side.interactive)
+        self.update_controls()
+        return True
+
+    def stop_task(self, what: str) -> None:
+        """Stop the job ``what`` if it runs, and drop a start queued after it."""
+        side = self.side_tasks[what]
+        side.pending = False
+        if side.task.running:
+            side.task.stop()
+
+    def _side_finished(self, side: SideTask, out: Outcome) -> None:
+        if not out.ok:
+            if not side.unasked:
+                self.show_error(user_message(out.error, side.what)[0])
+        else:
+            side.on_result(out, side.meta)
+        self.update_controls()
+        if side.pending:
+            side.pending = False
+            self.start_task(side.what, quiet=True)
+
+    # -- errors and messages -----------------------------------------------------------------------
     def guard(self, what: str, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``; a user error becomes a message (notification and status line)
         and None is returned, so that a bad input never escapes as an exception."""

@@ -1,4 +1,6 @@
-"""Output layers: names that say what a layer is first, axis labels, placement over the input.
+"""Output layers: names that say what a layer is first, axis labels, placement over the input;
+where the view of a layer is (the frame shown, the centre and the size on screen); and layers that
+go with the layer they were made from.
 
 Names read ``"HDN <what> · <input layer> · <settings>"`` (e.g. ``"HDN MMSE · striped fluorescence ·
 L1 prior-mean"``): the layer list cuts long names at the end, so what the layer is comes first.
@@ -195,3 +197,54 @@ def add_result_layers(viewer, layer, res, model_name: str, axes: str, settings: 
     else:
         select(out[-2])
     return out
+
+
+def view_of(viewer, layer, shape):
+    """(frame, centre, visible) of ``layer`` (data of ``shape``) in the view: the index of the
+    frame shown (the leading axes), the centre of the view in data coordinates (y, x) and the
+    (height, width) on screen; centre and visible are None when the last two axes are not shown."""
+    lead = len(shape) - 2
+    frame: tuple = ()
+    if lead:
+        pt = np.asarray(layer.world_to_data(viewer.dims.point))[:lead]
+        frame = tuple(int(np.clip(round(float(v)), 0, s - 1)) for v, s in zip(pt, shape[:lead]))
+    dims = viewer.dims
+    if dims.ndisplay != 2 or tuple(dims.displayed)[-2:] != (dims.ndim - 2, dims.ndim - 1):
+        return frame, None, None
+    scene = getattr(viewer, "scene", None)
+    camera = scene.camera if scene is not None else viewer.camera
+    point = np.asarray(dims.point, float)
+    point[-2:] = np.asarray(camera.center, float)[-2:]
+    centre = np.asarray(layer.world_to_data(point), float)[-2:]
+    corners = np.asarray(layer.corner_pixels)[:, -2:]
+    return frame, centre, tuple(corners[1] + 1 - corners[0])
+
+
+def follow_removals(widget, viewer, slot) -> None:
+    """Call ``slot(event)`` when a layer is removed from ``viewer``, for as long as ``widget``
+    lives."""
+    removed = viewer.layers.events.removed
+    removed.connect(slot)
+    widget.destroyed.connect(lambda *_: _disconnect(removed, slot))
+
+
+def remove_layer_soon(viewer, name: str) -> None:
+    """Remove the layer ``name`` (if there) once the layer list has finished its current change."""
+    from qtpy.QtCore import QTimer
+
+    QTimer.singleShot(0, lambda: _remove_layer(viewer, name))
+
+
+def _remove_layer(viewer, name: str) -> None:
+    try:
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+    except (RuntimeError, KeyError, ValueError):  # the viewer is closing
+        pass
+
+
+def _disconnect(emitter, slot) -> None:
+    try:
+        emitter.disconnect(slot)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
