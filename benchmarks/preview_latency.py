@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_hdn.engine import GaussianNoiseModel, HDNModel, Normalisation
-    from napari_hdn.engine.level_preview import auto_preview_side
+    from napari_hdn.engine.prediction.level_preview import auto_preview_side
     from napari_hdn.engine.training.presets import get_preset
     from napari_hdn.session import get_session
     from napari_hdn.widgets._workers import job_threads

@@ -38,7 +38,7 @@ from napari_hdn.engine.files import safeio
 from napari_hdn.engine.files.locks import OutputLockedError, lock_file, output_lock, output_locks
 from napari_hdn.engine.noise import GMMNoiseModel, fit_noise_model
 from napari_hdn.engine.noise.diagnostics import check_noise_model, noise_model_problem
-from napari_hdn.engine.training.trainer import check_steps_left, checkpoint_state
+from napari_hdn.engine.training.checkpoints import check_steps_left, checkpoint_state
 
 TINY_ARGS = ["--levels", "2", "--z-dim", "2", "--filters", "8", "--blocks", "1", "--patch-size",
              "32", "--batch-size", "8", "--device", "cpu", "--quiet", "--axes", "TYX"]

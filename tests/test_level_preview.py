@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from napari_hdn.engine import InputError
-from napari_hdn.engine.level_preview import (
+from napari_hdn.engine.prediction.level_preview import (
     MIN_PREVIEW_SIDE,
     LevelCost,
     Preview,
@@ -97,7 +97,7 @@ def test_the_cache_forgets_the_oldest_crop(tiny_model):
 
 
 def test_the_preview_engine_imports_no_qt():
-    probe = ("import sys, json\nimport napari_hdn.engine.level_preview\n"
+    probe = ("import sys, json\nimport napari_hdn.engine.prediction.level_preview\n"
              "print(json.dumps(sorted(sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     mods = json.loads(out.stdout.strip().splitlines()[-1])

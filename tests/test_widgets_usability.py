@@ -262,7 +262,7 @@ def test_level_costs_are_shown_next_to_the_choice(viewer, qtbot, notes):
 @pytest.mark.parametrize("m", [4, 16, 64])
 @pytest.mark.parametrize("n", [64, 128, 256])
 def test_preview_window_is_centred_and_aligned(m, n):
-    from napari_hdn.engine.level_preview import MIN_PREVIEW_SIDE, centred_region
+    from napari_hdn.engine.prediction.level_preview import MIN_PREVIEW_SIDE, centred_region
 
     H = W = 1000
     for cy, cx in [(300.0, 417.5), (501.0, 333.0), (256.0, 700.25)]:

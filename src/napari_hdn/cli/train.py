@@ -267,7 +267,7 @@ def guarded(args, out: Path, ckdir: Path, lock: bool = True):
 def check_resume(args) -> None:
     """Before any work: a resume whose settings would train nothing (--max-steps at or below the
     checkpoint's step, a --minutes budget it has spent) is refused, naming the option."""
-    from ..engine.training.trainer import check_steps_left, checkpoint_state, resumed_training_config
+    from ..engine.training.checkpoints import check_steps_left, checkpoint_state, resumed_training_config
 
     if not args.resume:
         return

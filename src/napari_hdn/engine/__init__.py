@@ -45,7 +45,8 @@ from .noise import (
 )
 from .prediction.levels import LevelReport, describe_levels
 from .prediction.sampling import PosteriorSampler, Prediction, predict, predict_in_rounds
-from .training.trainer import Trainer, fine_tune, train
+from .training.run import fine_tune, train
+from .training.trainer import Trainer
 
 __all__ = [
     "LATENT_MODES",

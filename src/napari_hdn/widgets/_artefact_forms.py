@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine import LATENT_MODES, InputError
-from ..engine.level_preview import auto_preview_side, crop_window, view_window
+from ..engine.prediction.level_preview import auto_preview_side, crop_window, view_window
 from ..engine.prediction.levels import MAX_GROWTH, STRUCTURE_LIMIT
 from ._forms import MAX_SEED, combo, form, rule_range, set_message, spin, status_label
 
@@ -92,7 +92,7 @@ class PreviewSettings(QGroupBox):
     def window(self, shape, model, centre=None, visible=None) -> tuple[int, int, int, int]:
         """(y0, x0, h, w) of the preview of an image of ``shape`` (.., H, W) for ``model``: the
         chosen crop, or centred on ``centre`` with ``visible`` of it on screen (see
-        :func:`~napari_hdn.engine.level_preview.view_window`)."""
+        :func:`~napari_hdn.engine.prediction.level_preview.view_window`)."""
         H, W = shape[-2:]
         m = model.config.downscale
         if self.region.currentText() == "crop":

@@ -3,7 +3,7 @@
 Three kinds of job run through :class:`EngineWidget`: Apply (or Fine-tune) is the main job, with
 Run/Stop and the progress bar; the preview and the suggestion run beside it, each in a worker of
 its own. The figures shown (the preview, each level's cost, the suggestion) are computed by the
-engine (:mod:`napari_hdn.engine.level_preview`, :mod:`napari_hdn.engine.levels`); a toggle only
+engine (:mod:`napari_hdn.engine.prediction.level_preview`, :mod:`napari_hdn.engine.levels`); a toggle only
 re-runs the top-down pass of the cached crop, and a toggle during a preview queues one more with
 the newest settings.
 """
@@ -18,13 +18,8 @@ import numpy as np
 from qtpy.QtWidgets import QGroupBox, QPushButton
 
 from ..engine import InputError, describe_levels, fine_tune, predict_in_rounds
-from ..engine.level_preview import (
-    PreviewCache,
-    Region,
-    crop_key,
-    preview_levels,
-)
 from ..engine.network.multichannel import MultiChannelModel
+from ..engine.prediction.level_preview import PreviewCache, Region, crop_key, preview_levels
 from ..session import Registry
 from ._artefact_forms import VERDICT_TEXT, LevelTable, PreviewSettings, fine_tune_box, row
 from ._base import EngineWidget, TaskState

@@ -269,7 +269,7 @@ def train_ddp(images, noise_model=None, *, model_config=None, training_config=No
     torchrun describes, trains with :class:`DDPTrainer`, returns the model on every rank."""
     from ..config import ModelConfig, TrainingConfig, validated
     from ..device import resolve_device
-    from .trainer import _split_overrides
+    from .run import _split_overrides
 
     trainer_kw = {k: kwargs.pop(k) for k in ("axes", "checkpoint_dir", "callbacks", "resume",
                                              "stop_flag") if k in kwargs}

@@ -7,8 +7,6 @@ RNG state added, so a checkpoint can be used for prediction as it is and trainin
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import time
@@ -18,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig, TrainingConfig, validated
+from ..config import ModelConfig, TrainingConfig
 from ..data.arrays import (
     Normalisation,
     PatchSampler,
@@ -27,13 +25,12 @@ from ..data.arrays import (
     split_train_val,
     training_frames,
 )
-from ..data.frames import Frame, frame_statistics, sample_pixels
+from ..data.frames import frame_statistics, sample_pixels
 from ..device import resolve_device
 from ..errors import (
     HDNWarning,
     InputError,
     ModelFileError,
-    OptionError,
     SuspiciousNoiseModelWarning,
     TrainingDivergedError,
 )
@@ -42,12 +39,18 @@ from ..heap import keep_heap
 from ..network.model import HDNModel, read_model_file
 from ..noise.base import NoiseModel, NoiseModelRangeWarning
 from ..noise.diagnostics import check_noise_model, verdict_warning
-from ..options import RULES
 from ..threads import BusyMonitor, ThreadGovernor
+from .checkpoints import (
+    _optimizer_state_from_file,
+    _optimizer_state_to_file,
+    _same_data,
+    _warn_other_data,
+    check_steps_left,
+    data_fingerprint,
+    resumed_training_config,
+)
 from .priors import initial_weights
 
-OPTIM_PREFIX = "optim."
-# patch-channels (patches x filters) per CPU pass: the fastest, leanest pass size measured (see
 # docs/lab-notes.md)
 CPU_MICRO_BATCH_CHANNELS = 512
 
@@ -75,196 +78,6 @@ def _check_shot_noise(nm, frames) -> None:
             "camera's dark level) and that the data are raw counts, not background-subtracted",
             HDNWarning, stacklevel=4,
         )
-
-
-def _split_overrides(overrides: dict) -> tuple[dict, dict]:
-    m_keys, t_keys = set(ModelConfig.model_fields), set(TrainingConfig.model_fields)
-    m, t = {}, {}
-    for k, v in overrides.items():
-        if k in m_keys:
-            m[k] = v
-        elif k in t_keys:
-            t[k] = v
-        else:
-            raise OptionError(
-                f"unknown training option {k!r}; model options: {sorted(m_keys)}; "
-                f"training options: {sorted(t_keys)}"
-            )
-    return m, t
-
-
-def _optimizer_state_to_file(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Flatten an optimiser state dict into tensors + JSON (safe to store, no pickle)."""
-    sd = opt.state_dict()
-    tensors, state_meta = {}, {}
-    for pid, st in sd["state"].items():
-        entry = {}
-        for name, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"{OPTIM_PREFIX}{pid}.{name}"] = val
-            else:
-                entry[name] = val
-        state_meta[str(pid)] = entry
-    return tensors, {"param_groups": sd["param_groups"], "scalars": state_meta}
-
-
-def _optimizer_state_from_file(meta: dict, tensors: dict) -> dict:
-    state: dict = {}
-    for key, val in tensors.items():
-        if not key.startswith(OPTIM_PREFIX):
-            continue
-        pid, name = key[len(OPTIM_PREFIX) :].split(".", 1)
-        state.setdefault(int(pid), {})[name] = val
-    for pid, entry in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(entry)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def checkpoint_state(path) -> dict:
-    """The training state of the checkpoint ``path`` (``step``, ``training_config``,
-    ``train_seconds``...) read from its header alone, without its tensors; ``{}`` for a plain
-    model file or a file that cannot be read (reading it in full then says what is wrong)."""
-    if not os.path.isfile(path):  # os.stat only: a FIFO is never opened (that would block)
-        return {}
-    try:
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
-        ck = json.loads(raw.get("checkpoint", "{}"))
-    except Exception:  # noqa: BLE001 - any unreadable file: the full read reports it
-        return {}
-    return ck if isinstance(ck, dict) else {}
-
-
-#: training settings that earlier versions wrote into checkpoints, each with the value under which
-#: a run trained as it does now (None: any value, the field changed nothing but speed)
-RETIRED_TRAINING_FIELDS: dict[str, object] = {
-    "channels_last": None, "lr_schedule": "plateau", "lr_final_fraction": None,
-    "cooldown_fraction": None,
-}
-
-
-def saved_training_config(saved: dict, source=None) -> TrainingConfig:
-    """The :class:`TrainingConfig` of the settings a checkpoint saved. Fields of earlier versions
-    are dropped; where one made that run train otherwise, a warning names it (when ``source``, the
-    checkpoint's path, is given)."""
-    if not isinstance(saved, dict):
-        return validated(TrainingConfig, saved)
-    current = {k: v for k, v in saved.items() if k not in RETIRED_TRAINING_FIELDS}
-    for name, same in RETIRED_TRAINING_FIELDS.items():
-        if source is not None and same is not None and saved.get(name, same) != same:
-            warnings.warn(
-                f"{source} was trained with {name} {saved[name]!r}, which this version does not "
-                f"have: the run goes on from the checkpoint's learning rate with {name} {same!r}",
-                HDNWarning, stacklevel=4)
-    return validated(TrainingConfig, current)
-
-
-def resumed_training_config(ck: dict, training_config: TrainingConfig | None = None,
-                            overrides: dict | None = None, source=None) -> TrainingConfig:
-    """The settings a resumed run trains with: ``training_config`` when given, else those of the
-    checkpoint (its state ``ck``; ``source``: its path, named in warnings), else the defaults;
-    ``overrides`` on top."""
-    base = training_config
-    if base is None:
-        saved = (ck or {}).get("training_config")
-        base = saved_training_config(saved, source) if saved else None
-    base = base or TrainingConfig()
-    if overrides:
-        base = validated(TrainingConfig, {**base.model_dump(), **overrides})
-    return base
-
-
-def check_steps_left(ck: dict, tcfg: TrainingConfig, path, *, steps_given: bool = True,
-                     budget_given: bool = True, style: str = "api") -> None:
-    """Refuse (:class:`InputError`) to resume the checkpoint of state ``ck`` with settings under
-    which it would train nothing: ``max_steps`` at or below its step, or a time budget it has
-    already spent (the budget counts the training time of the whole run). ``steps_given`` /
-    ``budget_given``: whether the user chose the limit (else it is the checkpoint's own, and its
-    run had ended); ``style`` names the options as the caller's user writes them (``"cli"``)."""
-    if not ck:
-        return
-    cli = style == "cli"
-    step = int(ck.get("step", 0) or 0)
-    if step >= tcfg.max_steps:
-        opt = RULES["max_steps"].flag if cli else "max_steps="
-        said = (f"{opt} {tcfg.max_steps}" if cli else f"{opt}{tcfg.max_steps}")
-        if steps_given:
-            raise InputError(f"the checkpoint {path} is at step {step}; {said} would train "
-                             f"nothing: give {opt.rstrip('=')} above {step}")
-        raise InputError(f"the checkpoint {path} is at step {step}, the end of its run "
-                         f"(max_steps {tcfg.max_steps}): resuming it would train nothing; give "
-                         f"{opt.rstrip('=')} above {step} to train on")
-    spent = float(ck.get("train_seconds", 0.0) or 0.0)
-    budget = tcfg.time_budget_s
-    if budget is not None and spent >= budget:
-        if cli:
-            opt, value, need = RULES["minutes"].flag, f"{budget / 60:g}", f"{spent / 60:.3g}"
-            unit = " min"
-        else:
-            opt, value, need, unit = "time_budget_s=", f"{budget:g}", f"{spent:.4g}", " s"
-        said = f"{opt} {value}" if cli else f"{opt}{value}"
-        head = (f"the checkpoint {path} has trained for {need}{unit} (the time budget counts the "
-                "whole run)")
-        if budget_given:
-            raise InputError(f"{head}; {said} would train nothing: give {opt.rstrip('=')} above "
-                             f"{need}")
-        raise InputError(f"{head}, its run's whole budget ({value}{unit}): resuming it would "
-                         f"train nothing; give {opt.rstrip('=')} above {need} to train on")
-
-
-#: frames and the side of the square read from each for :func:`data_fingerprint`
-FINGERPRINT_FRAMES, FINGERPRINT_SIDE = 16, 16
-
-
-def data_fingerprint(frames, stats: tuple[float, float]) -> dict:
-    """A cheap record of the training data, to tell other data apart on resume: the frames' count,
-    sizes and dtype, the mean and std of every pixel (``stats``, computed anyway), and a hash of
-    the pixels of a fixed square at the centre of up to 16 evenly spaced frames (read on demand:
-    a few kilobytes of a huge lazy stack)."""
-    n = len(frames)
-    shapes = sorted({tuple(int(v) for v in f.shape) for f in frames})
-    first = frames[0]
-    dtype = first.source.dtype if isinstance(first, Frame) else np.asarray(first).dtype
-    h = hashlib.sha256()
-    for k in np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_FRAMES)).round().astype(int)):
-        f = frames[int(k)]
-        fh, fw = (int(v) for v in f.shape)
-        side = min(FINGERPRINT_SIDE, fh, fw)
-        ys, xs = slice((fh - side) // 2, (fh - side) // 2 + side), \
-            slice((fw - side) // 2, (fw - side) // 2 + side)
-        block = f.read(ys, xs, raw=True) if isinstance(f, Frame) else np.asarray(f)[ys, xs]
-        h.update(np.ascontiguousarray(block).tobytes())
-    return {"frames": n, "frame_shapes": [list(v) for v in shapes[:8]],
-            "distinct_shapes": len(shapes), "dtype": str(np.dtype(dtype)),
-            "mean": float(stats[0]), "std": float(stats[1]), "sample_sha256": h.hexdigest()[:32]}
-
-
-def _same_data(a: dict, b: dict) -> bool:
-    keys = ("frames", "frame_shapes", "distinct_shapes", "dtype", "sample_sha256")
-    if any(a.get(k) != b.get(k) for k in keys):
-        return False
-    return all(math.isclose(float(a.get(k, 0.0)), float(b.get(k, 0.0)), rel_tol=1e-6, abs_tol=1e-9)
-               for k in ("mean", "std"))
-
-
-def _data_text(fp: dict) -> str:
-    n = fp.get("frames", "?")
-    shapes = fp.get("frame_shapes") or []
-    size = ("x".join(str(v) for v in shapes[0]) if len(shapes) == 1 and fp.get("distinct_shapes", 1)
-            == 1 else "various sizes")
-    return (f"{n} frame{'' if n == 1 else 's'} of {size} {fp.get('dtype', '?')}, mean "
-            f"{float(fp.get('mean', math.nan)):.5g}, std {float(fp.get('std', math.nan)):.5g}")
-
-
-def _warn_other_data(path, then: dict, now: dict) -> None:
-    a, b = _data_text(then), _data_text(now)
-    what = f"then {a}; now {b}" if a != b else f"{a} both times, but other pixel values"
-    warnings.warn(
-        f"resuming {path} on other data than it was trained on ({what}): the run goes on with the "
-        "checkpoint's normalisation on this data; resume with the data it was trained on to "
-        "continue that run, or start a new run for this data", HDNWarning, stacklevel=4)
 
 
 class Trainer:
@@ -788,149 +601,3 @@ class Trainer:
             epoch=self.epoch,
             metrics={"best_loss": self.best_loss},
         )
-
-
-def train(
-    images,
-    noise_model: NoiseModel | None = None,
-    *,
-    axes: str | None = None,
-    model_config: ModelConfig | None = None,
-    training_config: TrainingConfig | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    callbacks: Callback | list[Callback] | None = None,
-    resume: str | os.PathLike | None = None,
-    stop_flag: StopFlag | None = None,
-    **options,
-) -> HDNModel:
-    """Train a Hierarchical DivNoising model on noisy images (no clean data needed).
-
-    Parameters
-    ----------
-    images : ndarray or list of ndarray
-        Noisy images: YX, a stack of frames (SYX/TYX) or a volume treated slice-wise (ZYX); with
-        a channel axis C (``CYX``, ``TCYX``, ``YXC`` for RGB) one HDN is trained per channel and
-        a :class:`~napari_hdn.engine.network.multichannel.MultiChannelModel` returned. A memory-mapped,
-        dask or zarr array is read patch by patch, never copied whole.
-    noise_model : NoiseModel or ChannelNoiseModels
-        Pixel noise model in the units of ``images``, e.g. ``GaussianNoiseModel(sigma=25)``; for
-        channels one per channel (or one for all).
-    axes : str, optional
-        Axes of ``images`` when ambiguous (e.g. ``"TYX"``, ``"ZYX"``, ``"CYX"``); an array of
-        shape (Y, X, 3) is taken as RGB.
-    model_config, training_config : ModelConfig, TrainingConfig, optional
-        Full configurations; individual fields can also be given as keyword ``options``
-        (e.g. ``levels=3, max_steps=500, patch_size=64, device="cpu", seed=0``).
-    checkpoint_dir, callbacks, resume, stop_flag
-        See :class:`Trainer`.
-
-    Returns
-    -------
-    HDNModel
-        The model with the best validation loss, in eval mode.
-
-    Examples
-    --------
-    >>> model = napari_hdn.train(noisy, GaussianNoiseModel(25.0), levels=3, max_steps=200)
-    >>> result = model.predict(noisy, n_samples=100)
-    >>> result.mmse.shape == noisy.shape
-    True
-    """
-    config, training = model_config, training_config
-    m_over, t_over = _split_overrides(options)
-    if m_over:
-        config = validated(ModelConfig, {**(config or ModelConfig()).model_dump(), **m_over})
-    from ..data.layout import layout_of
-    from ..noise.channels import ChannelNoiseModels
-    from .channels import train_channels
-
-    shape = np.shape(images) if not isinstance(images, (list, tuple)) else None
-    layout = layout_of(shape, axes) if shape is not None else None
-    if (layout is not None and layout.has_channels) or isinstance(noise_model, ChannelNoiseModels):
-        if layout is None or not layout.has_channels:
-            raise InputError("one noise model per channel was given, but the images have no "
-                             "channel axis: give their axes with C (e.g. 'CYX', 'YXC')")
-        return train_channels(images, noise_model, axes=layout.axes, model_config=config,
-                              training_config=training, checkpoint_dir=checkpoint_dir,
-                              callbacks=callbacks, stop_flag=stop_flag, resume=resume,
-                              training_overrides=t_over)
-    trainer = Trainer(
-        images,
-        noise_model,
-        axes=axes,
-        model_config=config if (resume is None or m_over) else None,
-        training_config=training,
-        checkpoint_dir=checkpoint_dir,
-        callbacks=callbacks,
-        resume=resume,
-        stop_flag=stop_flag,
-        training_overrides=t_over,
-    )
-    return trainer.run()
-
-
-#: fine-tuning's learning rate: below the fast preset's peak (5e-3), as the weights are trained
-FINE_TUNE_LR = 1e-3
-
-
-def fine_tune(
-    model: HDNModel,
-    images,
-    levels,
-    *,
-    steps: int = 300,
-    axes: str | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    callbacks: Callback | list[Callback] | None = None,
-    stop_flag: StopFlag | None = None,
-    **options,
-) -> HDNModel:
-    """Train a trained model on for ``steps`` steps with latent ``levels`` withheld from the image.
-
-    The paper removes line artefacts with a model trained from scratch with the bottom levels
-    deactivated (``HDN_3-6``). Starting from a model already trained with every level active is far
-    cheaper: the upper levels and the decoder are trained, and a few hundred steps teach the
-    decoder to work with the withheld levels drawn from their prior (``withheld_mode``), the
-    setting the model then predicts with by default.
-
-    Parameters
-    ----------
-    model : HDNModel
-        A trained model (not changed).
-    images : the noisy training data (as for :func:`train`; usually the data the model was trained
-        on).
-    levels : list of int
-        Levels (1..L) to withhold; those already withheld in ``model`` stay withheld.
-    steps : int
-        Optimiser steps (``max_steps``).
-    options : TrainingConfig fields, e.g. ``lr`` (default :data:`FINE_TUNE_LR`), ``batch_size``,
-        ``device``, ``seed``, ``threads``, ``time_budget_s``.
-
-    Returns
-    -------
-    HDNModel
-        The fine-tuned model; ``info["fine_tuned"]`` records the levels, steps and the start.
-    """
-    if not isinstance(model, HDNModel):
-        raise InputError(f"fine_tune needs a trained HDNModel, not {type(model).__name__}")
-    try:
-        new = sorted({int(v) for v in levels})
-    except (TypeError, ValueError):
-        raise InputError(f"levels must be level numbers such as [1, 2], not {levels!r}") from None
-    if not new:
-        raise InputError("no levels to withhold: give the levels to switch off, e.g. [1] or [1, 2] "
-                         "(describe_levels suggests them)")
-    cfg = validated(ModelConfig, {**model.config.model_dump(), "deactivated_levels": sorted(
-        set(model.config.deactivated_levels) | set(new))})
-    saved = model.info.get("training_config") or {}
-    base = {k: v for k, v in saved.items() if k in TrainingConfig.model_fields}
-    tc = {**base, "lr": FINE_TUNE_LR, "warmup_steps": min(20, steps),
-          "max_steps": int(steps), "time_budget_s": None, **options}
-    start = HDNModel(cfg, model.noise_model, model.normalisation, model.ladder, model.info)
-    trainer = Trainer(images, None, axes=axes, training_config=validated(TrainingConfig, tc),
-                      checkpoint_dir=checkpoint_dir, callbacks=callbacks, stop_flag=stop_flag,
-                      initial_model=start)
-    out = trainer.run()
-    out.info["fine_tuned"] = {"levels": new, "steps": trainer.step,
-                              "from_steps": model.info.get("steps")}
-    return out

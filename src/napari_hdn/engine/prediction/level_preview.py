@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .prediction.levels import mean_log_likelihood
+from ..errors import InputError
+from .levels import mean_log_likelihood
 
 #: the shortest side a preview window keeps where the image is large enough
 MIN_PREVIEW_SIDE = 64
@@ -169,7 +169,7 @@ def preview_levels(model, crop: np.ndarray, origin: tuple[int, int], modes: list
     ``sampler``, ``net``, ``reference`` and ``known`` (costs by (level, mode)) are what an earlier
     preview of the same crop computed (:meth:`PreviewCache.reuse`); what is missing is computed.
     """
-    from .prediction.sampling import inference_model
+    from .sampling import inference_model
 
     t0 = time.perf_counter()
     ready = net if net is not None else inference_model(model)
