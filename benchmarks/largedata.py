@@ -168,7 +168,7 @@ def part_overhead(work: Path, model_path: Path, samples: int) -> dict:
         print(f"overhead: {name}: {wall:.1f} s", flush=True)
 
     from napari_hdn.engine.prediction.chunked import ChunkSpec
-    from napari_hdn.engine.prediction.sampling import _tile_starts
+    from napari_hdn.engine.prediction.run import _tile_starts
 
     H, W = img.shape[-2:]
     frames = img.shape[0]

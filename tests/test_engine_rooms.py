@@ -11,8 +11,8 @@ ORDER = ["ground", "files", "data", "noise", "network", "prediction", "training"
 GROUND = {"errors", "config", "options", "events", "threads", "device", "heap", "metrics",
           "__init__"}
 #: the conveniences that call the prediction room from a model (engine/__init__.py says so)
-ALLOWED_UP = {("network.model", "prediction.sampling"),
-              ("network.multichannel", "prediction.sampling")}
+ALLOWED_UP = {("network.model", "prediction.run"), ("network.model", "prediction.sampling"),
+              ("network.multichannel", "prediction.run")}
 
 
 def _room(module: str) -> str:

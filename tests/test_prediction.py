@@ -190,7 +190,7 @@ def test_sampling_option(tiny_model):
 
 
 def test_test_time_augmentation(tiny_model):
-    from napari_hdn.engine.prediction.sampling import _orientations
+    from napari_hdn.engine.prediction.run import _orientations
 
     img = _noisy((40, 56))
     res = tiny_model.predict(img, n_samples=4, seed=3, tta=True)

@@ -159,7 +159,7 @@ def _run_tiff(args, out: Path) -> int:
     from ..engine.data.imageio import write_tiff as write_image
     from ..engine.data.layout import layout_of
     from ..engine.network.multichannel import check_channels
-    from ..engine.prediction.sampling import check_some_level_active
+    from ..engine.prediction.run import check_some_level_active
     from ..engine.threads import at_most
 
     model = load_model(args.model)

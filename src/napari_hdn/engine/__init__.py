@@ -44,7 +44,8 @@ from .noise import (
     load_noise_model,
 )
 from .prediction.levels import LevelReport, describe_levels
-from .prediction.sampling import PosteriorSampler, Prediction, predict, predict_in_rounds
+from .prediction.run import predict, predict_in_rounds
+from .prediction.sampling import PosteriorSampler, Prediction
 from .training.run import fine_tune, train
 from .training.trainer import Trainer
 

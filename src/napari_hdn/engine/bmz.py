@@ -98,7 +98,7 @@ class HDNBioimageModel(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor):
-        from .prediction.sampling import predict
+        from .prediction.run import predict
 
         if self.hdn is None:
             raise RuntimeError("HDNBioimageModel: load the weights (load_state_dict) first")

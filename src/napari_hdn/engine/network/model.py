@@ -130,7 +130,7 @@ class HDNModel:
     # -- prediction ----------------------------------------------------------------------------
     def predict(self, image, n_samples="auto", **kwargs):
         """Posterior samples, MMSE and variance of ``image``; see :func:`napari_hdn.predict`."""
-        from ..prediction.sampling import predict
+        from ..prediction.run import predict
 
         return predict(self, image, n_samples=n_samples, **kwargs)
 

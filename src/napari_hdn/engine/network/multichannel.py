@@ -79,7 +79,7 @@ class MultiChannelModel:
 
     def predict(self, image, n_samples="auto", **kwargs):
         """Samples, MMSE and variance of every channel; see :func:`napari_hdn.predict`."""
-        from ..prediction.sampling import predict  # the convenience reaches up, as HDNModel's
+        from ..prediction.run import predict  # the convenience reaches up, as HDNModel's
 
         return predict(self, image, n_samples=n_samples, **kwargs)
 

@@ -463,7 +463,8 @@ class LazyPrediction:
 
 def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_samples, tile_size,
              margin, device, channel):
-    from .sampling import as_model, check_some_level_active, check_training_range, resolve_samples
+    from .run import as_model, check_some_level_active, check_training_range
+    from .sampling import resolve_samples
 
     fixed, _ = resolve_samples(n_samples)
     c = check_options(batch_size=batch_size, tile_size=tile_size, tile_overlap=margin, seed=seed)

@@ -171,7 +171,8 @@ def describe_levels(model, image, n_samples: int = 8, *, mode: str = "prior-mean
         passes of the crop)
     """
     from ..options import check_options
-    from .sampling import PosteriorSampler, check_finite_result
+    from .run import check_finite_result
+    from .sampling import PosteriorSampler
 
     c = check_options(n_samples=n_samples, crop=crop, seed=seed)
     n_samples, crop, seed = c["n_samples"], c["crop"], c["seed"]
