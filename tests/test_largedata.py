@@ -13,6 +13,7 @@ import zarr  # noqa: E402
 
 from napari_hdn.cli import main  # noqa: E402
 from napari_hdn.engine import InputError, OutputError, StopFlag, predict  # noqa: E402
+from napari_hdn.engine.data.lazy import open_array  # noqa: E402
 from napari_hdn.engine.prediction import chunked as L  # noqa: E402
 
 KW = dict(n_samples=3, seed=1, tile_size=32, margin=32)
@@ -95,15 +96,15 @@ def test_ome_zarr_and_lazy_tiff_inputs(tiny_model, tmp_path):
     g.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}],
                                "axes": [{"name": n} for n in ("t", "c", "z", "y", "x")]}]
     with pytest.raises(InputError, match="2 channels .*--channel"):
-        L.open_array(ome)
-    src = L.open_array(ome, channel=1)
+        open_array(ome)
+    src = open_array(ome, channel=1)
     assert src.axes == "TZYX" and src.array.shape == (1, 1) + img.shape
     want = predict(tiny_model, img.astype(np.uint16), n_samples=3, seed=1).mmse
     res = L.predict_dask(tiny_model, ome, channel=1, **KW)
     np.testing.assert_allclose(res.mmse.compute(scheduler="sync")[0, 0], want, rtol=1e-4, atol=1e-3)
     tif = tmp_path / "big.tif"
     tifffile.imwrite(tif, img, tile=(32, 32))
-    lazy = L.open_array(tif)
+    lazy = open_array(tif)
     assert isinstance(lazy.array, da.Array) and lazy.array.shape == img.shape
     np.testing.assert_array_equal(lazy.array[5:40, 7:50].compute(), img[5:40, 7:50])
 

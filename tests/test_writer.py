@@ -53,7 +53,7 @@ def test_ome_zarr_writer_round_trips_the_scale(tmp_path):
     [path] = write_ome_zarr(str(tmp_path / "mmse.ome.zarr"), data, st)
     axes, meta = read_zarr_meta(path)
     assert axes == "CYX" and meta.scale == {"Y": 0.25, "X": 0.25}
-    from napari_hdn.engine.prediction.chunked import open_array
+    from napari_hdn.engine.data.lazy import open_array
 
     lazy = open_array(path, channel=1)  # the chunked prediction's reader sees the axes too
     assert lazy.axes == "YX"
