@@ -121,7 +121,7 @@ def test_prediction_runs_inside_keep_heap_and_gives_the_same_numbers(fake, tiny_
     import numpy as np
 
     from napari_hdn.engine import predict, predict_in_rounds
-    from napari_hdn.engine.prediction import sampling as pred_mod
+    from napari_hdn.engine.prediction import run as pred_mod
 
     inside = []
     real = pred_mod._predict_group
