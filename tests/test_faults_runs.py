@@ -546,3 +546,131 @@ def test_the_api_refuses_a_store_that_holds_its_zarr_array_input(stores):
     with pytest.raises(OutputError, match="holds the input"):
         predict_to_zarr(model, arr, d / "r.zarr", n_samples=2, axes="TYX", overwrite=True)
     assert _hashes(d) == before and not list(d.rglob("*.lock"))
+
+
+# -- round two of the probes: outputs that are links, special files or hold inputs -----------------
+def test_a_lock_file_that_is_a_link_is_never_written_through(inputs, tmp_path, capsys):
+    victim = tmp_path / "victim.tif"
+    victim.write_bytes((inputs / "noisy.tif").read_bytes())
+    before = victim.read_bytes()
+    (tmp_path / "K.hdn.lock").symlink_to(victim)
+    rc = main(_train_argv(inputs, tmp_path / "K.hdn"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "is a symbolic link" in err and "Traceback" not in err, err
+    assert victim.read_bytes() == before and (tmp_path / "K.hdn.lock").is_symlink()
+    assert not (tmp_path / "K.hdn").exists()
+
+
+def test_special_files_are_never_replaced_by_an_output(inputs, tmp_path, capsys):
+    fifo = tmp_path / "fifo.hdn"
+    os.mkfifo(fifo)
+    for argv in (_train_argv(inputs, fifo, "--overwrite"),
+                 ["noise-model", "fit", "--calibration", str(inputs / "cal.tif"), "--out",
+                  str(tmp_path / "n.hdnoise"), "--figure", str(fifo), "--overwrite", "--quiet",
+                  "--kind", "histogram", "--device", "cpu"]):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 1 and "is a FIFO (named pipe), not a file" in err, err
+        assert fifo.is_fifo()
+    assert not list(tmp_path.glob("*.checkpoints")) and not (tmp_path / "n.hdnoise").exists()
+
+
+def test_an_input_where_training_writes_a_checkpoint_is_refused_even_with_overwrite(
+        inputs, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "best.hdn").write_bytes((inputs / "run" / "m.hdn").read_bytes())
+    (ck / "data.tif").write_bytes((inputs / "noisy.tif").read_bytes())
+    before = _hashes(ck)
+    for argv in (["--init", str(ck / "best.hdn")], ["--noise-model", str(ck / "best.hdn")]):
+        rc = main(["train", str(ck / "data.tif"), "--out", str(tmp_path / "m.hdn"),
+                   "--checkpoint-dir", str(ck), "--overwrite", "--max-steps", "1", *TINY_ARGS,
+                   *argv])
+        err = capsys.readouterr().err
+        assert rc == 1 and "is where training writes its checkpoint best.hdn" in err, err
+    assert _hashes(ck) == before and not (tmp_path / "m.hdn").exists()
+    # an earlier run's checkpoints without last.hdn: no advice to resume from a missing file
+    rc = main(["train", str(inputs / "noisy.tif"), "--gaussian-sigma", "10", "--out",
+               str(tmp_path / "m.hdn"), "--checkpoint-dir", str(ck), *TINY_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 1 and "holds checkpoints of an earlier run" in err and "--resume" not in err
+
+
+def test_two_spellings_of_one_output_share_one_lock(inputs, tmp_path, capsys):
+    real = tmp_path / "A"
+    real.mkdir()
+    (tmp_path / "Alink").symlink_to(real)
+    with output_lock(real):
+        rc = main(["predict", str(inputs / "run" / "m.hdn"), str(inputs / "noisy.tif"),
+                   "--out-dir", str(tmp_path / "Alink"), "--samples", "2", "--quiet",
+                   "--overwrite"])
+        err = capsys.readouterr().err
+    assert rc == 1 and f"is being written by process {os.getpid()}" in err, err
+    assert not list(real.iterdir())
+
+
+def test_bench_checks_its_json_file_before_the_run(tmp_path, capsys):
+    target = tmp_path / "keep.hdn"
+    target.write_bytes(b"precious")
+    t0 = time.perf_counter()
+    rc = main(["bench", "--quick", "--json", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "exists: add --overwrite" in err and time.perf_counter() - t0 < 10, err
+    assert target.read_bytes() == b"precious"
+
+
+PROBE_ROWS_2 = [  # (argv after `predict MODEL`, words of the one-line error)
+    (["{in}/noisy.tif", "--out-dir", "{out}/o", "--channel", "-1"], "picks the channel of a chunked"),
+]
+
+
+@pytest.mark.parametrize("argv,words", PROBE_ROWS_2)
+def test_probe_round_two_cli(inputs, tmp_path, capsys, argv, words):
+    rc = main(["predict", str(inputs / "run" / "m.hdn"),
+               *[a.replace("{in}", str(inputs)).replace("{out}", str(tmp_path)) for a in argv]])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and words in err, err
+
+
+def test_probe_round_two_api(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    from napari_hdn.engine import ModelFileError, load_model
+    from napari_hdn.engine.data.lazy import open_array
+    from napari_hdn.engine.noise import GMMNoiseModel
+
+    with pytest.raises(ModelFileError, match="path of a model file, not int"):
+        load_model(3)
+    with pytest.raises(InputError, match="signal_range"):
+        GMMNoiseModel((5.0, 1.0), 2, 1, 1.0, 10.0)
+    zarr.open_array(str(tmp_path / "empty.zarr"), mode="w", shape=(0, 64, 64), dtype="float32")
+    with pytest.raises(InputError, match="holds no image"):
+        open_array(tmp_path / "empty.zarr")
+    g = zarr.open_group(str(tmp_path / "dots.zarr"), mode="w")
+    g.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a} for a in "yx"],
+                               "datasets": [{"path": "../elsewhere/0"}]}]
+    g.create_array("1", shape=(64, 64), dtype="float32")
+    with pytest.raises(InputError, match="does not hold"):
+        open_array(tmp_path / "dots.zarr")
+    with pytest.raises(InputError, match="empty"):
+        __import__("napari_hdn").predict(_tiny(), np.zeros((0, 64), np.float32), 2)
+
+
+def _tiny():
+    from napari_hdn.engine import HDNModel, ModelConfig, Normalisation
+
+    return HDNModel(ModelConfig(**TINY), GaussianNoiseModel(10.0), Normalisation(50.0, 30.0))
+
+
+def test_a_damaged_chunk_of_a_zarr_input_is_named(inputs, tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    img = tifffile.imread(inputs / "noisy.tif")
+    z = zarr.open_array(str(tmp_path / "bad.zarr"), mode="w", shape=img.shape, chunks=(1, 32, 32),
+                        dtype="float32")
+    z[:] = img
+    chunk = next(p for p in (tmp_path / "bad.zarr").rglob("*") if p.is_file()
+                 and p.name != "zarr.json" and p.parts[-4:-3] != ("0",))
+    chunk.write_bytes(b"garbage")
+    rc = main(["predict", str(inputs / "run" / "m.hdn"), str(tmp_path / "bad.zarr"), "--out",
+               str(tmp_path / "o.zarr"), "--samples", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "cannot be read at chunk" in err, err

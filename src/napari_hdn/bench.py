@@ -214,7 +214,9 @@ def run_speed_benchmark(quick: bool = False, device: str = "auto", json_out: str
         results["prediction"][name] = {"size": size, "n_samples": n, **r}
         echo(f"predict {name:{width}s} {n} samples {size}x{size}: {r['seconds']:.1f} s, "
              f"peak {r['peak_memory_mb']:.0f} MB")
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(results, f, indent=2)
+    if json_out:  # atomically: a stop or a full disk leaves no half-written file
+        from .engine.files.safeio import atomic_write
+
+        data = json.dumps(results, indent=2).encode()
+        atomic_write(json_out, lambda fh: fh.write(data), "figures file")
     return results

@@ -4,6 +4,7 @@ number-list options and Ctrl-C handling."""
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -112,10 +113,14 @@ def parse_levels(text: str | None, option: str = "--deactivate") -> list[int]:
 
 def floats(text: str, what: str, n: int | None = None) -> list[float]:
     """An argparse type: comma-separated numbers (exactly ``n`` of them when given)."""
+    parts = text.replace(" ", "").split(",")
     try:
-        vals = [float(t) for t in text.replace(" ", "").split(",") if t]
+        vals = [float(t) for t in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and abs(v) <= 1e18 for v in vals):
+        raise argparse.ArgumentTypeError(f"{what}: expected finite numbers of at most 1e18 in size, "
+                                         f"got {text!r}")
     if not vals or (n is not None and len(vals) != n):
         raise argparse.ArgumentTypeError(
             f"{what}: expected {n if n else 'one or more'} comma-separated numbers, got {text!r}"

@@ -113,6 +113,10 @@ def run(args) -> int:
     check_numbers(args, **NUMBERS)
     if wants_chunked(args):
         return run_chunked(args)
+    if getattr(args, "channel", None) is not None:
+        raise CLIError(f"--channel {args.channel} picks the channel of a chunked prediction (--out "
+                       "OUT.zarr); with --out-dir every channel of the image is restored: leave "
+                       "--channel out, or write a zarr store")
     if not args.out_dir:
         raise CLIError("give --out-dir FOLDER (TIFF outputs) or --out OUT.zarr (a zarr store "
                        "written chunk by chunk)")

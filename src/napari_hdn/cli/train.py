@@ -184,19 +184,41 @@ def check_destinations(args, out: Path, ckdir: Path) -> None:
     if ckdir.exists() and not ckdir.is_dir():
         raise CLIError(f"the checkpoint folder {ckdir} is a file: give --checkpoint-dir a folder")
     check_folder(ckdir, "checkpoints")
+    check_inputs_outside_checkpoints(inputs, args.resume, ckdir)
     resuming_here = args.resume and Path(args.resume).resolve().parent == ckdir.resolve()
     old = [n for n in ("last.hdn", "best.hdn") if (ckdir / n).exists()]
     old += sorted(p.name for p in ckdir.glob("channel-*") if p.is_dir()) if ckdir.is_dir() else []
     resuming_here = resuming_here or (args.resume and Path(args.resume).resolve() == ckdir.resolve())
     if old and not (args.overwrite or resuming_here):
+        go_on = (f", or continue that run with --resume {ckdir / 'last.hdn'}"
+                 if (ckdir / "last.hdn").is_file() else "")
         raise CLIError(f"the checkpoint folder {ckdir} holds checkpoints of an earlier run "
-                       f"({', '.join(old)}): add --overwrite to replace them, give another "
-                       f"--checkpoint-dir, or continue that run with --resume {ckdir / 'last.hdn'}")
+                       f"({', '.join(old)}): add --overwrite to replace them, or give another "
+                       f"--checkpoint-dir{go_on}")
     check_checkpoint_collisions(out, ckdir)
 
 
 #: what training writes in its checkpoint folder (a folder per channel, channel-1, ..., too)
 CHECKPOINT_FILES = ("best.hdn", "last.hdn", "noise-models.hdnoise")
+
+
+def check_inputs_outside_checkpoints(inputs, resume, ckdir: Path) -> None:
+    """Before any work: no input (but the checkpoint being resumed) is a file that training writes
+    in the checkpoint folder, whatever --overwrite says: it would be replaced by a checkpoint."""
+    ck = ckdir.expanduser().resolve()
+    for i in inputs:
+        if i is None or i == resume:
+            continue
+        try:
+            r = Path(i).expanduser().resolve()
+        except (OSError, RuntimeError):
+            continue
+        if ck in r.parents:
+            first = r.relative_to(ck).parts[0]
+            if first in CHECKPOINT_FILES or first.startswith("channel-"):
+                raise CLIError(f"the input {i} is where training writes its checkpoint {first} "
+                               f"(the checkpoint folder {ckdir}): it would be replaced; give "
+                               "--checkpoint-dir another folder, or move the input")
 
 
 def check_checkpoint_collisions(out: Path, ckdir: Path) -> None:

@@ -162,7 +162,11 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
             if isinstance(node, zarr.Group):
                 ome, path = _ome_axes(dict(node.attrs), p)
                 if path:
-                    if path not in node:
+                    try:
+                        held_path = path in node
+                    except (KeyError, ValueError):  # a path zarr refuses ('..', absolute)
+                        held_path = False
+                    if not held_path:
                         held = sorted(k for k, _ in node.arrays())
                         raise InputError(
                             f"{p} is an OME-Zarr image whose metadata name the full-resolution "
@@ -204,6 +208,9 @@ def open_array(source, axes: str | None = None, channel: int | None = None,
                                     channel, name)
     if axes and "C" in axes.upper():
         axes = axes.upper().replace("C", "")
+    if 0 in tuple(arr.shape) or arr.ndim < 2:
+        raise InputError(f"{name} holds no image (its shape is {tuple(arr.shape)}): give an array "
+                         "with at least one frame of rows and columns")
     return LazyInput(arr, axes or declared, name)
 
 

@@ -50,10 +50,39 @@ class OutputLockedError(OutputError):
     """Another process is writing this output (it holds its lock)."""
 
 
+#: never follow a symbolic link when opening a lock file (one could point at an input)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 def lock_file(path: str | os.PathLike) -> Path:
-    """The lock file of the output ``path``: ``<path>.lock``, next to it."""
-    p = Path(path).expanduser().absolute()
+    """The lock file of the output ``path``: ``<path>.lock``, next to the file the path names
+    once symbolic links are resolved (two spellings of one output share one lock)."""
+    p = Path(path).expanduser()
+    try:
+        p = p.resolve()
+    except (OSError, RuntimeError):  # a loop: the output itself is refused elsewhere
+        p = p.absolute()
     return p.with_name(p.name + LOCK_SUFFIX)
+
+
+def _check_lock_path(file: Path, what: str) -> None:
+    """Refuse a lock path that is not a regular file (a symbolic link, a folder, a FIFO): writing
+    the lock record through it would change what it points at."""
+    try:
+        st = os.lstat(file)
+    except (FileNotFoundError, NotADirectoryError):  # no lock file (the output's checks say why)
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot check the lock file {file} of the {what}: "
+                          f"{exc.strerror or exc}") from None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a folder"
+                if stat.S_ISDIR(st.st_mode) else "not a regular file")
+        raise OutputError(f"{file}, where the lock file of the {what} goes, is {kind}: napari-hdn "
+                          "does not write through it; move it away (it is no napari-hdn lock) "
+                          "or choose another output")
 
 
 def _alive(pid: int) -> bool:
@@ -137,11 +166,12 @@ class OutputLock:
     def holder(self) -> dict | None:
         """The record of the live process holding this lock, None when it is free (or held by
         the process that started this one). Takes nothing."""
+        _check_lock_path(self.file, self.what)
         if not self.file.exists():
             return None
         if fcntl is not None:
             try:
-                fd = os.open(self.file, os.O_RDONLY)
+                fd = os.open(self.file, os.O_RDONLY | _NOFOLLOW)
             except OSError:
                 return None
             try:
@@ -178,6 +208,7 @@ class OutputLock:
         except OSError as exc:
             raise OutputError(f"cannot create the folder of {self.path} for its lock file: "
                               f"{exc.strerror or exc}") from None
+        _check_lock_path(self.file, self.what)
         if fcntl is not None and self._acquire_flock():
             return self
         self._acquire_exclusive()
@@ -191,7 +222,7 @@ class OutputLock:
         """Take the lock with flock; False when this file system has no flock."""
         for _ in range(100):  # retried only when the file was replaced under us
             try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
             except OSError as exc:
                 raise self._open_failure(exc) from None
             try:
@@ -224,7 +255,7 @@ class OutputLock:
         """Take the lock by creating the file exclusively (no flock here)."""
         for _ in range(100):
             try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
             except FileExistsError:
                 rec = _read(self.file)
                 if _inherited(rec):

@@ -145,6 +145,14 @@ def check_output(path: str | os.PathLike, *, inputs: Iterable = (), overwrite: b
                               "the input; choose another name")
     if p.is_dir():
         raise OutputError(f"the {what} {p} is a folder: give a file name")
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):  # never replace a device, FIFO or socket
+        kind = next((name for test, name in _NOT_FILES if test(mode)), "not a regular file")
+        raise OutputError(f"the {what} {p} is {kind}, not a file: give the name of a file to "
+                          "write (napari-hdn never replaces a special file)")
     if (p.exists() or p.is_symlink()) and not overwrite:
         raise OutputError(f"the {what} {p} exists: {overwrite_hint} to replace it, or choose "
                           "another name")

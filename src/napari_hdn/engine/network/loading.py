@@ -42,6 +42,9 @@ def load_model(path: str | os.PathLike, device=None):
         version, or holds values no model can have (NaN or infinite weights, a normalisation std
         that is not a positive finite number, metadata of the wrong types).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ModelFileError(f"load_model expects the path of a model file, not "
+                             f"{type(path).__name__}")
     if str(path).lower().endswith(".zip") or is_bmz_package(path):  # a BioImage Model Zoo package
         return load_bmz(path, device=device)
     meta, tensors = read_file(path, MODEL_FILE_FORMAT, "napari-hdn model")

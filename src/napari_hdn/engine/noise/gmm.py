@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from ..options import MAX_VALUE, bounds
 from .base import (
     EXTRAPOLATION_MODES,
@@ -109,26 +110,26 @@ class GMMNoiseModel(NoiseModel):
     ):
         super().__init__()
         if extrapolation not in EXTRAPOLATION_MODES:
-            raise ValueError(f"extrapolation must be one of {EXTRAPOLATION_MODES}, got {extrapolation!r}")
+            raise InputError(f"extrapolation must be one of {EXTRAPOLATION_MODES}, got {extrapolation!r}")
         self.extrapolation = extrapolation
         self._law_cache: tuple | None = None
         lo, hi = (float(v) for v in signal_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-            raise ValueError(f"signal_range must be two finite numbers lo < hi, got {signal_range}")
+            raise InputError(f"signal_range must be two finite numbers lo < hi, got {signal_range}")
         if max(abs(lo), abs(hi)) > MAX_VALUE:
-            raise ValueError(f"signal_range must lie within +-{MAX_VALUE:g} (what float32 can "
+            raise InputError(f"signal_range must lie within +-{MAX_VALUE:g} (what float32 can "
                              f"square), got {signal_range}")
         n_gaussians, degree = int(n_gaussians), int(degree)
         for name, v in (("n_gaussians", n_gaussians), ("degree", degree)):
             least, most = bounds(name)
             if not least <= v <= most:
-                raise ValueError(f"{name} must be between {least} and {most}, got {v}")
+                raise InputError(f"{name} must be between {least} and {most}, got {v}")
         min_variance, scale = float(min_variance), float(scale)
         if not (0 < min_variance <= MAX_VALUE**2):
-            raise ValueError(f"min_variance must be a positive number of at most "
+            raise InputError(f"min_variance must be a positive number of at most "
                              f"{MAX_VALUE**2:g}, got {min_variance}")
         if not (0 < scale <= MAX_VALUE):
-            raise ValueError(f"scale must be a positive number of at most {MAX_VALUE:g}, got "
+            raise InputError(f"scale must be a positive number of at most {MAX_VALUE:g}, got "
                              f"{scale}")
         self.signal_range = (lo, hi)
         self.n_gaussians, self.degree = n_gaussians, degree
@@ -138,9 +139,9 @@ class GMMNoiseModel(NoiseModel):
             theta = torch.zeros(shape)
         theta = torch.as_tensor(theta, dtype=torch.float32).detach().clone()
         if tuple(theta.shape) != shape:
-            raise ValueError(f"theta must have shape {shape}, got {tuple(theta.shape)}")
+            raise InputError(f"theta must have shape {shape}, got {tuple(theta.shape)}")
         if not torch.isfinite(theta).all():
-            raise ValueError("theta contains NaN or infinite values")
+            raise InputError("theta contains NaN or infinite values")
         self.register_buffer("theta", theta)
         self.info = dict(info or {})
 

@@ -64,26 +64,26 @@ class HistogramNoiseModel(NoiseModel):
                  extrapolation: str = "linear", row_count=None):
         super().__init__()
         if extrapolation not in EXTRAPOLATION_MODES:
-            raise ValueError(f"extrapolation must be one of {EXTRAPOLATION_MODES}, got {extrapolation!r}")
+            raise InputError(f"extrapolation must be one of {EXTRAPOLATION_MODES}, got {extrapolation!r}")
         self.extrapolation = extrapolation
         lo, hi = (float(v) for v in signal_range)
         rlo, rhi = (float(v) for v in offset_range)
         for a, b, what in ((lo, hi, "signal_range"), (rlo, rhi, "offset_range")):
             if not (math.isfinite(a) and math.isfinite(b) and b > a):
-                raise ValueError(f"{what} must be two finite numbers lo < hi, got {(a, b)}")
+                raise InputError(f"{what} must be two finite numbers lo < hi, got {(a, b)}")
             if max(abs(a), abs(b)) > MAX_VALUE:
-                raise ValueError(f"{what} must lie within +-{MAX_VALUE:g} (what float32 can "
+                raise InputError(f"{what} must lie within +-{MAX_VALUE:g} (what float32 can "
                                  f"square), got {(a, b)}")
         density = torch.as_tensor(density, dtype=torch.float32).detach().clone()
         row_std = torch.as_tensor(row_std, dtype=torch.float32).detach().clone()
         if density.ndim != 2 or density.shape[1] < 2:
-            raise ValueError(f"density must be 2D with at least 2 offset bins, got {tuple(density.shape)}")
+            raise InputError(f"density must be 2D with at least 2 offset bins, got {tuple(density.shape)}")
         if tuple(row_std.shape) != (density.shape[0],):
-            raise ValueError("row_std must have one value per signal bin")
+            raise InputError("row_std must have one value per signal bin")
         if not (torch.isfinite(density).all() and (density > 0).all()):
-            raise ValueError("density must be finite and strictly positive")
+            raise InputError("density must be finite and strictly positive")
         if not (torch.isfinite(row_std).all() and (row_std > 0).all()):
-            raise ValueError("row_std must be finite and strictly positive")
+            raise InputError("row_std must be finite and strictly positive")
         self.signal_range, self.offset_range = (lo, hi), (rlo, rhi)
         self.register_buffer("density", density)
         self.register_buffer("row_std", row_std)
@@ -91,9 +91,9 @@ class HistogramNoiseModel(NoiseModel):
             row_count = torch.ones(density.shape[0])
         row_count = torch.as_tensor(row_count, dtype=torch.float32).detach().clone()
         if tuple(row_count.shape) != (density.shape[0],) or not (row_count >= 0).all():
-            raise ValueError("row_count must hold one non-negative count per signal bin")
+            raise InputError("row_count must hold one non-negative count per signal bin")
         if not (row_count > 0).any():
-            raise ValueError("row_count must be positive for at least one signal bin")
+            raise InputError("row_count must be positive for at least one signal bin")
         self.register_buffer("row_count", row_count)
         self.info = dict(info or {})
         self._row_moments()

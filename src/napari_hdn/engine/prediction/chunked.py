@@ -282,7 +282,7 @@ def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_sam
                      None if device is None else str(device))
     # the training-range warning, from one chunk in the middle of the first frame
     read, _, _ = spec.windows(tuple([0] * (x.ndim - 2) + [g // 2 for g in spec.grid[-2:]]))
-    check_training_range(m_obj, as_float_array(np.asarray(x[read].compute(scheduler="sync"))))
+    check_training_range(m_obj, as_float_array(read_block(x, read, "in the middle of frame 1")))
     return ref, m_obj, x, ax, spec
 
 
@@ -375,7 +375,7 @@ def input_fingerprint(x) -> str:
     xs = slice((W - side_x) // 2, (W - side_x) // 2 + side_x)
     for k in np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_FRAMES)).round().astype(int)):
         idx = np.unravel_index(int(k), lead) if lead else ()
-        block = np.asarray(x[(*map(int, idx), ys, xs)].compute(scheduler="sync"))
+        block = read_block(x, (*map(int, idx), ys, xs), "of the fingerprint")
         h.update(np.ascontiguousarray(block).tobytes())
     return h.hexdigest()[:32]
 
@@ -458,7 +458,8 @@ def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool 
     import shutil
 
     zarr = _need("zarr")
-    p = Path(out)
+    p = Path(out).expanduser()
+    p = p.resolve() if p.is_symlink() else p  # a link to a store: the store it names
     check_not_an_input(p, [i for i in inputs if i is not None])
     if p.exists():
         old = None
@@ -601,7 +602,7 @@ def _run_here(x, ref, spec, pending, out, report, before, total, stop_flag) -> b
         if stop_flag.is_set():
             return True
         read, _, _ = spec.windows(idx)
-        block = np.asarray(x[read].compute(scheduler="sync"))
+        block = read_block(x, read, idx)
         try:
             _write_chunk(block, ref, spec, idx, out, stop_flag)
         except StopRequested:
@@ -609,6 +610,18 @@ def _run_here(x, ref, spec, pending, out, report, before, total, stop_flag) -> b
         done += 1
         report(EventKind.STEP, step=done, total=total)
     return False
+
+
+def read_block(x, read: tuple, idx: tuple) -> np.ndarray:
+    """The input pixels chunk ``idx`` reads, or one line naming the chunk when the store cannot
+    give them (a damaged or truncated chunk file, a codec missing here)."""
+    try:
+        return np.asarray(x[read].compute(scheduler="sync"))
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        where = ", ".join(f"{s.start}:{s.stop}" if isinstance(s, slice) else str(s) for s in read)
+        raise InputError(f"the input cannot be read at chunk {idx} (pixels [{where}]): {first}; "
+                         "the store is damaged there: copy it again from its source") from None
 
 
 def _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag, scheduler,
