@@ -6,6 +6,7 @@ way. Headless: it runs itself under ``xvfb-run`` when there is no display::
 
     python scripts/make_screenshots.py               # writes docs/screenshots/*.png (~10 min, 2 CPU cores)
     python scripts/make_screenshots.py --steps 40    # quicker, blurrier results
+    python scripts/make_screenshots.py --only share  # the Export BMZ shot alone (the bundled prior)
 
 Look at every PNG before committing it.
 """
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     ap.add_argument("--steps", type=int, default=300, help="training steps per model")
     ap.add_argument("--samples", type=int, default=30, help="posterior samples for the MMSE")
+    ap.add_argument("--only", choices=["share"], help="make one shot only: 'share' exports the "
+                    "bundled prior as a BioImage Model Zoo package from the Predict widget")
     args = ap.parse_args(argv)
     _reexec_under_xvfb()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,25 @@ def main(argv=None) -> int:
         dw.setMinimumWidth(430)
         pump()
         return widget
+
+    def share(pw) -> None:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp()) / "hdn-fluorescence.zip"
+        assert pw.export_bmz(out)
+        wait_for(lambda: not pw.side_tasks["Export"].task.running, what="BMZ export")
+        shot("09-share-export-bmz")
+
+    if args.only == "share":
+        from napari_hdn.engine.training.priors import PRIORS_DIR
+        from napari_hdn.session import get_session
+
+        viewer.open_sample("napari-hdn", "noisy-fluorescence")
+        get_session().open_model_file(PRIORS_DIR / "fast-cpu.hdn")
+        pw = only_dock("Predict and explore")
+        pw.layer_combo.set_layer("noisy fluorescence")
+        share(pw)
+        return 0
 
     # 1. sample data and the noise model -----------------------------------------------------------
     viewer.open_sample("napari-hdn", "calibration-stack")
@@ -139,6 +161,7 @@ def main(argv=None) -> int:
     viewer.layers["HDN variance · noisy fluorescence"].visible = True
     viewer.layers.selection.active = viewer.layers["HDN variance · noisy fluorescence"]
     shot("05-predict-variance")
+    share(pw)
 
     # 4. artefact removal on the striped sample --------------------------------------------------
     for layer in viewer.layers:

@@ -135,3 +135,35 @@ def test_export_refuses_bad_requests_before_writing(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "l.zip").exists() and not (tmp_path / "s.zip").exists()
+
+
+@pytest.mark.usefixtures("widget_session")
+def test_the_predict_widgets_export_button_writes_a_tested_package(viewer, qtbot, notes, files,
+                                                                   tmp_path, monkeypatch):
+    from _widget_helpers import WAIT, dock
+
+    from napari_hdn.session import get_session
+    from napari_hdn.widgets import _forms
+
+    get_session().add_model(load_model(files / "m.hdn"), "tiny", path=files / "m.hdn")
+    stack = tifffile.imread(files / "noisy.tif")
+    viewer.add_image(stack, name="noisy")
+    pw = dock(viewer, "Predict and explore")
+    assert pw.export_btn.isEnabled()
+    out = tmp_path / "shared"
+    monkeypatch.setattr(_forms.QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ""))
+    assert pw.export_bmz()
+    task = pw.side_tasks["Export"].task
+    qtbot.waitUntil(lambda: not task.running, timeout=WAIT)
+    zip_path = out.with_suffix(".zip")
+    assert zip_path.is_file() and is_bmz_package(zip_path)
+    assert any("Exported shared.zip: bioimageio.core's test passed" in m for m in notes.infos), \
+        notes.infos
+    # the package predicts what the model file does (its test input is the first frame's crop)
+    frame = stack[0]
+    a = predict(load_bmz(zip_path), frame, n_samples=4, seed=0).mmse
+    b = predict(load_model(files / "m.hdn"), frame, n_samples=4, seed=0).mmse
+    np.testing.assert_array_equal(a, b)
+    # and the widget's Load… takes the package back
+    assert pw.load_model(zip_path) is not None
+    assert any(e.path == zip_path for e in get_session().models.values())

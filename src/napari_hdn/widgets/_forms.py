@@ -176,7 +176,7 @@ class Collapsible(QWidget):
 
 # -- file dialogs --------------------------------------------------------------------------------
 
-MODEL_FILTER = "HDN model (*.hdn);;All files (*)"
+MODEL_FILTER = "HDN model (*.hdn *.zip);;All files (*)"
 NOISE_FILTER = "Noise model (*.hdnoise);;All files (*)"
 
 

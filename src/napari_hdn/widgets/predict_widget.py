@@ -23,6 +23,7 @@ from ._forms import (
     MAX_SEED,
     MODEL_FILTER,
     ask_open,
+    ask_save,
     form,
     notify_info,
     rule_range,
@@ -82,9 +83,16 @@ class PredictWidget(EngineWidget):
         self.model_combo = SessionChooser(Registry.MODELS)
         self.model_load = QPushButton("Load…")
         self.model_load.setToolTip("Load a model file (.hdn); File > Open does the same")
+        self.export_btn = QPushButton("Export BMZ…")
+        self.export_btn.setToolTip(
+            "Share the model: write it as a BioImage Model Zoo package (.zip) that bioimageio.core, "
+            "deepImageJ, ilastik and the napari BMZ plugins can run. Its test input is a crop of "
+            "the chosen image layer's first frame; bioimageio.core tests the package before it is "
+            "written (tens of seconds). Needs napari-hdn[bmz].")
         row = QHBoxLayout()
         row.addWidget(self.model_combo)
         row.addWidget(self.model_load)
+        row.addWidget(self.export_btn)
         self.model_info = status_label()
         self.layer_combo = LayerChooser(napari_viewer)
         self.axes_combo = AxesChooser(self.layer_combo)
@@ -122,6 +130,9 @@ class PredictWidget(EngineWidget):
         lay.addStretch(1)
 
         self.model_load.clicked.connect(lambda: self.load_model())
+        self.export_btn.clicked.connect(lambda: self.export_bmz())
+        self.add_task("Export", self._prepare_export, self._exported)
+        self._export_to: Path | None = None
         self.model_combo.currentIndexChanged.connect(self._on_model)
         self.layer_combo.currentIndexChanged.connect(self.update_controls)
         self._on_model()
@@ -144,6 +155,51 @@ class PredictWidget(EngineWidget):
         """Load a .hdn file (asking for one when ``path`` is None) into the session."""
         path = ask_open(self, "Load HDN model", MODEL_FILTER, path)
         return None if path is None else self.guard("Load model", self.session.open_model_file, path)
+
+    # -- sharing -------------------------------------------------------------------------------------
+    def export_bmz(self, path=None) -> bool:
+        """Export the chosen model as a BioImage Model Zoo package to ``path`` (asked for when
+        None), tested by bioimageio.core, in the background; True when the export started."""
+        self._export_to = None if path is None else Path(path)
+        return self.start_task("Export")
+
+    def _prepare_export(self):
+        from ..engine.bmz import export_bmz
+
+        entry = self.model_combo.current_entry()
+        if entry is None:
+            raise InputError(NO_MODEL)
+        if isinstance(entry.model, MultiChannelModel):
+            raise InputError("a BioImage Model Zoo package holds one HDN: this model has one per "
+                             "channel; export each channel's model from the command line")
+        layer = self.layer_combo.current_layer()
+        if layer is None:
+            raise InputError("choose an image layer like the training data: a crop of its first "
+                             "frame is the package's test input")
+        data = layer.data
+        axes = self.axes_combo.axes_for(data)
+        lead = len(axes) - 2 if axes and axes.endswith("YX") else 0
+        frame = np.asarray(data[(0,) * lead]) if lead else np.asarray(data)  # one frame is read
+        path = self._export_to or ask_save(self, "Export to BioImage Model Zoo",
+                                           f"{entry.name.split(' ')[0]}.zip",
+                                           "BioImage Model Zoo package (*.zip)", ".zip")
+        if path is None:
+            return None
+        model, source = entry.model, entry.path
+
+        def job(report, stop):
+            return export_bmz(model, path, frame, axes="YX" if lead or frame.ndim == 2 else axes,
+                              overwrite=True, source_path=source)
+
+        return job, {"path": path}
+
+    def _exported(self, out, meta) -> None:
+        rep = out.value
+        if rep is None:
+            return
+        notify_info(f"Exported {rep.path.name}: bioimageio.core's test {rep.status}, "
+                    f"{rep.size_bytes / 1e6:.1f} MB, in {rep.seconds:.0f} s")
+        self.show_status("; ".join(rep.lines()))
 
     # -- job ----------------------------------------------------------------------------------------
     def blocker(self) -> str:
@@ -466,6 +522,8 @@ class PredictWidget(EngineWidget):
     def update_controls(self, *_) -> None:
         super().update_controls()
         self.model_load.setEnabled(not self.busy)
+        exporting = self.side_tasks["Export"].task.running if "Export" in self.side_tasks else False
+        self.export_btn.setEnabled(self.model_combo.current_entry() is not None and not exporting)
 
 
 def samples_text(counts) -> str:
