@@ -674,3 +674,21 @@ def test_a_damaged_chunk_of_a_zarr_input_is_named(inputs, tmp_path, capsys):
                str(tmp_path / "o.zarr"), "--samples", "2", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and "cannot be read at chunk" in err, err
+
+
+def test_a_bad_chunk_says_what_the_store_keeps(inputs, tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    img = tifffile.imread(inputs / "noisy.tif").copy()
+    img[1, 5, 5] = np.nan
+    zarr.open_array(str(tmp_path / "nan.zarr"), mode="w", shape=img.shape, chunks=(1, 64, 64),
+                    dtype="float32")[:] = img
+    rc = main(["predict", str(inputs / "run" / "m.hdn"), str(tmp_path / "nan.zarr"), "--out",
+               str(tmp_path / "o.zarr"), "--samples", "2", "--quiet", "--tile-size", "64"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "NaN" in err and "chunks of 2 finished are kept" in err, err
+
+
+def test_an_image_narrower_than_any_patch_names_the_smallest_size():
+    with pytest.raises(InputError, match="at least 8 pixels on each side"):
+        train(np.ones((64, 1), np.float32), GaussianNoiseModel(1.0), patch_size=8, max_steps=1,
+              device="cpu", levels=1, z_dim=2, filters=8, blocks=1)

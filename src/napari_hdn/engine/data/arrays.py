@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import HDNWarning, InputError
+from ..options import RULES
 from .frames import (
     MAX_ABS_VALUE,
     Frame,
@@ -289,10 +290,11 @@ def split_train_val(
     """
     small = [f.shape for f in frames if min(f.shape) < patch]
     if small:
-        raise InputError(
-            f"image of shape {small[0]} is smaller than the patch size {patch}: choose a patch size "
-            f"of at most {min(min(s) for s in small)} (a multiple of 8 is best) or a larger image"
-        )
+        side = min(min(s) for s in small)
+        least = int(RULES["patch_size"].minimum)
+        fix = (f"choose a patch size of at most {side} (a multiple of 8 is best) or a larger image"
+               if side >= least else f"train on images at least {least} pixels on each side")
+        raise InputError(f"image of shape {small[0]} is smaller than the patch size {patch}: {fix}")
     if val_fraction <= 0:
         return list(frames), [], "no validation"
     n_val = int(round(len(frames) * val_fraction))

@@ -602,11 +602,14 @@ def _run_here(x, ref, spec, pending, out, report, before, total, stop_flag) -> b
         if stop_flag.is_set():
             return True
         read, _, _ = spec.windows(idx)
-        block = read_block(x, read, idx)
         try:
-            _write_chunk(block, ref, spec, idx, out, stop_flag)
+            _write_chunk(read_block(x, read, idx), ref, spec, idx, out, stop_flag)
         except StopRequested:
             return True
+        except InputError as exc:  # a bad chunk of the input: what was finished stays usable
+            raise InputError(f"{exc} (chunk {idx}); the {done} chunks of {total} finished are kept "
+                             f"in {out}: fix the input there and rerun the same command to finish "
+                             "the store, or delete it") from None
         done += 1
         report(EventKind.STEP, step=done, total=total)
     return False
