@@ -692,3 +692,23 @@ def test_an_image_narrower_than_any_patch_names_the_smallest_size():
     with pytest.raises(InputError, match="at least 8 pixels on each side"):
         train(np.ones((64, 1), np.float32), GaussianNoiseModel(1.0), patch_size=8, max_steps=1,
               device="cpu", levels=1, z_dim=2, filters=8, blocks=1)
+
+
+def test_options_are_named_as_the_caller_wrote_them(inputs, tmp_path, capsys):
+    from napari_hdn.engine.noise import fit_noise_model
+    from napari_hdn.engine.prediction.chunked import predict_to_zarr
+
+    with pytest.raises(InputError, match="workers= must be at least 1"):
+        predict_to_zarr(str(inputs / "run" / "m.hdn"), np.ones((64, 64), np.float32),
+                        tmp_path / "o.zarr", n_samples=1, workers=0)
+    with pytest.raises(InputError, match="margin= must be at least 0"):
+        predict_to_zarr(str(inputs / "run" / "m.hdn"), np.ones((64, 64), np.float32),
+                        tmp_path / "o.zarr", n_samples=1, margin=-1)
+    rng = np.random.default_rng(0)
+    s = rng.uniform(10, 100, 20000)
+    with pytest.raises(InputError, match="lr must be a positive number of at most"):
+        fit_noise_model(s, s + rng.normal(0, 3, s.shape), method="minibatch", lr=1e200)
+    rc = main(["predict", str(inputs / "run" / "m.hdn"), str(inputs / "noisy.tif"), "--out",
+               str(tmp_path / "p.zarr"), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--workers must be at least 1" in err, err

@@ -7,7 +7,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import EXIT_INTERRUPTED, EXIT_OK, CLIError, Progress, SigintStop, parse_levels
+from ._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    CLIError,
+    Progress,
+    SigintStop,
+    check_numbers,
+    parse_levels,
+)
 
 ZARR_SUFFIXES = (".zarr", ".zr", ".ome.zarr")
 
@@ -51,9 +59,8 @@ def run_chunked(args) -> int:
         raise CLIError("give --out OUT.zarr or --out-dir FOLDER, not both")
     if args.scheduler and args.workers:
         raise CLIError("give --scheduler (an existing cluster) or --workers (a local one), not both")
-    if args.workers is not None and args.workers < 1:
-        raise CLIError("--workers must be at least 1")
-    if not str(args.out).lower().endswith(ZARR_SUFFIXES):
+    check_numbers(args, workers="workers")
+    if not str(args.out).rstrip("/").lower().endswith(ZARR_SUFFIXES):
         raise CLIError(f"--out {args.out}: the output is a zarr store; give it a name ending in .zarr")
     if Path(args.noisy).exists() is False:
         raise CLIError(f"input not found: {args.noisy}")

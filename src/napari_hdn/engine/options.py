@@ -46,6 +46,8 @@ RULES: dict[str, Rule] = {
     "tile_size": Rule(int, "--tile-size", 16, maximum=MAX_SIDE),
     "tile_overlap": Rule(int, "--tile-overlap", 0, maximum=MAX_SIDE),
     "threads": Rule(int, "--threads", 1, maximum=1024),
+    "workers": Rule(int, "--workers", 1, maximum=1024),
+    "margin": Rule(int, "--tile-overlap", 0, maximum=MAX_SIDE),
     "seed": Rule(int, "--seed", 0, maximum=2**63 - 1),
     "crop": Rule(int, "--crop", 16, maximum=MAX_SIDE),
     # noise models with known parameters (in the data's units: squared in float32)

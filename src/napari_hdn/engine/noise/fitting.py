@@ -30,7 +30,7 @@ import torch
 from ..device import resolve_device
 from ..errors import InputError, StopRequested, TrainingDivergedError
 from ..events import EventKind, EventTask, Reporter, StopFlag
-from ..options import bounds
+from ..options import RULES, bounds
 from ..threads import small_tensors
 from .base import LOG_2PI, NoiseModel
 from .diagnostics import (
@@ -389,8 +389,9 @@ def fit_noise_model(
     for name, v in (("iterations", iterations), ("batch_size", batch_size)):
         if int(v) < 1:
             raise InputError(f"{name} must be at least 1, got {v}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise InputError(f"lr must be a positive number, got {lr}")
+    lr_max = RULES["lr"].maximum
+    if not (0 < lr <= lr_max):  # NaN fails too
+        raise InputError(f"lr must be a positive number of at most {lr_max:g}, got {lr}")
     if isinstance(signal, NoisePairs):
         pairs = signal
     else:

@@ -251,7 +251,8 @@ def _prepare(model, image, n_samples, axes, levels, seed, batch_size, return_sam
     from .sampling import resolve_samples
 
     fixed, _ = resolve_samples(n_samples)
-    c = check_options(batch_size=batch_size, tile_size=tile_size, tile_overlap=margin, seed=seed)
+    c = check_options(batch_size=batch_size, tile_size=tile_size, margin=margin, seed=seed)
+    c["tile_overlap"] = c.pop("margin")
     c["n_samples"] = fixed if fixed is not None else "auto"
     from ..network.multichannel import MultiChannelModel
 
@@ -530,7 +531,7 @@ def predict_to_zarr(model, image, out, n_samples: int | str = "auto", *, axes: s
         raise OptionError("give scheduler= (an existing cluster) or workers= (a LocalCluster), "
                           "not both")
     if workers is not None:
-        workers = check_options(threads=workers)["threads"]
+        workers = check_options(workers=workers)["workers"]
     ref, m_obj, x, ax, spec = _prepare(model, image, n_samples, axes, levels, seed, batch_size,
                                        return_samples, tile_size, margin, device, channel)
     inputs = [image, *([model] if isinstance(model, (str, os.PathLike)) else [])]
