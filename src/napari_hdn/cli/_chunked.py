@@ -7,15 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    CLIError,
-    Progress,
-    SigintStop,
-    check_numbers,
-    parse_levels,
-)
+from ._common import EXIT_INTERRUPTED, EXIT_OK, CLIError, Progress, SigintStop, check_numbers, parse_levels
 
 ZARR_SUFFIXES = (".zarr", ".zr", ".ome.zarr")
 
