@@ -36,7 +36,7 @@ import numpy as np
 
 from ..data.arrays import as_float_array, check_axes
 from ..data.lazy import DEFAULT_TILE, _need, open_array
-from ..errors import InputError, OptionError, OutputError, StopRequested
+from ..errors import HDNError, InputError, OptionError, OutputError, StopRequested
 from ..events import Callback, EventKind, EventTask, Reporter, StopFlag
 from ..options import check_options
 
@@ -659,7 +659,16 @@ def _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag, s
             if stop_flag.is_set():
                 client.cancel(futures)
                 return True
-            fut.result()  # a chunk that failed raises here, with the worker's message
+            try:
+                fut.result()  # a chunk that failed raises here, with the worker's message
+            except HDNError as exc:
+                raise type(exc)(f"{exc}; the {done} chunks of {total} finished are kept in "
+                                f"{out}: rerun the same command to finish the store") from None
+            except (OSError, RuntimeError, ValueError) as exc:  # the input could not be read
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                raise InputError(f"a worker could not compute a chunk: {first}; the {done} chunks "
+                                 f"of {total} finished are kept in {out}: check the input store "
+                                 "and rerun the same command to finish") from None
             done += 1
             report(EventKind.STEP, step=done, total=total)
         return False
