@@ -712,3 +712,30 @@ def test_options_are_named_as_the_caller_wrote_them(inputs, tmp_path, capsys):
                str(tmp_path / "p.zarr"), "--workers", "0"])
     err = capsys.readouterr().err
     assert rc == 1 and "--workers must be at least 1" in err, err
+
+
+def test_edited_checkpoint_counters_and_a_store_with_a_file_name_are_refused(inputs, tmp_path):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from napari_hdn.engine import ModelFileError, OutputError
+    from napari_hdn.engine.prediction.chunked import predict_to_zarr
+
+    src = inputs / "run" / "m.checkpoints" / "last.hdn"
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for bad in (-5, 10**30, 2.5):
+        ck = _json.loads(meta["checkpoint"])
+        ck["step"] = bad
+        edited = tmp_path / f"edited-{k if (k := str(bad).replace('.', '_')) else 'x'}.hdn"
+        save_file(tensors, str(edited), metadata={**meta, "checkpoint": _json.dumps(ck)})
+        with pytest.raises(ModelFileError, match="checkpoint's step is .* which no run can have"):
+            train(tifffile.imread(inputs / "noisy.tif"), resume=edited, max_steps=100,
+                  device="cpu", axes="TYX")
+    with pytest.raises(OutputError, match="give a name ending in .zarr"):
+        predict_to_zarr(str(inputs / "run" / "m.hdn"), np.ones((64, 64), np.float32),
+                        tmp_path / "x.tif", n_samples=1)
+    assert not (tmp_path / "x.tif").exists()

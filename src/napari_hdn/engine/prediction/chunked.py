@@ -534,6 +534,9 @@ def predict_to_zarr(model, image, out, n_samples: int | str = "auto", *, axes: s
         workers = check_options(workers=workers)["workers"]
     ref, m_obj, x, ax, spec = _prepare(model, image, n_samples, axes, levels, seed, batch_size,
                                        return_samples, tile_size, margin, device, channel)
+    if Path(out).suffix.lower() in (".tif", ".tiff", ".hdn", ".hdnoise", ".zip", ".npy"):
+        raise OutputError(f"the output {out} would be a zarr store (a folder of chunks) with a "
+                          "file's name: give a name ending in .zarr")
     inputs = [image, *([model] if isinstance(model, (str, os.PathLike)) else [])]
     check_not_an_input(out, inputs)  # before the lock file is made next to it
     from ..files.locks import output_lock

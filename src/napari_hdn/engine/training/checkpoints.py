@@ -15,10 +15,7 @@ import torch
 
 from ..config import TrainingConfig, validated
 from ..data.frames import Frame
-from ..errors import (
-    HDNWarning,
-    InputError,
-)
+from ..errors import HDNWarning, InputError, ModelFileError
 from ..options import RULES
 
 OPTIM_PREFIX = "optim."
@@ -116,6 +113,7 @@ def check_steps_left(ck: dict, tcfg: TrainingConfig, path, *, steps_given: bool 
     run had ended); ``style`` names the options as the caller's user writes them (``"cli"``)."""
     if not ck:
         return
+    check_counters(ck, path)
     cli = style == "cli"
     step = int(ck.get("step", 0) or 0)
     if step >= tcfg.max_steps:
@@ -196,3 +194,15 @@ def _warn_other_data(path, then: dict, now: dict) -> None:
         f"resuming {path} on other data than it was trained on ({what}): the run goes on with the "
         "checkpoint's normalisation on this data; resume with the data it was trained on to "
         "continue that run, or start a new run for this data", HDNWarning, stacklevel=4)
+
+
+def check_counters(ck: dict, path) -> None:
+    """Refuse (:class:`ModelFileError`) a checkpoint whose counters no run can have (a negative
+    step, a step beyond the largest ``max_steps``, not a whole number): the file was edited."""
+    most = int(RULES["max_steps"].maximum)
+    for key in ("step", "epoch", "epochs_since_best"):
+        v = ck.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= most:
+            shown = v if len(repr(v)) <= 20 else f"{repr(v)[:12]}..."
+            raise ModelFileError(f"{path}: the checkpoint's {key} is {shown}, which no run can "
+                                 f"have (0 to {most:,}); the file is damaged or was edited")
