@@ -739,3 +739,13 @@ def test_edited_checkpoint_counters_and_a_store_with_a_file_name_are_refused(inp
         predict_to_zarr(str(inputs / "run" / "m.hdn"), np.ones((64, 64), np.float32),
                         tmp_path / "x.tif", n_samples=1)
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_resuming_a_finished_model_file_says_so_and_keeps_its_settings(inputs, tmp_path, capsys):
+    rc = main(["train", str(inputs / "noisy.tif"), "--resume", str(inputs / "run" / "m.hdn"),
+               "--max-steps", "6", "--out", str(tmp_path / "r.hdn"), *RESUME_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "holds no checkpoint state" in err and "last.hdn" in err
+    model = load_model(tmp_path / "r.hdn")
+    assert model.info["training_config"]["patch_size"] == 32  # the model's own, not the preset's

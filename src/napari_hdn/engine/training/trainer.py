@@ -131,7 +131,17 @@ class Trainer:
         resumed = read_model_file(resume) if resume is not None else None
         ck = resumed[1].get("checkpoint", {}) if resumed is not None else {}
         ck = ck if isinstance(ck, dict) else {}
-        self.tcfg = resumed_training_config(ck, training_config, training_overrides, resume)
+        settings = ck
+        if resumed is not None and not ck:  # a finished model file, not a checkpoint
+            which = ("the settings given" if training_config is not None else
+                     "the settings it was trained with")
+            warnings.warn(
+                f"{resume} holds no checkpoint state (optimiser, schedule, step): training goes on "
+                f"from its weights with a fresh optimiser and {which}; resume from its checkpoint "
+                "folder's last.hdn to continue that run as it was", HDNWarning, stacklevel=2)
+            saved = (resumed[0].info or {}).get("training_config")
+            settings = {"training_config": saved} if isinstance(saved, dict) else {}
+        self.tcfg = resumed_training_config(settings, training_config, training_overrides, resume)
         if resumed is not None:  # before the data are read: a run that would train nothing
             over = training_overrides or {}
             check_steps_left(ck, self.tcfg, resume,
