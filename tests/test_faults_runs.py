@@ -524,9 +524,9 @@ def inputs_tif(d: Path) -> Path:
 
 def test_kept_samples_that_cannot_fit_are_refused_naming_the_option(inputs, tmp_path, capsys,
                                                                     monkeypatch):
-    from napari_hdn.engine.prediction import sampling as prediction
+    from napari_hdn.engine import device as device_module
 
-    monkeypatch.setattr(prediction, "available_memory", lambda device=None: 10 * 4 * 64 * 64 * 2)
+    monkeypatch.setattr(device_module, "available_memory", lambda: 10 * 4 * 64 * 64 * 2)
     rc = main(["predict", str(inputs / "run" / "m.hdn"), str(inputs / "noisy.tif"), "--out-dir",
                str(tmp_path / "o"), "--samples", "100", "--save-samples", "--quiet"])
     err = capsys.readouterr().err

@@ -140,7 +140,7 @@ def run(args) -> int:
 def check_kept_samples(args, image) -> None:
     """Before any work: the samples --save-samples keeps (a float32 copy of the image per sample,
     held until they are written) fit in the memory this machine has free."""
-    from ..engine.prediction.sampling import available_memory
+    from ..engine.device import available_memory
 
     if not args.save_samples or not isinstance(args.samples, int):
         return

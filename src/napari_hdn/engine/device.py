@@ -42,3 +42,27 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             f"(available: {', '.join(available_devices())}). Choose 'auto' or 'cpu'."
         )
     return torch.device(name)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate in main memory, or None when unknown: the kernel's
+    ``MemAvailable`` (Linux), at most what the process's cgroup (a container, a SLURM job) has
+    left under its limit; elsewhere None (then no check is made)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            found += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        return None
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as a, open(usage) as b:
+                text = a.read().strip()
+                if text != "max" and int(text) < 1 << 60:
+                    found.append(max(0, int(text) - int(b.read().strip())))
+            break
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None

@@ -75,9 +75,9 @@ def using(n: int) -> Iterator[None]:
 def default_job_threads() -> int:
     """Threads for a job started from a GUI: all cores but one (at least 1), at most torch's count.
 
-    The GUI thread (and, under Xvfb or on machines without a GPU, OpenGL rendering) needs a core:
-    with every core busy in OpenMP, a preview measured 16x slower on a 2-core machine when one other
-    process was running (OpenMP threads wait for each other at every operation).
+    The GUI thread (and, without a GPU, OpenGL rendering) needs a core: OpenMP threads that wait
+    for each other at every operation slow everything down when all cores are taken (figures:
+    docs/lab-notes.md).
     """
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
 
@@ -89,9 +89,7 @@ def job_threads(chosen: int | None = None, *, interactive: bool = False,
     ``chosen`` (the user's setting) wins. Otherwise long jobs (training, prediction, the levels'
     description) get :func:`default_job_threads`. A short job the user waits on (``interactive``,
     e.g. the artefact preview) gets every core when no other job runs (``alone``): the GUI thread
-    idles while the user waits. On a 2-core machine a level-2 toggle of a 256x256 preview measured
-    0.26 s with 2 threads against 0.33 s with 1, and 2 threads were no slower than 1 when another
-    process kept both cores busy. With another job running it keeps to all cores but one, so the
+    idles while the user waits. With another job running it keeps to all cores but one, so the
     two never wait on each other's OpenMP threads.
     """
     if chosen:

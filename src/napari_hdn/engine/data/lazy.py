@@ -14,9 +14,6 @@ import numpy as np
 
 from ..errors import HDNError, HDNWarning, InputError
 
-#: output chunk side (pixels) and margin read around it, the defaults of every entry point
-
-
 #: output chunk side (pixels), the default of every entry point of chunked prediction
 DEFAULT_TILE = 512
 

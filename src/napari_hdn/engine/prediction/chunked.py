@@ -452,16 +452,16 @@ def _store_root(path: Path) -> Path | None:
     return root
 
 
-def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str, overwrite: bool = False,
-                  inputs=()) -> tuple[np.ndarray, bool]:
+def prepare_store(out, spec: ChunkSpec, attrs: dict, axes: str,
+                  overwrite: bool = False) -> tuple[np.ndarray, bool]:
     """Create the output store, or open the one a matching earlier run left; return the ``done``
-    array (1 = chunk written) and whether the store was resumed."""
+    array (1 = chunk written) and whether the store was resumed. The caller has checked that
+    ``out`` is no input (:func:`check_not_an_input`) and holds its lock."""
     import shutil
 
     zarr = _need("zarr")
     p = Path(out).expanduser()
     p = p.resolve() if p.is_symlink() else p  # a link to a store: the store it names
-    check_not_an_input(p, [i for i in inputs if i is not None])
     if p.exists():
         old = None
         try:
@@ -543,11 +543,11 @@ def predict_to_zarr(model, image, out, n_samples: int | str = "auto", *, axes: s
 
     with output_lock(out, "prediction store",
                      "wait for it to finish, or choose another output store"):
-        return _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite,
+        return _predict_locked(image, out, ref, m_obj, x, ax, spec, overwrite,
                                scheduler, workers, callbacks, stop_flag)
 
 
-def _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite, scheduler, workers,
+def _predict_locked(image, out, ref, m_obj, x, ax, spec, overwrite, scheduler, workers,
                     callbacks, stop_flag) -> LazyPrediction:
     da = _need("dask.array")
     source = str(image) if isinstance(image, (str, os.PathLike)) else "array"
@@ -556,7 +556,7 @@ def _predict_locked(image, out, ref, m_obj, x, ax, spec, inputs, overwrite, sche
     meta = _input_meta(image)
     if meta is not None:  # the input's axes, pixel size and units go with the results
         attrs["image"] = meta.for_axes(ax).to_dict()
-    done, resumed = prepare_store(out, spec, attrs, ax, overwrite, inputs)
+    done, resumed = prepare_store(out, spec, attrs, ax, overwrite)
     out = str(Path(out).resolve())
     pending = [idx for idx in np.ndindex(*spec.grid) if not done[idx]]
     total = int(np.prod(spec.grid))
@@ -611,9 +611,7 @@ def _run_here(x, ref, spec, pending, out, report, before, total, stop_flag) -> b
         except StopRequested:
             return True
         except InputError as exc:  # a bad chunk of the input: what was finished stays usable
-            raise InputError(f"{exc} (chunk {idx}); the {done} chunks of {total} finished are kept "
-                             f"in {out}: fix the input there and rerun the same command to finish "
-                             "the store, or delete it") from None
+            raise InputError(f"{exc} (chunk {idx}); {_kept(done, total, out)}") from None
         done += 1
         report(EventKind.STEP, step=done, total=total)
     return False
@@ -624,11 +622,25 @@ def read_block(x, read: tuple, idx: tuple) -> np.ndarray:
     give them (a damaged or truncated chunk file, a codec missing here)."""
     try:
         return np.asarray(x[read].compute(scheduler="sync"))
-    except (OSError, RuntimeError, ValueError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    except _READ_ERRORS as exc:
         where = ", ".join(f"{s.start}:{s.stop}" if isinstance(s, slice) else str(s) for s in read)
-        raise InputError(f"the input cannot be read at chunk {idx} (pixels [{where}]): {first}; "
-                         "the store is damaged there: copy it again from its source") from None
+        raise InputError(f"the input cannot be read at chunk {idx} (pixels [{where}]): "
+                         f"{_first_line(exc)}; the store is damaged there: copy it again from its "
+                         "source") from None
+
+
+#: what reading a damaged store raises (a codec's error, a truncated file)
+_READ_ERRORS = (OSError, RuntimeError, ValueError)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _kept(done: int, total: int, out) -> str:
+    """What a store keeps when a run fails part-way, and how to finish it."""
+    return (f"the {done} chunks of {total} finished are kept in {out}: fix the input and rerun "
+            "the same command to finish the store, or delete it")
 
 
 def _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag, scheduler,
@@ -665,13 +677,10 @@ def _run_cluster(x, ref, spec, pending, out, report, before, total, stop_flag, s
             try:
                 fut.result()  # a chunk that failed raises here, with the worker's message
             except HDNError as exc:
-                raise type(exc)(f"{exc}; the {done} chunks of {total} finished are kept in "
-                                f"{out}: rerun the same command to finish the store") from None
-            except (OSError, RuntimeError, ValueError) as exc:  # the input could not be read
-                first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-                raise InputError(f"a worker could not compute a chunk: {first}; the {done} chunks "
-                                 f"of {total} finished are kept in {out}: check the input store "
-                                 "and rerun the same command to finish") from None
+                raise type(exc)(f"{exc}; {_kept(done, total, out)}") from None
+            except _READ_ERRORS as exc:  # the worker could not read the input
+                raise InputError(f"a worker could not compute a chunk: {_first_line(exc)}; "
+                                 f"{_kept(done, total, out)}") from None
             done += 1
             report(EventKind.STEP, step=done, total=total)
         return False

@@ -161,44 +161,6 @@ def _auto_sample_batch(filters: int, h: int, w: int, device: torch.device) -> in
     return int(max(1, min(64, (2 << 30) // max(10 * one_map, 1))))
 
 
-def available_memory(device=None) -> int | None:
-    """Bytes that can still be allocated on ``device`` (None: the CPU), or None when unknown.
-
-    A GPU: what CUDA reports free plus what torch holds in reserve. The CPU: the kernel's
-    ``MemAvailable`` (Linux), at most what the process's cgroup (a container, a SLURM job) has
-    left under its limit; elsewhere None (no check is made).
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        try:
-            free, _ = torch.cuda.mem_get_info(dev)
-            return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
-        except (RuntimeError, AssertionError):
-            return None
-    if dev.type != "cpu":
-        return None
-    found = []
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        return None
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit) as a, open(usage) as b:
-                text = a.read().strip()
-                if text != "max" and int(text) < 1 << 60:
-                    found.append(max(0, int(text) - int(b.read().strip())))
-            break
-        except (OSError, ValueError):
-            continue
-    return min(found) if found else None
-
-
 def inference_model(model, device=None):
     """The model to sample with on ``device``, leaving the caller's model exactly as it was.
 

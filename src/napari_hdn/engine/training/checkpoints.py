@@ -19,7 +19,7 @@ from ..errors import HDNWarning, InputError, ModelFileError
 from ..options import RULES
 
 OPTIM_PREFIX = "optim."
-# patch-channels (patches x filters) per CPU pass: the fastest, leanest pass size measured (see
+
 
 def _optimizer_state_to_file(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Flatten an optimiser state dict into tensors + JSON (safe to store, no pickle)."""

@@ -51,6 +51,7 @@ from .checkpoints import (
 )
 from .priors import initial_weights
 
+# patch-channels (patches x filters) per CPU pass: the fastest, leanest pass size measured (see
 # docs/lab-notes.md)
 CPU_MICRO_BATCH_CHANNELS = 512
 
